@@ -1,0 +1,61 @@
+"""Build script: compiles the C++ core into ``kvstore._C`` (always).
+
+The CUDA extension ``kvstore._cuda`` is added by a later stage of the project
+when torch has CUDA and nvcc is found; CPU-only machines build the core alone.
+"""
+import os
+import sys
+
+from setuptools import find_packages, setup
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version() -> str:
+    ns: dict = {}
+    with open(os.path.join(here, "kvstore", "_version.py")) as f:
+        exec(f.read(), ns)
+    return ns["__version__"]
+
+
+cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+link_flags = ["-fopenmp"]
+if sys.platform == "darwin":  # pragma: no cover - CI and users are on Linux
+    cxx_flags = ["-O3", "-Xpreprocessor", "-fopenmp"]
+    link_flags = ["-lomp"]
+
+ext_modules = [
+    Pybind11Extension(
+        "kvstore._C",
+        sources=sorted(
+            [os.path.join("python", f) for f in os.listdir(os.path.join(here, "python")) if f.endswith(".cpp")]
+            + [os.path.join("csrc", f) for f in os.listdir(os.path.join(here, "csrc")) if f.endswith(".cpp")]
+        ),
+        include_dirs=[os.path.join(here, "csrc")],
+        cxx_std=17,
+        extra_compile_args=cxx_flags,
+        extra_link_args=link_flags,
+    )
+]
+
+setup(
+    name="kvstore",
+    version=read_version(),
+    description="A vector-database-style storage engine for LLM KV caches",
+    packages=find_packages(include=["kvstore", "kvstore.*"]),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy>=1.24"],
+    extras_require={
+        "faiss": ["faiss-cpu>=1.8"],
+        "faiss-gpu": ["faiss-gpu>=1.8"],
+        "hf": ["transformers>=4.56,<6", "gguf>=0.10", "accelerate>=1.0"],
+        "demo": ["transformers>=4.56,<6", "gguf>=0.10", "accelerate>=1.0"],
+        "bench": ["matplotlib>=3.7", "tqdm>=4.60", "faiss-cpu>=1.8"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "faiss-cpu>=1.8"],
+    },
+    entry_points={"console_scripts": ["kvstore=kvstore.cli:main"]},
+    zip_safe=False,
+)
