@@ -1,0 +1,171 @@
+"""The attention-aware graph index (RetrievalAttention / RoarGraph projection).
+
+Built over one KV head's keys from the queries of that head, so that a decode
+query walks from the keys the training queries liked best to its own top keys
+after scoring a few percent of the cache. See ``docs/graph.md``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ._validate import check_positive_int, to_float32_matrix
+from .exact import exact_topk
+from .index_base import Index, register_index
+
+
+def _core():
+    try:
+        from . import _C
+    except ImportError as e:  # pragma: no cover - the build always makes it
+        raise ImportError(
+            "kvstore's C++ extension kvstore._C is not built: run `pip install --no-build-isolation -e .`"
+        ) from e
+    return _C
+
+
+@register_index
+class AttentionGraphIndex(Index):
+    """Proximity graph over keys whose edges come from training queries.
+
+    Args:
+        dim: vector dimension (head_dim).
+        degree: hard bound on out-edges per key (M).
+        train_topk: exact top keys per training query used for projection (Nq_k).
+        max_train_queries: training queries beyond this are subsampled (seeded).
+        ef_construction: beam width of the searches made during build and add.
+        ef_search: default beam width of ``search`` (``ef`` overrides it).
+        num_entry_points: entry points of every search (the most-hit pivots).
+        seed: makes build deterministic (subsampling and entry-point fill).
+        num_threads: OpenMP threads (0: all available).
+        device: where exact top-k labels are computed ("cuda"/"cpu"; default:
+            CUDA when available).
+        progress: show a progress bar for builds of more than 100K keys.
+    """
+
+    KIND = "attention_graph"
+
+    def __init__(
+        self,
+        dim: int,
+        degree: int = 32,
+        train_topk: int = 64,
+        max_train_queries: int = 200_000,
+        ef_construction: int = 128,
+        ef_search: int = 64,
+        num_entry_points: int = 8,
+        seed: int = 0,
+        num_threads: int = 0,
+        device: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(dim)
+        self.degree = check_positive_int(degree, "degree", 2)
+        self.train_topk = check_positive_int(train_topk, "train_topk", 1)
+        self.max_train_queries = check_positive_int(max_train_queries, "max_train_queries")
+        self.ef_construction = check_positive_int(ef_construction, "ef_construction")
+        self.ef_search = check_positive_int(ef_search, "ef_search")
+        self.num_entry_points = check_positive_int(num_entry_points, "num_entry_points")
+        self.seed = int(seed)
+        self.num_threads = check_positive_int(num_threads, "num_threads", 0)
+        self.device = device
+        self.progress = progress
+        self.build_stats: dict[str, Any] = {}
+        self._g = _core().GraphIndex(self._dim, self.degree)
+        # Searches may run concurrently; build/add mutate and take the lock alone.
+        self._lock = threading.RLock()
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._g.size)
+
+    def build(self, keys: Any, train_queries: Any) -> "AttentionGraphIndex":
+        """Build the graph, replacing any previous content.
+
+        keys: ``[N, dim]``; train_queries: ``[Nq, dim]`` (the prefill queries
+        of the query heads sharing this KV head). float32/float16/bfloat16,
+        numpy or torch.
+        """
+        k = to_float32_matrix(keys, "keys", self._dim)
+        tq = to_float32_matrix(train_queries, "train_queries", self._dim)
+        t0 = time.perf_counter()
+        if tq.shape[0] > self.max_train_queries:
+            rng = np.random.default_rng(self.seed)
+            tq = tq[np.sort(rng.choice(tq.shape[0], self.max_train_queries, replace=False))]
+        bar = _progress_bar(self.progress and k.shape[0] >= 100_000, "graph build")
+        _, labels = exact_topk(tq, k, min(self.train_topk, k.shape[0]), device=self.device)
+        t_labels = time.perf_counter() - t0
+        bar(0.2)
+        g = _core().GraphIndex(self._dim, self.degree)
+        stats = g.build(k, labels, self.ef_construction, self.num_entry_points, 256, self.seed,
+                        self.num_threads, lambda f: bar(0.2 + 0.8 * f))
+        bar(None)
+        with self._lock:
+            self._g = g  # swapped in only once complete: a failed build keeps the old graph
+        stats.update(seconds=time.perf_counter() - t0, label_seconds=t_labels, train_queries=int(tq.shape[0]))
+        self.build_stats = stats
+        return self
+
+    def add(self, keys: Any) -> np.ndarray:
+        """Insert keys ``[m, dim]`` produced later; returns their ids ``[m]`` int64."""
+        k = to_float32_matrix(keys, "keys", self._dim, allow_empty=True)
+        if self.ntotal == 0:
+            raise RuntimeError("AttentionGraphIndex is empty: call build(keys, train_queries) before add()")
+        with self._lock:
+            if k.shape[0] == 0:
+                return np.zeros(0, np.int64)
+            first = self._g.add(k, self.ef_construction, self.num_threads)
+        return np.arange(first, first + k.shape[0], dtype=np.int64)
+
+    def _search_impl(self, q: np.ndarray, k: int, ef: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ef = self.ef_search if ef is None else check_positive_int(ef, "ef")
+        return self._g.search(q, k, max(ef, k), self.num_threads)
+
+    def reachable_count(self) -> int:
+        """Keys reachable from the entry points (equals ``ntotal`` for a valid graph)."""
+        return int(self._g.count_reachable())
+
+    def neighbors(self) -> np.ndarray:
+        """Out-edges ``[N, degree]`` int32, -1 padded (a copy)."""
+        return self._g.get_state()[1]
+
+    # --- persistence -------------------------------------------------------
+    _PARAMS = ("degree", "train_topk", "max_train_queries", "ef_construction", "ef_search", "num_entry_points",
+               "seed", "num_threads")
+
+    def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        keys, nbrs, entry = self._g.get_state()
+        meta = {"dim": self._dim, **{p: getattr(self, p) for p in self._PARAMS}}
+        return meta, {"keys": keys, "neighbors": nbrs, "entry_points": entry}
+
+    @classmethod
+    def _from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "AttentionGraphIndex":
+        idx = cls(int(meta["dim"]), **{p: meta[p] for p in cls._PARAMS}, progress=False)
+        keys, nbrs, entry = arrays["keys"], arrays["neighbors"], arrays["entry_points"]
+        if keys.dtype != np.float32 or nbrs.dtype != np.int32 or entry.dtype != np.int32:
+            raise ValueError("unexpected array dtypes")
+        idx._g.set_state(keys, nbrs, entry)
+        return idx
+
+
+def _progress_bar(enabled: bool, desc: str):
+    """Returns ``update(fraction)``; ``update(None)`` closes the bar."""
+    if not enabled:
+        return lambda f: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda f: None
+    bar = tqdm(total=100, desc=desc, unit="%")
+
+    def update(f: float | None) -> None:
+        if f is None:
+            bar.close()
+            return
+        bar.n = int(100 * f)
+        bar.refresh()
+
+    return update

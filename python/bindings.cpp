@@ -1,0 +1,125 @@
+// pybind11 bindings of the C++ core: the one place where csrc/ meets Python.
+//
+// Arrays arrive already validated by the Python layer (kvstore/_validate.py);
+// the shape checks here are a second line so that no call can read out of
+// bounds. Long-running calls release the GIL.
+#include <omp.h>
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "graph_index.h"
+
+namespace py = pybind11;
+using kvstore::BuildParams;
+using kvstore::GraphIndex;
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I64 = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+using I32 = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
+
+void check_matrix(const py::array& a, py::ssize_t cols, const char* name) {
+    if (a.ndim() != 2) throw std::invalid_argument(std::string(name) + " must be 2-D");
+    if (cols >= 0 && a.shape(1) != cols)
+        throw std::invalid_argument(std::string(name) + " has " + std::to_string(a.shape(1)) + " columns, expected " +
+                                    std::to_string(cols));
+}
+
+py::dict build(GraphIndex& g, F32 keys, I64 topk, int ef_construction, int num_entry_points, int max_candidates,
+               std::uint64_t seed, int num_threads, py::object progress) {
+    check_matrix(keys, g.dim(), "keys");
+    check_matrix(topk, -1, "train_topk");
+    BuildParams p;
+    p.ef_construction = ef_construction;
+    p.num_entry_points = num_entry_points;
+    p.max_candidates = max_candidates;
+    p.seed = seed;
+    p.num_threads = num_threads;
+    std::function<void(double)> cb;
+    if (!progress.is_none()) {
+        cb = [progress](double f) {
+            py::gil_scoped_acquire gil;
+            progress(f);
+        };
+    }
+    kvstore::BuildStats st;
+    {
+        py::gil_scoped_release nogil;
+        st = g.build(keys.data(), keys.shape(0), topk.data(), topk.shape(0), static_cast<int>(topk.shape(1)), p, cb);
+    }
+    py::dict d;
+    d["pivots"] = st.pivots;
+    d["repaired_out"] = st.repaired_out;
+    d["repaired_reach"] = st.repaired_reach;
+    d["repair_rounds"] = st.repair_rounds;
+    return d;
+}
+
+py::tuple search(const GraphIndex& g, F32 queries, int k, int ef, int num_threads) {
+    check_matrix(queries, g.dim(), "queries");
+    if (k <= 0) throw std::invalid_argument("k must be positive");
+    const py::ssize_t nq = queries.shape(0);
+    py::array_t<float> D({nq, static_cast<py::ssize_t>(k)});
+    py::array_t<std::int64_t> I({nq, static_cast<py::ssize_t>(k)});
+    py::array_t<std::int64_t> S(nq);
+    {
+        py::gil_scoped_release nogil;
+        g.search(queries.data(), nq, k, ef, D.mutable_data(), I.mutable_data(), S.mutable_data(), num_threads);
+    }
+    return py::make_tuple(D, I, S);
+}
+
+std::int64_t add(GraphIndex& g, F32 keys, int ef_construction, int num_threads) {
+    check_matrix(keys, g.dim(), "keys");
+    py::gil_scoped_release nogil;
+    return g.add(keys.data(), keys.shape(0), ef_construction, num_threads);
+}
+
+py::tuple get_state(const GraphIndex& g) {
+    kvstore::GraphState st = g.state();
+    const py::ssize_t n = static_cast<py::ssize_t>(st.keys.size() / g.dim());
+    py::array_t<float> keys({n, static_cast<py::ssize_t>(g.dim())});
+    py::array_t<std::int32_t> nbrs({n, static_cast<py::ssize_t>(g.degree())});
+    py::array_t<std::int32_t> entry(static_cast<py::ssize_t>(st.entry_points.size()));
+    std::copy(st.keys.begin(), st.keys.end(), keys.mutable_data());
+    std::copy(st.neighbors.begin(), st.neighbors.end(), nbrs.mutable_data());
+    std::copy(st.entry_points.begin(), st.entry_points.end(), entry.mutable_data());
+    return py::make_tuple(keys, nbrs, entry);
+}
+
+void set_state(GraphIndex& g, F32 keys, I32 nbrs, I32 entry) {
+    check_matrix(keys, g.dim(), "keys");
+    check_matrix(nbrs, g.degree(), "neighbors");
+    if (nbrs.shape(0) != keys.shape(0)) throw std::invalid_argument("neighbors and keys differ in rows");
+    if (entry.ndim() != 1) throw std::invalid_argument("entry points must be 1-D");
+    g.set_state(std::vector<float>(keys.data(), keys.data() + keys.size()),
+                std::vector<std::int32_t>(nbrs.data(), nbrs.data() + nbrs.size()),
+                std::vector<std::int32_t>(entry.data(), entry.data() + entry.size()));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "kvstore C++ core (graph index; OpenMP)";
+    m.def("omp_max_threads", &omp_get_max_threads, "OpenMP threads a parallel region uses by default");
+
+    py::class_<GraphIndex>(m, "GraphIndex")
+        .def(py::init<int, int>(), py::arg("dim"), py::arg("degree"))
+        .def_property_readonly("dim", &GraphIndex::dim)
+        .def_property_readonly("degree", &GraphIndex::degree)
+        .def_property_readonly("size", &GraphIndex::size)
+        .def("build", &build, py::arg("keys"), py::arg("train_topk"), py::arg("ef_construction"),
+             py::arg("num_entry_points"), py::arg("max_candidates"), py::arg("seed"), py::arg("num_threads"),
+             py::arg("progress") = py::none())
+        .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef"), py::arg("num_threads"))
+        .def("add", &add, py::arg("keys"), py::arg("ef_construction"), py::arg("num_threads"))
+        .def("get_state", &get_state)
+        .def("set_state", &set_state, py::arg("keys"), py::arg("neighbors"), py::arg("entry_points"))
+        .def("count_reachable", &GraphIndex::count_reachable);
+}
