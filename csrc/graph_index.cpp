@@ -139,7 +139,7 @@ void GraphIndex::project(const std::int64_t* topk, std::int64_t nq, int kt, cons
             std::sort(cands.begin(), cands.end(), std::greater<Scored>());
             if (static_cast<int>(cands.size()) > p.max_candidates) cands.resize(p.max_candidates);
             std::vector<std::int32_t> out;
-            prune(piv, cands, degree_, out);
+            prune(piv, cands, content_degree(), out);
             std::copy(out.begin(), out.end(), row(piv));
         });
     }
@@ -178,7 +178,7 @@ void GraphIndex::add_reverse_edges(int num_threads) {
                 if (c != i) cands.emplace_back(dot(key(i), key(c), dim_), c);
             std::sort(cands.begin(), cands.end(), std::greater<Scored>());
             std::vector<std::int32_t> out;
-            prune(i, cands, degree_, out);
+            prune(i, cands, content_degree(), out);
             std::copy(out.begin(), out.end(), fresh.begin() + i * degree_);
         });
     }
@@ -237,33 +237,40 @@ std::int64_t GraphIndex::count_reachable() const {
     return std::count(seen.begin(), seen.end(), 1);
 }
 
-void GraphIndex::link_into(std::int64_t target, const std::vector<Scored>& found) {
+void GraphIndex::link_into(std::int64_t target, const std::vector<Scored>& found, std::vector<std::int32_t>& indeg) {
     // Give `target` an in-edge from the best found (hence reachable) node with
-    // a free slot; when all are full, the best one's weakest edge is handed
-    // over to `target` so its old end stays reachable through `target`.
+    // a free slot. When every one is full, take over the weakest edge of the
+    // first one whose weakest edge ends at a key with another in-edge, and
+    // hand that key to `target` when it has room, so nothing is orphaned.
     std::int32_t t = static_cast<std::int32_t>(target);
-    std::int32_t best = -1;
-    for (const Scored& s : found) {
-        if (s.second == t) continue;
-        if (best < 0) best = s.second;
-        int d = out_degree(s.second);
-        if (d < degree_) {
-            row(s.second)[d] = t;
-            return;
+    auto append = [&](std::int32_t from, std::int32_t to) {
+        int d = out_degree(from);
+        const std::int32_t* r = row(from);
+        if (d >= degree_ || std::find(r, r + d, to) != r + d) return false;
+        row(from)[d] = to;
+        ++indeg[to];
+        return true;
+    };
+    std::vector<std::int32_t> hosts;
+    for (const Scored& s : found)
+        if (s.second != t) hosts.push_back(s.second);
+    for (std::int32_t e : entry_)
+        if (e != t) hosts.push_back(e);
+    for (std::int32_t v : hosts)
+        if (append(v, t)) return;
+    if (hosts.empty()) return;
+    std::int32_t v = hosts.front();
+    for (std::int32_t h : hosts)
+        if (indeg[row(h)[degree_ - 1]] >= 2) {
+            v = h;
+            break;
         }
-    }
-    if (best < 0) best = entry_.front() == t && entry_.size() > 1 ? entry_[1] : entry_.front();
-    if (best == t) return;
-    int d = out_degree(best);
-    if (d < degree_) {
-        row(best)[d] = t;
-        return;
-    }
-    std::int32_t dropped = row(best)[degree_ - 1];
-    row(best)[degree_ - 1] = t;
-    int dt = out_degree(t);
-    const std::int32_t* rt = row(t);
-    if (dropped != t && dt < degree_ && std::find(rt, rt + dt, dropped) == rt + dt) row(t)[dt] = dropped;
+    std::int32_t dropped = row(v)[degree_ - 1];
+    if (dropped == t) return;
+    row(v)[degree_ - 1] = t;
+    --indeg[dropped];
+    ++indeg[t];
+    append(t, dropped);
 }
 
 void GraphIndex::repair(const BuildParams& p, BuildStats& st) {
@@ -284,7 +291,7 @@ void GraphIndex::repair(const BuildParams& p, BuildStats& st) {
                 VisitedLease vis(pool_, n_);
                 auto found = beam_search(key(lonely[t]), ef, *vis, nullptr);
                 std::vector<std::int32_t> out;
-                prune(lonely[t], found, degree_, out);
+                prune(lonely[t], found, content_degree(), out);
                 std::copy(out.begin(), out.end(), fresh.begin() + t * degree_);
             });
         }
@@ -302,6 +309,9 @@ void GraphIndex::repair(const BuildParams& p, BuildStats& st) {
         if (missing.empty()) break;
         st.repair_rounds = round + 1;
         st.repaired_reach += static_cast<std::int64_t>(missing.size());
+        std::vector<std::int32_t> indeg(n_, 0);
+        for (auto v : nbrs_)
+            if (v >= 0) ++indeg[v];
         std::vector<std::vector<Scored>> found(missing.size());
         OmpErrors errors;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(nt)
@@ -312,7 +322,7 @@ void GraphIndex::repair(const BuildParams& p, BuildStats& st) {
             });
         }
         errors.rethrow();
-        for (std::size_t t = 0; t < missing.size(); ++t) link_into(missing[t], found[t]);
+        for (std::size_t t = 0; t < missing.size(); ++t) link_into(missing[t], found[t], indeg);
     }
     auto seen = reachable();
     if (std::count(seen.begin(), seen.end(), 1) != n_) throw std::runtime_error("graph repair did not reach every key");
@@ -431,7 +441,10 @@ std::int64_t GraphIndex::add_unchecked(const float* keys, std::int64_t m, int ef
             if (!linked) {
                 std::vector<Scored> found;
                 for (std::int32_t v : out) found.emplace_back(0.0f, v);
-                link_into(x, found);
+                std::vector<std::int32_t> indeg(n_, 0);
+                for (auto v : nbrs_)
+                    if (v >= 0) ++indeg[v];
+                link_into(x, found, indeg);
             }
         }
     }

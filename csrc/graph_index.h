@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <functional>
 #include <shared_mutex>
 #include <string>
@@ -87,7 +88,10 @@ private:
     std::vector<char> reachable() const;
     std::int64_t add_unchecked(const float* keys, std::int64_t m, int ef_construction, int num_threads);
     void compact_rows();
-    void link_into(std::int64_t target, const std::vector<Scored>& found);
+    void link_into(std::int64_t target, const std::vector<Scored>& found, std::vector<std::int32_t>& indeg);
+    // Edges a build gives each key before repair; the slots above it are kept
+    // free so that connectivity repair rarely has to drop an edge.
+    int content_degree() const { return degree_ - std::max(1, degree_ / 16); }
 
     int dim_;
     int degree_;
