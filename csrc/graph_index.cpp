@@ -35,13 +35,15 @@ int GraphIndex::out_degree(std::int64_t i) const {
 }
 
 std::vector<GraphIndex::Scored> GraphIndex::beam_search(const float* q, int ef, VisitedSet& vis,
-                                                        std::int64_t* scanned) const {
+                                                        std::int64_t* scanned, Metric metric) const {
     using MinHeap = std::priority_queue<Scored, std::vector<Scored>, std::greater<Scored>>;
     MinHeap results;
     std::priority_queue<Scored> frontier;
     std::int64_t count = 0;
+    const bool l2 = metric == Metric::kL2;
     auto consider = [&](std::int32_t id) {
-        float s = dot(q, key(id), dim_);
+        // For L2, 2 q.k - |k|^2 ranks keys as -|q - k|^2 does.
+        float s = l2 ? 2.0f * dot(q, key(id), dim_) - sqnorm_[id] : dot(q, key(id), dim_);
         ++count;
         if (static_cast<int>(results.size()) < ef || s > results.top().first) {
             frontier.emplace(s, id);
@@ -99,21 +101,20 @@ void GraphIndex::prune(std::int64_t pivot, std::vector<Scored>& cands, int max_o
 }
 
 void GraphIndex::project(const std::int64_t* topk, std::int64_t nq, int kt, const BuildParams& p, BuildStats& st) {
-    // Group training queries by their pivot (their best key) so that queries
-    // sharing a pivot merge their candidates instead of overwriting each other.
+    // Each training query's best `pivots_per_query` keys act as pivots: each
+    // is linked to the query's other top keys. Queries are grouped by pivot
+    // so that queries sharing one merge their candidates instead of
+    // overwriting each other.
+    const int pp = std::max(1, std::min(p.pivots_per_query, kt));
     std::vector<std::int64_t> start(n_ + 1, 0);
-    for (std::int64_t q = 0; q < nq; ++q) {
-        std::int64_t piv = topk[q * kt];
-        if (piv >= 0) ++start[piv + 1];
-    }
+    for (std::int64_t q = 0; q < nq; ++q)
+        for (int j = 0; j < pp && topk[q * kt + j] >= 0; ++j) ++start[topk[q * kt + j] + 1];
     for (std::int64_t i = 0; i < n_; ++i) start[i + 1] += start[i];
     std::vector<std::int64_t> by_pivot(start[n_]);
     {
         std::vector<std::int64_t> fill(start.begin(), start.end() - 1);
-        for (std::int64_t q = 0; q < nq; ++q) {
-            std::int64_t piv = topk[q * kt];
-            if (piv >= 0) by_pivot[fill[piv]++] = q;
-        }
+        for (std::int64_t q = 0; q < nq; ++q)
+            for (int j = 0; j < pp && topk[q * kt + j] >= 0; ++j) by_pivot[fill[topk[q * kt + j]]++] = q;
     }
     std::vector<std::int32_t> pivots;
     for (std::int64_t i = 0; i < n_; ++i)
@@ -128,7 +129,7 @@ void GraphIndex::project(const std::int64_t* topk, std::int64_t nq, int kt, cons
             std::vector<std::int32_t> ids;
             for (std::int64_t g = start[piv]; g < start[piv + 1]; ++g) {
                 const std::int64_t* list = topk + by_pivot[g] * kt;
-                for (int j = 1; j < kt && list[j] >= 0; ++j)
+                for (int j = 0; j < kt && list[j] >= 0; ++j)
                     if (list[j] != piv) ids.push_back(static_cast<std::int32_t>(list[j]));
             }
             std::sort(ids.begin(), ids.end());
@@ -187,20 +188,30 @@ void GraphIndex::add_reverse_edges(int num_threads) {
 }
 
 void GraphIndex::choose_entry_points(const std::int64_t* topk, std::int64_t nq, int kt, const BuildParams& p) {
-    // The keys that are the best key of the most training queries (attention
-    // sinks and other hubs) make good starting points for decode queries.
+    // Entry points are keys that are the best key of many training queries
+    // (attention sinks and other hubs): the overall most-hit one, then the
+    // most-hit one of each equal slice of the ids. Keys arrive in sequence
+    // order, so the slices spread the starts over the context (recent tokens
+    // matter to decode queries as much as the sinks do).
     std::vector<std::int64_t> hits(n_, 0);
     for (std::int64_t q = 0; q < nq; ++q)
         if (topk[q * kt] >= 0) ++hits[topk[q * kt]];
-    std::vector<std::int32_t> order;
-    for (std::int64_t i = 0; i < n_; ++i)
-        if (hits[i] > 0) order.push_back(static_cast<std::int32_t>(i));
-    std::stable_sort(order.begin(), order.end(), [&](std::int32_t a, std::int32_t b) { return hits[a] > hits[b]; });
-    int want = static_cast<int>(std::min<std::int64_t>(std::max(1, p.num_entry_points), n_));
-    entry_.assign(order.begin(), order.begin() + std::min<std::size_t>(order.size(), want));
-    std::mt19937_64 rng(p.seed);
+    const int want = static_cast<int>(std::min<std::int64_t>(std::max(1, p.num_entry_points), n_));
     std::vector<char> taken(n_, 0);
-    for (auto e : entry_) taken[e] = 1;
+    entry_.clear();
+    auto best_in = [&](std::int64_t lo, std::int64_t hi) {
+        std::int64_t best = -1;
+        for (std::int64_t i = lo; i < hi; ++i)
+            if (!taken[i] && hits[i] > 0 && (best < 0 || hits[i] > hits[best])) best = i;
+        if (best >= 0) {
+            taken[best] = 1;
+            entry_.push_back(static_cast<std::int32_t>(best));
+        }
+    };
+    best_in(0, n_);
+    const int slices = want - 1;
+    for (int s = 0; s < slices; ++s) best_in(n_ * s / slices, n_ * (s + 1) / slices);
+    std::mt19937_64 rng(p.seed);
     while (static_cast<int>(entry_.size()) < want) {
         std::int32_t c = static_cast<std::int32_t>(rng() % static_cast<std::uint64_t>(n_));
         if (!taken[c]) {
@@ -273,6 +284,48 @@ void GraphIndex::link_into(std::int64_t target, const std::vector<Scored>& found
     append(t, dropped);
 }
 
+void GraphIndex::refresh_norms() {
+    sqnorm_.resize(n_);
+    for (std::int64_t i = 0; i < n_; ++i) sqnorm_[i] = dot(key(i), key(i), dim_);
+}
+
+void GraphIndex::add_geometric_edges(const BuildParams& p, const std::int64_t* geo, int kg) {
+    // Query-projected edges alone serve queries like the training ones; decode
+    // queries drift (new positions, new content), and short L2 hops between
+    // keys keep the graph navigable for them.
+    const int g = std::min(p.geometric_degree, content_degree() - 1);
+    if (g <= 0) return;
+    const int ef = std::max(p.ef_construction, 2 * g);
+    std::vector<std::int32_t> fresh(nbrs_.size(), -1);
+    OmpErrors errors;
+#pragma omp parallel for schedule(dynamic, 32) num_threads(threads_or_default(p.num_threads))
+    for (std::int64_t i = 0; i < n_; ++i) {
+        errors.run([&] {
+            std::vector<Scored> found;
+            if (kg > 0) {
+                for (int j = 0; j < kg; ++j)
+                    if (geo[i * kg + j] >= 0) found.emplace_back(0.0f, static_cast<std::int32_t>(geo[i * kg + j]));
+            } else {
+                VisitedLease vis(pool_, n_);
+                found = beam_search(key(i), ef, *vis, nullptr, Metric::kL2);
+            }
+            std::vector<std::int32_t> out(row(i), row(i) + std::min(out_degree(i), content_degree() - g));
+            int added = 0;
+            for (const Scored& f : found) {
+                if (added >= g) break;
+                if (f.second == i || std::find(out.begin(), out.end(), f.second) != out.end()) continue;
+                out.push_back(f.second);
+                ++added;
+            }
+            for (int j = 0; j < out_degree(i) && static_cast<int>(out.size()) < content_degree(); ++j)
+                if (std::find(out.begin(), out.end(), row(i)[j]) == out.end()) out.push_back(row(i)[j]);
+            std::copy(out.begin(), out.end(), fresh.begin() + i * degree_);
+        });
+    }
+    errors.rethrow();
+    nbrs_.swap(fresh);
+}
+
 void GraphIndex::repair(const BuildParams& p, BuildStats& st) {
     int ef = std::max(p.ef_construction, degree_);
     int nt = threads_or_default(p.num_threads);
@@ -329,22 +382,32 @@ void GraphIndex::repair(const BuildParams& p, BuildStats& st) {
 }
 
 BuildStats GraphIndex::build(const float* keys, std::int64_t n, const std::int64_t* topk, std::int64_t nq, int kt,
-                             const BuildParams& p, const std::function<void(double)>& progress) {
+                             const std::int64_t* geo, int kg, const BuildParams& p,
+                             const std::function<void(double)>& progress) {
     if (n <= 0) throw std::invalid_argument("keys must not be empty");
     if (n > std::numeric_limits<std::int32_t>::max()) throw std::invalid_argument("too many keys (max 2^31-1)");
     if (kt <= 0) throw std::invalid_argument("train_topk must have at least one column");
     for (std::int64_t i = 0; i < nq * kt; ++i)
         if (topk[i] < -1 || topk[i] >= n) throw std::invalid_argument("train_topk holds an id out of range");
+    for (std::int64_t i = 0; i < n * kg; ++i)
+        if (geo[i] < -1 || geo[i] >= n) throw std::invalid_argument("geometric neighbours hold an id out of range");
     std::unique_lock<std::shared_mutex> lock(rw_);
     BuildStats st;
     n_ = n;
     keys_.assign(keys, keys + n * dim_);
     nbrs_.assign(n * degree_, -1);
+    refresh_norms();
     choose_entry_points(topk, nq, kt, p);
     project(topk, nq, kt, p, st);
-    if (progress) progress(0.4);
+    if (progress) progress(0.2);
     add_reverse_edges(p.num_threads);
-    if (progress) progress(0.6);
+    repair(p, st);
+    if (progress) progress(0.4);
+    const int passes = kg > 0 ? 1 : p.geometric_passes;
+    for (int pass = 0; pass < passes; ++pass) {
+        add_geometric_edges(p, geo, kg);
+        if (progress) progress(0.4 + 0.5 * (pass + 1) / std::max(1, passes));
+    }
     repair(p, st);
     if (progress) progress(1.0);
     return st;
@@ -383,6 +446,7 @@ std::int64_t GraphIndex::add(const float* keys, std::int64_t m, int ef_construct
         // leaves half-linked keys behind (edges into them are removed too).
         n_ = before;
         keys_.resize(before * dim_);
+        sqnorm_.resize(before);
         nbrs_.resize(before * degree_);
         for (auto& v : nbrs_)
             if (v >= before) v = -1;
@@ -408,8 +472,10 @@ std::int64_t GraphIndex::add_unchecked(const float* keys, std::int64_t m, int ef
     // Reserve first so a failed allocation leaves the index as it was.
     keys_.reserve((n_ + m) * dim_);
     nbrs_.reserve((n_ + m) * degree_);
+    sqnorm_.reserve(n_ + m);
     keys_.insert(keys_.end(), keys, keys + m * dim_);
     nbrs_.resize((n_ + m) * degree_, -1);
+    for (std::int64_t i = n_; i < n_ + m; ++i) sqnorm_.push_back(dot(key(i), key(i), dim_));
     const std::int64_t chunk = 1024;
     for (std::int64_t c0 = first; c0 < first + m; c0 += chunk) {
         const std::int64_t c1 = std::min(first + m, c0 + chunk);
@@ -420,9 +486,12 @@ std::int64_t GraphIndex::add_unchecked(const float* keys, std::int64_t m, int ef
         for (std::int64_t x = c0; x < c1; ++x) {
             errors.run([&] {
                 VisitedLease vis(pool_, visible);
-                auto found = beam_search(key(x), ef, *vis, nullptr);
-                // One slot stays free for the edge handed over by link_into.
-                prune(x, found, degree_ - 1, outs[x - c0]);
+                // No query has seen the new key yet: link it to its nearest
+                // keys in L2. One slot stays free for link_into's hand-over.
+                auto found = beam_search(key(x), ef, *vis, nullptr, Metric::kL2);
+                auto& out = outs[x - c0];
+                for (const Scored& f : found)
+                    if (static_cast<int>(out.size()) < degree_ - 1) out.push_back(f.second);
             });
         }
         errors.rethrow();
@@ -471,6 +540,7 @@ void GraphIndex::set_state(std::vector<float> keys, std::vector<std::int32_t> nb
     nbrs_ = std::move(nbrs);
     entry_ = std::move(entry);
     n_ = n;
+    refresh_norms();
 }
 
 }  // namespace kvstore

@@ -23,6 +23,9 @@ namespace kvstore {
 struct BuildParams {
     int ef_construction = 128;  // beam width of the searches made while building
     int num_entry_points = 8;
+    int pivots_per_query = 1;   // a query's best keys that get linked to its other top keys
+    int geometric_degree = 12;  // edges per key to its nearest keys in L2 (0: none)
+    int geometric_passes = 2;
     int max_candidates = 256;   // candidate cap per node before pruning
     std::uint64_t seed = 0;
     int num_threads = 0;        // 0: OpenMP default
@@ -51,8 +54,11 @@ public:
 
     // keys [n, d]; train_topk [nq, kt] ids of each training query's exact
     // top-kt keys in descending score order (-1 padding allowed).
+    // geo [n, kg] (optional, kg may be 0): each key's nearest keys in L2,
+    // computed exactly by the caller; without it they are found by searching.
     BuildStats build(const float* keys, std::int64_t n, const std::int64_t* train_topk, std::int64_t nq,
-                     int kt, const BuildParams& p, const std::function<void(double)>& progress);
+                     int kt, const std::int64_t* geo, int kg, const BuildParams& p,
+                     const std::function<void(double)>& progress);
 
     // queries [nq, d] -> scores/ids [nq, k] (desc, -inf/-1 padding) and scanned [nq].
     void search(const float* queries, std::int64_t nq, int k, int ef, float* out_scores, std::int64_t* out_ids,
@@ -77,7 +83,13 @@ private:
     int out_degree(std::int64_t i) const;
 
     // Beam search from the entry points; results sorted by score descending.
-    std::vector<Scored> beam_search(const float* q, int ef, VisitedSet& vis, std::int64_t* scanned) const;
+    enum class Metric { kInnerProduct, kL2 };
+    std::vector<Scored> beam_search(const float* q, int ef, VisitedSet& vis, std::int64_t* scanned,
+                                    Metric metric = Metric::kInnerProduct) const;
+    // Replaces the weakest projection edges of every key by its nearest keys
+    // in L2 (found by searching the graph with the key itself).
+    void add_geometric_edges(const BuildParams& p, const std::int64_t* geo, int kg);
+    void refresh_norms();
     // Occlusion pruning around `pivot`; cands sorted by score with the pivot, descending.
     void prune(std::int64_t pivot, std::vector<Scored>& cands, int max_out, std::vector<std::int32_t>& out) const;
 
@@ -97,6 +109,7 @@ private:
     int degree_;
     std::int64_t n_ = 0;
     std::vector<float> keys_;
+    std::vector<float> sqnorm_;  // |k|^2 per key, for L2 searches
     std::vector<std::int32_t> nbrs_;
     std::vector<std::int32_t> entry_;
     mutable VisitedPool pool_;

@@ -39,6 +39,15 @@ class AttentionGraphIndex(Index):
         ef_construction: beam width of the searches made during build and add.
         ef_search: default beam width of ``search`` (``ef`` overrides it).
         num_entry_points: entry points of every search (the most-hit pivots).
+        pivots_per_query: how many of a training query's best keys get linked
+            to its other top keys (1 is RoarGraph's projection).
+        geometric_degree: edges per key to its nearest keys in L2 (default
+            3/8 of ``degree``); they keep
+            the graph navigable for decode queries that drift from the
+            training queries (0: projection edges only).
+        exact_geometric_limit: up to this many keys, those L2 neighbours are
+            exact (blocked matmul, O(N^2)); above it they are found by
+            searching the graph with each key.
         seed: makes build deterministic (subsampling and entry-point fill).
         num_threads: OpenMP threads (0: all available).
         device: where exact top-k labels are computed ("cuda"/"cpu"; default:
@@ -57,6 +66,9 @@ class AttentionGraphIndex(Index):
         ef_construction: int = 128,
         ef_search: int = 64,
         num_entry_points: int = 8,
+        pivots_per_query: int = 1,
+        geometric_degree: int | None = None,
+        exact_geometric_limit: int = 200_000,
         seed: int = 0,
         num_threads: int = 0,
         device: str | None = None,
@@ -69,6 +81,13 @@ class AttentionGraphIndex(Index):
         self.ef_construction = check_positive_int(ef_construction, "ef_construction")
         self.ef_search = check_positive_int(ef_search, "ef_search")
         self.num_entry_points = check_positive_int(num_entry_points, "num_entry_points")
+        self.pivots_per_query = check_positive_int(pivots_per_query, "pivots_per_query")
+        if geometric_degree is None:
+            geometric_degree = (3 * self.degree) // 8
+        self.geometric_degree = check_positive_int(geometric_degree, "geometric_degree", 0)
+        if self.geometric_degree >= self.degree:
+            raise ValueError(f"geometric_degree ({geometric_degree}) must be smaller than degree ({degree})")
+        self.exact_geometric_limit = check_positive_int(exact_geometric_limit, "exact_geometric_limit", 0)
         self.seed = int(seed)
         self.num_threads = check_positive_int(num_threads, "num_threads", 0)
         self.device = device
@@ -97,10 +116,12 @@ class AttentionGraphIndex(Index):
             tq = tq[np.sort(rng.choice(tq.shape[0], self.max_train_queries, replace=False))]
         bar = _progress_bar(self.progress and k.shape[0] >= 100_000, "graph build")
         _, labels = exact_topk(tq, k, min(self.train_topk, k.shape[0]), device=self.device)
+        geo = self._exact_l2_neighbors(k)
         t_labels = time.perf_counter() - t0
         bar(0.2)
         g = _core().GraphIndex(self._dim, self.degree)
-        stats = g.build(k, labels, self.ef_construction, self.num_entry_points, 256, self.seed,
+        stats = g.build(k, labels, geo, self.geometric_degree, self.ef_construction, self.num_entry_points, 256,
+                        self.pivots_per_query, self.seed,
                         self.num_threads, lambda f: bar(0.2 + 0.8 * f))
         bar(None)
         with self._lock:
@@ -108,6 +129,23 @@ class AttentionGraphIndex(Index):
         stats.update(seconds=time.perf_counter() - t0, label_seconds=t_labels, train_queries=int(tq.shape[0]))
         self.build_stats = stats
         return self
+
+    def _exact_l2_neighbors(self, keys: np.ndarray) -> np.ndarray:
+        """Each key's ``geometric_degree`` nearest keys in L2 ``[N, g]`` when the
+        exact O(N^2) pass is affordable, else ``[N, 0]`` (the C++ build then
+        finds them by searching the graph)."""
+        g = min(self.geometric_degree, keys.shape[0] - 1)
+        if g <= 0 or keys.shape[0] > self.exact_geometric_limit:
+            return np.zeros((keys.shape[0], 0), np.int64)
+        # argmin |a - b|^2 = argmax [a, 1] . [2b, -|b|^2]; the key itself comes first.
+        sq = np.einsum("nd,nd->n", keys, keys)[:, None]
+        q = np.hstack([keys, np.ones_like(sq)])
+        x = np.hstack([2 * keys, -sq])
+        _, ids = exact_topk(q, x, g + 1, device=self.device)
+        # drop the key itself wherever ties put it, keep the g others in order
+        others = ids != np.arange(keys.shape[0])[:, None]
+        order = np.argsort(~others, axis=1, kind="stable")[:, :g]
+        return np.ascontiguousarray(np.take_along_axis(ids, order, axis=1))
 
     def add(self, keys: Any) -> np.ndarray:
         """Insert keys ``[m, dim]`` produced later; returns their ids ``[m]`` int64."""
@@ -134,7 +172,7 @@ class AttentionGraphIndex(Index):
 
     # --- persistence -------------------------------------------------------
     _PARAMS = ("degree", "train_topk", "max_train_queries", "ef_construction", "ef_search", "num_entry_points",
-               "seed", "num_threads")
+               "pivots_per_query", "geometric_degree", "exact_geometric_limit", "seed", "num_threads")
 
     def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
         keys, nbrs, entry = self._g.get_state()

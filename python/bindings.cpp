@@ -31,14 +31,18 @@ void check_matrix(const py::array& a, py::ssize_t cols, const char* name) {
                                     std::to_string(cols));
 }
 
-py::dict build(GraphIndex& g, F32 keys, I64 topk, int ef_construction, int num_entry_points, int max_candidates,
-               std::uint64_t seed, int num_threads, py::object progress) {
+py::dict build(GraphIndex& g, F32 keys, I64 topk, I64 geo, int geometric_degree, int ef_construction, int num_entry_points, int max_candidates,
+               int pivots_per_query, std::uint64_t seed, int num_threads, py::object progress) {
     check_matrix(keys, g.dim(), "keys");
     check_matrix(topk, -1, "train_topk");
+    check_matrix(geo, -1, "geometric");
+    if (geo.shape(1) > 0 && geo.shape(0) != keys.shape(0)) throw std::invalid_argument("geometric has wrong rows");
     BuildParams p;
+    p.geometric_degree = geometric_degree;
     p.ef_construction = ef_construction;
     p.num_entry_points = num_entry_points;
     p.max_candidates = max_candidates;
+    p.pivots_per_query = pivots_per_query;
     p.seed = seed;
     p.num_threads = num_threads;
     std::function<void(double)> cb;
@@ -51,7 +55,8 @@ py::dict build(GraphIndex& g, F32 keys, I64 topk, int ef_construction, int num_e
     kvstore::BuildStats st;
     {
         py::gil_scoped_release nogil;
-        st = g.build(keys.data(), keys.shape(0), topk.data(), topk.shape(0), static_cast<int>(topk.shape(1)), p, cb);
+        st = g.build(keys.data(), keys.shape(0), topk.data(), topk.shape(0), static_cast<int>(topk.shape(1)),
+                     geo.data(), static_cast<int>(geo.shape(1)), p, cb);
     }
     py::dict d;
     d["pivots"] = st.pivots;
@@ -114,8 +119,9 @@ PYBIND11_MODULE(_C, m) {
         .def_property_readonly("dim", &GraphIndex::dim)
         .def_property_readonly("degree", &GraphIndex::degree)
         .def_property_readonly("size", &GraphIndex::size)
-        .def("build", &build, py::arg("keys"), py::arg("train_topk"), py::arg("ef_construction"),
-             py::arg("num_entry_points"), py::arg("max_candidates"), py::arg("seed"), py::arg("num_threads"),
+        .def("build", &build, py::arg("keys"), py::arg("train_topk"), py::arg("geometric"),
+             py::arg("geometric_degree"), py::arg("ef_construction"),
+             py::arg("num_entry_points"), py::arg("max_candidates"), py::arg("pivots_per_query"), py::arg("seed"), py::arg("num_threads"),
              py::arg("progress") = py::none())
         .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef"), py::arg("num_threads"))
         .def("add", &add, py::arg("keys"), py::arg("ef_construction"), py::arg("num_threads"))
