@@ -14,6 +14,9 @@ from .faiss_indexes import HNSWIndex, IVFIndex
 from .flat import FlatIndex
 from .graph import AttentionGraphIndex
 from .index_base import Index, load_index
+from .config import StoreConfig
+from .store import KVStore, decode_attention
+from . import attention
 
 __all__ = [
     "__version__",
@@ -23,5 +26,9 @@ __all__ = [
     "IVFIndex",
     "Index",
     "index_factory",
+    "KVStore",
+    "StoreConfig",
+    "attention",
+    "decode_attention",
     "load_index",
 ]

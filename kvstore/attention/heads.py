@@ -1,0 +1,299 @@
+"""Per-(sequence, KV head) caches: one class per decode method.
+
+Every cache holds a *steady zone* (the first ``sink`` tokens and the recent,
+not yet indexed tokens) attended exactly, and a method-specific store for the
+tokens in between. Tokens move from the recent zone into the index in chunks
+of ``update_interval`` once more than ``window`` are recent, so the index
+grows with the sequence while the newest tokens are always exact.
+
+``decode(q)`` takes the query heads of this KV head ``[G, d]`` and returns
+``(o [G, dv], lse [G], Access)``; ``Access`` counts what the step read, for
+the bytes-read measurements.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import StoreConfig
+from .core import attention_with_lse, estimate_clusters, merge_partials
+
+
+@dataclass
+class Access:
+    """What one decode step of one KV head read.
+
+    key_vectors / value_vectors: stored key / value rows read; meta_elems:
+    scalars of index metadata read (centroids, value sums, sizes, page
+    bounds); exact_positions: sequence positions attended exactly.
+    """
+
+    key_vectors: int = 0
+    value_vectors: int = 0
+    meta_elems: int = 0
+    exact_positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def elems(self, d: int, dv: int) -> int:
+        return self.key_vectors * d + self.value_vectors * dv + self.meta_elems
+
+
+class HeadCache:
+    """Steady zone + an index of the middle tokens (subclasses fill in the index)."""
+
+    def __init__(self, cfg: StoreConfig, d: int, dv: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.cfg, self.d, self.dv, self.device, self.dtype = cfg, d, dv, device, dtype
+        self.scale = 1.0 / math.sqrt(d)
+        empty = torch.zeros(0, d, device=device, dtype=dtype)
+        self.sink_k, self.sink_v = empty, torch.zeros(0, dv, device=device, dtype=dtype)
+        self.recent_k, self.recent_v = self.sink_k, self.sink_v
+        self.recent_pos = torch.zeros(0, dtype=torch.long)
+        self.length = 0          # tokens seen
+        self.indexed = 0         # tokens held by the index (or dropped, for streaming)
+
+    # --- token flow ----------------------------------------------------------
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None:
+        """k ``[n, d]``, v ``[n, dv]``; q ``[G, n, d]`` (queries of this KV head's group, graph only)."""
+        self.append(k, v, q, build=True)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None, build: bool = False) -> None:
+        n0 = self.length
+        n = k.shape[0]
+        pos = torch.arange(n0, n0 + n)
+        take_sink = max(0, min(self.cfg.sink - self.sink_k.shape[0], n))
+        if take_sink:
+            self.sink_k = torch.cat([self.sink_k, k[:take_sink]])
+            self.sink_v = torch.cat([self.sink_v, v[:take_sink]])
+        self.recent_k = torch.cat([self.recent_k, k[take_sink:]])
+        self.recent_v = torch.cat([self.recent_v, v[take_sink:]])
+        self.recent_pos = torch.cat([self.recent_pos, pos[take_sink:]])
+        self.length += n
+        # At prefill everything beyond the window is indexed at once; during
+        # decoding the oldest update_interval tokens move once the window overflows.
+        if build:
+            move = self.recent_k.shape[0] - self.cfg.window
+            if move > 0:
+                qm = None if q is None else q[:, take_sink:take_sink + move]
+                self._move_to_index(move, qm)
+        else:
+            while self.recent_k.shape[0] >= self.cfg.window + self.cfg.update_interval:
+                self._move_to_index(self.cfg.update_interval, None)
+
+    def _move_to_index(self, m: int, q: torch.Tensor | None) -> None:
+        k, v, pos = self.recent_k[:m], self.recent_v[:m], self.recent_pos[:m]
+        self._index(k, v, pos, q)
+        self.recent_k, self.recent_v, self.recent_pos = self.recent_k[m:], self.recent_v[m:], self.recent_pos[m:]
+        self.indexed += m
+
+    def _index(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, q: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    # --- decoding ------------------------------------------------------------
+    def steady(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = torch.cat([self.sink_k, self.recent_k])
+        v = torch.cat([self.sink_v, self.recent_v])
+        pos = torch.cat([torch.arange(self.sink_k.shape[0]), self.recent_pos])
+        return k, v, pos
+
+    def decode(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Access]:
+        k, v, pos = self.steady()
+        o, lse = attention_with_lse(q, k, v, self.scale)
+        acc = Access(key_vectors=k.shape[0], value_vectors=k.shape[0], exact_positions=pos)
+        if self.indexed == 0:
+            return o, lse, acc
+        parts, extra = self._decode_index(q)
+        acc.key_vectors += extra.key_vectors
+        acc.value_vectors += extra.value_vectors
+        acc.meta_elems += extra.meta_elems
+        acc.exact_positions = torch.cat([acc.exact_positions, extra.exact_positions])
+        o, lse = merge_partials([(o, lse), *parts])
+        return o, lse, acc
+
+    def _decode_index(self, q: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], Access]:
+        raise NotImplementedError
+
+    def index_bytes(self) -> int:
+        """Bytes of index structures beyond the KV itself."""
+        return 0
+
+    def stored_tokens(self) -> int:
+        return self.length
+
+
+class FullHead(HeadCache):
+    """Full attention: nothing is ever indexed (the window is unbounded)."""
+
+    def append(self, k, v, q=None, build=False):  # noqa: D102 - same contract
+        n0 = self.length
+        self.recent_k = torch.cat([self.recent_k, k])
+        self.recent_v = torch.cat([self.recent_v, v])
+        self.recent_pos = torch.cat([self.recent_pos, torch.arange(n0, n0 + k.shape[0])])
+        self.length += k.shape[0]
+
+
+class StreamingHead(HeadCache):
+    """StreamingLLM: sink + window exact; tokens leaving the window are dropped."""
+
+    def append(self, k, v, q=None, build=False):  # noqa: D102
+        super().append(k, v, q, build)
+        if self.recent_k.shape[0] > self.cfg.window:  # drop at every step, not in chunks
+            self._move_to_index(self.recent_k.shape[0] - self.cfg.window, None)
+
+    def _index(self, k, v, pos, q):
+        pass  # evicted
+
+    def _decode_index(self, q):
+        return [], Access()
+
+    def stored_tokens(self) -> int:
+        return self.length - self.indexed
+
+
+class WaveHead(HeadCache):
+    """RetroInfer: clusters ranked by centroid; top ones exact, next ones estimated."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        from ..wave import WaveIndex
+
+        c = self.cfg
+        self.index = WaveIndex(self.d, tokens_per_cluster=c.tokens_per_cluster, segment_len=c.segment_len,
+                               kmeans_iters=c.kmeans_iters, seed=c.seed)
+        self.positions = torch.zeros(0, dtype=torch.long)  # index id -> sequence position
+
+    def _index(self, k, v, pos, q):
+        kf, vf = k.float(), v.float()
+        if self.index.ntotal == 0:
+            self.index.build(kf, vf)
+        else:
+            self.index.add(kf, vf)
+        self.positions = torch.cat([self.positions, pos])
+
+    def _decode_index(self, q):
+        ix = self.index
+        cen = ix.centroids
+        C = cen.shape[0]
+        s = (q.float() @ cen.T) * self.scale                       # [G, C]
+        rank = torch.softmax(s, dim=-1).sum(0)                     # group-summed cluster weight
+        context = self.length
+        r = min(C, self.cfg.retrieval_clusters(context))
+        e = min(C - r, self.cfg.estimation_clusters(context))
+        order = torch.argsort(rank, descending=True, stable=True)
+        ret, est = order[:r], order[r:r + e]
+        starts, ends = ix.offsets[ret], ix.offsets[ret + 1]
+        rows = _ranges(starts, ends)
+        k, v = ix.keys_sorted[rows], ix.values_sorted[rows]
+        parts = [attention_with_lse(q, k, v, self.scale)]
+        if e:
+            parts.append(estimate_clusters(q, cen[est], ix.sizes[est], ix.value_sums[est], self.scale))
+        acc = Access(key_vectors=int(rows.numel()), value_vectors=int(rows.numel()),
+                     meta_elems=C * self.d + e * (self.dv + 1),
+                     exact_positions=self.positions[ix.order[rows].cpu()])
+        return parts, acc
+
+    def index_bytes(self) -> int:
+        ix = self.index
+        if ix.ntotal == 0:
+            return 0
+        n = ix.centroids.numel() + ix.sizes.numel() + ix.offsets.numel() * 2 + ix.order.numel() * 2
+        return 4 * (n + (ix.value_sums.numel() if ix.value_sums is not None else 0))
+
+
+class GraphHead(HeadCache):
+    """RetrievalAttention: steady zone exact, top-k keys from the graph exact."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        from ..graph import AttentionGraphIndex
+
+        c = self.cfg
+        self.index = AttentionGraphIndex(self.d, degree=c.graph_degree, ef_search=max(c.ef, c.top_k),
+                                         seed=c.seed, num_threads=c.num_threads, progress=False)
+        self.keys = torch.zeros(0, self.d, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(0, self.dv, dtype=self.dtype, device=self.device)
+        self.positions = torch.zeros(0, dtype=torch.long)
+
+    def _index(self, k, v, pos, q):
+        if self.index.ntotal == 0:
+            # Prefill queries train the graph; without them (a context that
+            # first outgrows the window while decoding) the keys stand in.
+            train = k if q is None else q.reshape(-1, q.shape[-1])
+            self.index.build(k, train)
+        else:
+            self.index.add(k)
+        self.keys = torch.cat([self.keys, k])
+        self.values = torch.cat([self.values, v])
+        self.positions = torch.cat([self.positions, pos])
+
+    def _decode_index(self, q):
+        kk = min(self.cfg.top_k, self.index.ntotal)
+        _, ids, scanned = self.index.search_with_stats(q, kk, ef=max(self.cfg.ef, kk))
+        ids = np.unique(ids[ids >= 0])
+        sel = torch.from_numpy(ids).to(self.keys.device)
+        parts = [attention_with_lse(q, self.keys[sel], self.values[sel], self.scale)]
+        acc = Access(key_vectors=int(scanned.sum()), value_vectors=int(sel.numel()),
+                     exact_positions=self.positions[sel.cpu()])
+        return parts, acc
+
+    def index_bytes(self) -> int:
+        return 4 * self.index.ntotal * self.index.degree
+
+
+class QuestHead(HeadCache):
+    """Quest-style: per-page min/max key bounds; the best pages attended exactly."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.keys = torch.zeros(0, self.d, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(0, self.dv, dtype=self.dtype, device=self.device)
+        self.positions = torch.zeros(0, dtype=torch.long)
+        self.kmin = torch.zeros(0, self.d, device=self.device)
+        self.kmax = torch.zeros(0, self.d, device=self.device)
+
+    def _index(self, k, v, pos, q):
+        P = self.cfg.page_size
+        # Pages never straddle two index chunks: a chunk's last page may be short.
+        for p0 in range(0, k.shape[0], P):
+            page = k[p0:p0 + P].float()
+            self.kmin = torch.cat([self.kmin, page.min(0).values[None]])
+            self.kmax = torch.cat([self.kmax, page.max(0).values[None]])
+        starts = torch.arange(0, k.shape[0], P) + self.keys.shape[0]
+        self.page_start = starts if not hasattr(self, "page_start") else torch.cat([self.page_start, starts])
+        self.keys = torch.cat([self.keys, k])
+        self.values = torch.cat([self.values, v])
+        self.positions = torch.cat([self.positions, pos])
+
+    def _decode_index(self, q):
+        qf = q.float()
+        bound = torch.maximum(qf[:, None, :] * self.kmin[None], qf[:, None, :] * self.kmax[None]).sum(-1)  # [G, P]
+        score = bound.max(0).values
+        npages = self.kmin.shape[0]
+        want = min(npages, int(math.ceil(self.cfg.quest_tokens(self.length) / self.cfg.page_size)))
+        top = torch.argsort(score, descending=True, stable=True)[:want]
+        ends = torch.cat([self.page_start[1:], torch.tensor([self.keys.shape[0]])])
+        rows = _ranges(self.page_start[top], ends[top]).to(self.keys.device)
+        parts = [attention_with_lse(q, self.keys[rows], self.values[rows], self.scale)]
+        acc = Access(key_vectors=int(rows.numel()), value_vectors=int(rows.numel()),
+                     meta_elems=2 * npages * self.d, exact_positions=self.positions[rows.cpu()])
+        return parts, acc
+
+    def index_bytes(self) -> int:
+        return 4 * 2 * self.kmin.numel()
+
+
+HEADS: dict[str, type[HeadCache]] = {
+    "full": FullHead, "wave": WaveHead, "graph": GraphHead, "streaming": StreamingHead, "quest": QuestHead,
+}
+
+
+def _ranges(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(s, e)`` for each pair (int64, on the inputs' device)."""
+    starts, ends = starts.long(), ends.long()
+    lens = ends - starts
+    total = int(lens.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long, device=starts.device)
+    first = torch.repeat_interleave(starts - torch.cumsum(lens, 0) + lens, lens)
+    return first + torch.arange(total, device=starts.device)

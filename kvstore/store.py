@@ -1,0 +1,205 @@
+"""KVStore: a sequence batch's KV cache, per layer and KV head, held as indexes.
+
+``prefill`` stores the prompt's keys and values (building each head's index),
+``append`` adds decoded tokens, and ``attend`` answers a decode query with the
+configured method, reading only a small part of the cache. Sequences of one
+batch may have different lengths (a mask marks real tokens).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .attention.core import full_attention
+from .attention.heads import HEADS, Access, HeadCache
+from .config import StoreConfig
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class KVStore:
+    """KV cache of ``num_layers`` layers, each ``[B, num_kv_heads, N, head_dim]``.
+
+    Args:
+        num_layers, num_kv_heads, head_dim: the model's attention layout.
+        config: the decode method and its budgets (:class:`StoreConfig`).
+        device: where the KV and the attention live (CPU reference here).
+        value_dim: value head dim if it differs from ``head_dim``.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, config: StoreConfig | None = None,
+                 device: str | torch.device = "cpu", value_dim: int | None = None) -> None:
+        for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.value_dim = head_dim if value_dim is None else value_dim
+        self.config = config if config is not None else StoreConfig()
+        if not isinstance(self.config, StoreConfig):
+            raise TypeError(f"config must be a StoreConfig, got {type(config).__name__}")
+        self.device = torch.device(device)
+        self.batch_size: int | None = None
+        self._heads: list[list[list[HeadCache]] | None] = [None] * num_layers  # [layer][b][h]
+        self._last_access: list[list[list[Access]] | None] = [None] * num_layers
+
+    # --- validation -----------------------------------------------------------
+    def _check_layer(self, layer: Any) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        return layer
+
+    def _check_kv(self, k: Any, v: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        for name, x, dim in (("k", k, self.head_dim), ("v", v, self.value_dim)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{what}: {name} must be a torch tensor, got {type(x).__name__}")
+            if x.dtype not in _DTYPES:
+                raise TypeError(f"{what}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+            if x.dim() != 4 or x.shape[1] != self.num_kv_heads or x.shape[3] != dim:
+                raise ValueError(f"{what}: {name} must be [B, {self.num_kv_heads}, N, {dim}], got {tuple(x.shape)}")
+            if x.device != self.device and not (x.device.type == self.device.type == "cpu"):
+                raise ValueError(f"{what}: {name} is on {x.device}, the store is on {self.device}")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{what}: {name} contains NaN or inf")
+        if k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} differ in [B, H, N]")
+        if self.batch_size is not None and k.shape[0] != self.batch_size:
+            raise ValueError(f"{what}: batch size {k.shape[0]} differs from the store's {self.batch_size}")
+        return k, v
+
+    def _check_mask(self, mask: Any, B: int, N: int, what: str) -> torch.Tensor:
+        if mask is None:
+            return torch.ones(B, N, dtype=torch.bool)
+        if not isinstance(mask, torch.Tensor) or mask.shape != (B, N):
+            raise ValueError(f"{what}: mask must be a [B={B}, N={N}] tensor")
+        return mask.to("cpu", torch.bool)
+
+    # --- token flow ---------------------------------------------------------------
+    def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> None:
+        """Store a prompt's KV for one layer (replacing what the layer held).
+
+        k ``[B, Hkv, N, D]``, v ``[B, Hkv, N, Dv]``; q ``[B, Hq, N, D]`` (the
+        prompt's post-RoPE queries; needed by the graph method to train its
+        index); mask ``[B, N]`` bool, True for real tokens (padding on either
+        side is skipped; real tokens keep their order).
+        """
+        layer = self._check_layer(layer)
+        k, v = self._check_kv(k, v, "prefill")
+        B, H, N, _ = k.shape
+        mask = self._check_mask(mask, B, N, "prefill")
+        if q is not None:
+            if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[0] != B or q.shape[2] != N \
+                    or q.shape[3] != self.head_dim or q.shape[1] % H:
+                raise ValueError(f"prefill: q must be [B={B}, Hq (multiple of {H}), N={N}, {self.head_dim}]")
+            if not torch.isfinite(q).all():
+                raise ValueError("prefill: q contains NaN or inf")
+        elif self.config.method == "graph":
+            raise ValueError("prefill: the graph method needs q (the prompt's queries) to train its index")
+        heads = [[self._new_head(k.dtype) for _ in range(H)] for _ in range(B)]
+        for b in range(B):
+            rows = mask[b].nonzero().squeeze(1).to(k.device)
+            for h in range(H):
+                qb = None
+                if q is not None:
+                    G = q.shape[1] // H
+                    qb = q[b, h * G:(h + 1) * G].index_select(1, rows.to(q.device))
+                heads[b][h].prefill(k[b, h].index_select(0, rows), v[b, h].index_select(0, rows), qb)
+        # Swapped in only once every head is built: a failed prefill leaves the layer as it was.
+        self._heads[layer] = heads
+        self.batch_size = B
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add decoded tokens: k ``[B, Hkv, T, D]``, v ``[B, Hkv, T, Dv]``, mask ``[B, T]``."""
+        layer = self._check_layer(layer)
+        heads = self._layer(layer)
+        k, v = self._check_kv(k, v, "append")
+        B, H, T, _ = k.shape
+        mask = self._check_mask(mask, B, T, "append")
+        for b in range(B):
+            rows = mask[b].nonzero().squeeze(1).to(k.device)
+            if rows.numel() == 0:
+                continue
+            for h in range(H):
+                heads[b][h].append(k[b, h].index_select(0, rows), v[b, h].index_select(0, rows))
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Decode attention: q ``[B, Hq, 1, D]`` -> out ``[B, Hq, 1, Dv]`` (q's dtype)."""
+        return self.attend_with_lse(layer, q)[0]
+
+    def attend_with_lse(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Like :meth:`attend`, also returning lse ``[B, Hq]`` (fp32) and the
+        per-(sequence, KV head) :class:`Access` records of what was read."""
+        layer = self._check_layer(layer)
+        heads = self._layer(layer)
+        H = self.num_kv_heads
+        if not isinstance(q, torch.Tensor) or q.dtype not in _DTYPES:
+            raise TypeError("attend: q must be a float32/float16/bfloat16 torch tensor")
+        if q.dim() != 4 or q.shape[0] != len(heads) or q.shape[2] != 1 or q.shape[3] != self.head_dim \
+                or q.shape[1] % H:
+            raise ValueError(f"attend: q must be [B={len(heads)}, Hq (multiple of {H}), 1, {self.head_dim}], "
+                             f"got {tuple(q.shape)}")
+        if not torch.isfinite(q).all():
+            raise ValueError("attend: q contains NaN or inf")
+        G = q.shape[1] // H
+        out = torch.empty(q.shape[0], q.shape[1], 1, self.value_dim, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32)
+        access: list[list[Access]] = []
+        for b, row in enumerate(heads):
+            acc_row = []
+            for h, head in enumerate(row):
+                o, l, acc = head.decode(q[b, h * G:(h + 1) * G, 0])
+                out[b, h * G:(h + 1) * G, 0] = o.to(q.dtype)
+                lse[b, h * G:(h + 1) * G] = l.float().cpu()
+                acc_row.append(acc)
+            access.append(acc_row)
+        self._last_access[layer] = access
+        return out, lse, access
+
+    def _layer(self, layer: int) -> list[list[HeadCache]]:
+        heads = self._heads[layer]
+        if heads is None:
+            raise RuntimeError(f"layer {layer} holds no tokens: call prefill(layer, k, v) first")
+        return heads
+
+    def _new_head(self, dtype: torch.dtype) -> HeadCache:
+        return HEADS[self.config.method](self.config, self.head_dim, self.value_dim, self.device, dtype)
+
+    # --- reporting ----------------------------------------------------------------
+    def seq_lengths(self, layer: int = 0) -> list[int]:
+        """Tokens seen per sequence (including tokens a method dropped)."""
+        return [row[0].length for row in self._layer(self._check_layer(layer))]
+
+    def stats(self) -> dict[str, Any]:
+        """Per layer: tokens stored, KV elements read by the last decode step
+        against full attention, and index sizes."""
+        layers = []
+        for i, heads in enumerate(self._heads):
+            if heads is None:
+                layers.append(None)
+                continue
+            d, dv = self.head_dim, self.value_dim
+            full = sum(hd.length * (d + dv) for row in heads for hd in row)
+            entry: dict[str, Any] = {
+                "tokens": [row[0].length for row in heads],
+                "tokens_stored": sum(hd.stored_tokens() for row in heads for hd in row),
+                "tokens_indexed": sum(hd.indexed for row in heads for hd in row),
+                "index_bytes": sum(hd.index_bytes() for row in heads for hd in row),
+            }
+            acc = self._last_access[i]
+            if acc is not None:
+                read = sum(a.elems(d, dv) for row in acc for a in row)
+                entry["read_fraction"] = read / full if full else math.nan
+            layers.append(entry)
+        return {"method": self.config.method, "layers": layers}
+
+
+def decode_attention(q: torch.Tensor, store: KVStore, layer: int) -> torch.Tensor:
+    """``store.attend(layer, q)`` as a function: q ``[B, Hq, 1, D]`` -> ``[B, Hq, 1, Dv]``."""
+    return store.attend(layer, q)
+
+
+__all__ = ["KVStore", "decode_attention", "full_attention"]
