@@ -103,6 +103,8 @@ def _forward_to(module: str) -> Callable[[argparse.Namespace, list[str]], int]:
 BENCH_COMMANDS: list[Command] = [
     Command("recall", "recall@k against keys scanned, per index (kvstore.benchmarks.recall)",
             _forward_to("kvstore.benchmarks.recall"), forward=True),
+    Command("accuracy", "decode-attention error and KV read per method on real traces (kvstore.benchmarks.accuracy)",
+            _forward_to("kvstore.benchmarks.accuracy"), forward=True),
 ]
 
 COMMANDS: list[Command] = [
