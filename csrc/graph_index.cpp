@@ -34,16 +34,15 @@ int GraphIndex::out_degree(std::int64_t i) const {
     return d;
 }
 
-std::vector<GraphIndex::Scored> GraphIndex::beam_search(const float* q, int ef, VisitedSet& vis,
-                                                        std::int64_t* scanned, Metric metric) const {
+template <class Score>
+std::vector<GraphIndex::Scored> GraphIndex::beam_search_by(Score score, int ef, VisitedSet& vis,
+                                                           std::int64_t* scanned) const {
     using MinHeap = std::priority_queue<Scored, std::vector<Scored>, std::greater<Scored>>;
     MinHeap results;
     std::priority_queue<Scored> frontier;
     std::int64_t count = 0;
-    const bool l2 = metric == Metric::kL2;
     auto consider = [&](std::int32_t id) {
-        // For L2, 2 q.k - |k|^2 ranks keys as -|q - k|^2 does.
-        float s = l2 ? 2.0f * dot(q, key(id), dim_) - sqnorm_[id] : dot(q, key(id), dim_);
+        float s = score(id);
         ++count;
         if (static_cast<int>(results.size()) < ef || s > results.top().first) {
             frontier.emplace(s, id);
@@ -73,6 +72,47 @@ std::vector<GraphIndex::Scored> GraphIndex::beam_search(const float* q, int ef, 
     }
     if (scanned) *scanned += count;
     return out;
+}
+
+std::vector<GraphIndex::Scored> GraphIndex::beam_search(const float* q, int ef, VisitedSet& vis,
+                                                        std::int64_t* scanned, Metric metric) const {
+    if (metric == Metric::kL2)  // 2 q.k - |k|^2 ranks keys as -|q - k|^2 does
+        return beam_search_by([&](std::int32_t id) { return 2.0f * dot(q, key(id), dim_) - sqnorm_[id]; },
+                              ef, vis, scanned);
+    return beam_search_by([&](std::int32_t id) { return dot(q, key(id), dim_); }, ef, vis, scanned);
+}
+
+void GraphIndex::search_group(const float* queries, std::int64_t ngroups, int group, int k, int ef,
+                              float* out_scores, std::int64_t* out_ids, std::int64_t* out_scanned,
+                              int num_threads) const {
+    // One traversal per group of query heads sharing this KV head: a key is
+    // read once and scored against every head, ranked by its best head score.
+    if (k <= 0 || group <= 0) throw std::invalid_argument("k and group must be positive");
+    std::shared_lock<std::shared_mutex> lock(rw_);
+    ef = std::max(ef, k);
+    OmpErrors errors;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_default(num_threads))
+    for (std::int64_t g = 0; g < ngroups; ++g) {
+        errors.run([&] {
+            VisitedLease vis(pool_, n_);
+            std::int64_t scanned = 0;
+            const float* qs = queries + g * group * dim_;
+            auto found = beam_search_by(
+                [&](std::int32_t id) {
+                    float best = -std::numeric_limits<float>::infinity();
+                    for (int h = 0; h < group; ++h) best = std::max(best, dot(qs + h * dim_, key(id), dim_));
+                    return best;
+                },
+                ef, *vis, &scanned);
+            for (int j = 0; j < k; ++j) {
+                bool have = j < static_cast<int>(found.size());
+                out_scores[g * k + j] = have ? found[j].first : -std::numeric_limits<float>::infinity();
+                out_ids[g * k + j] = have ? found[j].second : -1;
+            }
+            out_scanned[g] = scanned;
+        });
+    }
+    errors.rethrow();
 }
 
 void GraphIndex::prune(std::int64_t pivot, std::vector<Scored>& cands, int max_out,

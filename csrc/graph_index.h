@@ -64,6 +64,11 @@ public:
     void search(const float* queries, std::int64_t nq, int k, int ef, float* out_scores, std::int64_t* out_ids,
                 std::int64_t* out_scanned, int num_threads) const;
 
+    // Groups of query heads [ngroups, group, d]: one search per group, keys
+    // ranked by their best score over the group; scanned = keys read.
+    void search_group(const float* queries, std::int64_t ngroups, int group, int k, int ef, float* out_scores,
+                      std::int64_t* out_ids, std::int64_t* out_scanned, int num_threads) const;
+
     // Inserts keys [m, d] produced later; returns the id of the first one.
     std::int64_t add(const float* keys, std::int64_t m, int ef_construction, int num_threads);
 
@@ -84,6 +89,8 @@ private:
 
     // Beam search from the entry points; results sorted by score descending.
     enum class Metric { kInnerProduct, kL2 };
+    template <class Score>
+    std::vector<Scored> beam_search_by(Score score, int ef, VisitedSet& vis, std::int64_t* scanned) const;
     std::vector<Scored> beam_search(const float* q, int ef, VisitedSet& vis, std::int64_t* scanned,
                                     Metric metric = Metric::kInnerProduct) const;
     // Replaces the weakest projection edges of every key by its nearest keys

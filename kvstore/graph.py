@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import check_positive_int, to_float32_matrix
+from ._validate import check_k, check_positive_int, check_trained, to_float32_matrix
 from .exact import exact_topk
 from .index_base import Index, register_index
 
@@ -161,6 +161,29 @@ class AttentionGraphIndex(Index):
     def _search_impl(self, q: np.ndarray, k: int, ef: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ef = self.ef_search if ef is None else check_positive_int(ef, "ef")
         return self._g.search(q, k, max(ef, k), self.num_threads)
+
+    def search_group(self, queries: Any, k: int, ef: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One search per group of queries (the query heads that share a KV head).
+
+        queries ``[ngroups, group, dim]``. Each key visited is read once and
+        scored against every query of the group; keys rank by their best score
+        in the group. Returns ``(D, I, scanned)``: ``[ngroups, k]`` float32
+        and int64 (-1 padded) and ``[ngroups]`` int64 keys read.
+        """
+        import torch
+
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().to("cpu", torch.float32).numpy()
+        if not isinstance(queries, np.ndarray) or queries.ndim != 3:
+            raise ValueError("queries must be a 3-D array [ngroups, group, dim]")
+        flat = to_float32_matrix(queries.reshape(-1, queries.shape[-1]), "queries", self._dim, allow_empty=True)
+        k = check_k(k, self.ntotal)
+        check_trained(self.ntotal, type(self).__name__)
+        ef = self.ef_search if ef is None else check_positive_int(ef, "ef")
+        if queries.shape[0] == 0 or queries.shape[1] == 0:
+            raise ValueError("queries must hold at least one group of at least one query")
+        return self._g.search_group(flat.reshape(queries.shape), k, max(ef, k), self.num_threads)
 
     def reachable_count(self) -> int:
         """Keys reachable from the entry points (equals ``ntotal`` for a valid graph)."""

@@ -198,3 +198,18 @@ def test_exact_topk_matches_float64():
     ref = float64_topk(test, keys, 50)
     assert recall_at_k(I, test, keys, 50).mean() == 1.0
     assert (I[:, 0] == ref[:, 0]).all()
+
+
+def test_group_search_reads_each_key_once_and_is_exact_at_full_ef():
+    keys, train, test = ood_data(n=2000, nq_train=2000, nq_test=12, seed=8)
+    idx = kvstore.AttentionGraphIndex(32).build(keys, train)
+    groups = test.reshape(4, 3, 32)
+    D, I, scanned = idx.search_group(groups, 10, ef=2000)
+    best = (groups.astype(np.float64) @ keys.T.astype(np.float64)).max(1)  # [4, N] best head score
+    ref = np.argsort(-best, 1)[:, :10]
+    assert (np.sort(I, 1) == np.sort(ref, 1)).all()
+    assert (scanned == 2000).all()
+    _, _, small = idx.search_group(groups, 10, ef=32)
+    assert (small < 2000).all()
+    with pytest.raises(ValueError, match="queries"):
+        idx.search_group(test, 10)

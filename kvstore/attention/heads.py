@@ -228,8 +228,10 @@ class GraphHead(HeadCache):
         self.positions = torch.cat([self.positions, pos])
 
     def _decode_index(self, q):
-        kk = min(self.cfg.top_k, self.index.ntotal)
-        _, ids, scanned = self.index.search_with_stats(q, kk, ef=max(self.cfg.ef, kk))
+        # One traversal for the whole GQA group: each key read once, scored by
+        # every head; top_k per query head, so the group keeps top_k * G keys.
+        kk = min(self.cfg.top_k * q.shape[0], self.index.ntotal)
+        _, ids, scanned = self.index.search_group(q[None].float(), kk, ef=max(self.cfg.ef, kk))
         ids = np.unique(ids[ids >= 0])
         sel = torch.from_numpy(ids).to(self.keys.device)
         parts = [attention_with_lse(q, self.keys[sel], self.values[sel], self.scale)]
