@@ -233,6 +233,18 @@ void GraphIndex::choose_entry_points(const std::int64_t* topk, std::int64_t nq, 
     // most-hit one of each equal slice of the ids. Keys arrive in sequence
     // order, so the slices spread the starts over the context (recent tokens
     // matter to decode queries as much as the sinks do).
+    if (!p.entry_points.empty()) {
+        std::vector<char> seen(n_, 0);
+        entry_.clear();
+        for (std::int32_t e : p.entry_points) {
+            if (e < 0 || e >= n_) throw std::invalid_argument("entry point id out of range");
+            if (!seen[e]) {
+                seen[e] = 1;
+                entry_.push_back(e);
+            }
+        }
+        return;
+    }
     std::vector<std::int64_t> hits(n_, 0);
     for (std::int64_t q = 0; q < nq; ++q)
         if (topk[q * kt] >= 0) ++hits[topk[q * kt]];

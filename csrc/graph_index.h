@@ -26,6 +26,7 @@ struct BuildParams {
     int pivots_per_query = 1;   // a query's best keys that get linked to its other top keys
     int geometric_degree = 12;  // edges per key to its nearest keys in L2 (0: none)
     int geometric_passes = 2;
+    std::vector<std::int32_t> entry_points;  // given by the caller; empty: most-hit pivots
     int max_candidates = 256;   // candidate cap per node before pruning
     std::uint64_t seed = 0;
     int num_threads = 0;        // 0: OpenMP default

@@ -38,7 +38,9 @@ class AttentionGraphIndex(Index):
         max_train_queries: training queries beyond this are subsampled (seeded).
         ef_construction: beam width of the searches made during build and add.
         ef_search: default beam width of ``search`` (``ef`` overrides it).
-        num_entry_points: entry points of every search (the most-hit pivots).
+        num_entry_points: entry points of every search: the favourite key of
+            each of this many clusters of the training queries (default
+            sqrt(N), clipped to [8, 1024]).
         pivots_per_query: how many of a training query's best keys get linked
             to its other top keys (1 is RoarGraph's projection).
         geometric_degree: edges per key to its nearest keys in L2 (default
@@ -65,7 +67,7 @@ class AttentionGraphIndex(Index):
         max_train_queries: int = 200_000,
         ef_construction: int = 128,
         ef_search: int = 64,
-        num_entry_points: int = 8,
+        num_entry_points: int | None = None,
         pivots_per_query: int = 1,
         geometric_degree: int | None = None,
         exact_geometric_limit: int = 200_000,
@@ -80,7 +82,8 @@ class AttentionGraphIndex(Index):
         self.max_train_queries = check_positive_int(max_train_queries, "max_train_queries")
         self.ef_construction = check_positive_int(ef_construction, "ef_construction")
         self.ef_search = check_positive_int(ef_search, "ef_search")
-        self.num_entry_points = check_positive_int(num_entry_points, "num_entry_points")
+        self.num_entry_points = None if num_entry_points is None else check_positive_int(
+            num_entry_points, "num_entry_points")
         self.pivots_per_query = check_positive_int(pivots_per_query, "pivots_per_query")
         if geometric_degree is None:
             geometric_degree = (3 * self.degree) // 8
@@ -117,18 +120,50 @@ class AttentionGraphIndex(Index):
         bar = _progress_bar(self.progress and k.shape[0] >= 100_000, "graph build")
         _, labels = exact_topk(tq, k, min(self.train_topk, k.shape[0]), device=self.device)
         geo = self._exact_l2_neighbors(k)
+        entries = self._query_cluster_entries(tq, labels[:, 0], k.shape[0])
         t_labels = time.perf_counter() - t0
         bar(0.2)
         g = _core().GraphIndex(self._dim, self.degree)
-        stats = g.build(k, labels, geo, self.geometric_degree, self.ef_construction, self.num_entry_points, 256,
-                        self.pivots_per_query, self.seed,
-                        self.num_threads, lambda f: bar(0.2 + 0.8 * f))
+        stats = g.build(k, labels, geo, self.geometric_degree, self.ef_construction, len(entries), 256,
+                        self.pivots_per_query, self.seed, self.num_threads, entries,
+                        lambda f: bar(0.2 + 0.8 * f))
         bar(None)
         with self._lock:
             self._g = g  # swapped in only once complete: a failed build keeps the old graph
         stats.update(seconds=time.perf_counter() - t0, label_seconds=t_labels, train_queries=int(tq.shape[0]))
         self.build_stats = stats
         return self
+
+    def _query_cluster_entries(self, train: np.ndarray, top1: np.ndarray, n_keys: int) -> np.ndarray:
+        """Entry points that cover the query distribution ``[E]`` int64.
+
+        The training queries are clustered (k-means in L2, seeded, a few
+        iterations); each cluster contributes the key that is the best key of
+        most of its queries. A decode query then starts next to the keys that
+        queries like it preferred, instead of climbing from a few global hubs
+        (which strands out-of-distribution queries in the wrong region).
+        """
+        E = self.num_entry_points or int(np.clip(np.sqrt(n_keys), 8, 1024))
+        E = min(E, train.shape[0])
+        rng = np.random.default_rng(self.seed)
+        cent = train[np.sort(rng.choice(train.shape[0], E, replace=False))].astype(np.float32)
+        for _ in range(8):
+            assign = _nearest_l2(train, cent, self.device)
+            counts = np.bincount(assign, minlength=E)
+            sums = np.zeros_like(cent, dtype=np.float64)
+            np.add.at(sums, assign, train)
+            live = counts > 0
+            cent[live] = (sums[live] / counts[live, None]).astype(np.float32)
+        assign = _nearest_l2(train, cent, self.device)
+        # most frequent pivot per cluster, clusters by size (largest first)
+        pairs = np.unique(np.stack([assign, top1]), axis=1, return_counts=True)
+        (clu, piv), cnt = pairs
+        order = np.lexsort((piv, -cnt, clu))
+        clu, piv = clu[order], piv[order]
+        first = np.r_[True, clu[1:] != clu[:-1]]
+        by_size = np.argsort(-np.bincount(assign, minlength=E)[clu[first]], kind="stable")
+        entries = piv[first][by_size]
+        return np.ascontiguousarray(entries[np.sort(np.unique(entries, return_index=True)[1])], np.int64)
 
     def _exact_l2_neighbors(self, keys: np.ndarray) -> np.ndarray:
         """Each key's ``geometric_degree`` nearest keys in L2 ``[N, g]`` when the
@@ -210,6 +245,13 @@ class AttentionGraphIndex(Index):
             raise ValueError("unexpected array dtypes")
         idx._g.set_state(keys, nbrs, entry)
         return idx
+
+
+def _nearest_l2(x: np.ndarray, centres: np.ndarray, device: str | None) -> np.ndarray:
+    """Index of each row's nearest centre in L2 ``[n]`` (argmax of [x, 1].[2c, -|c|^2])."""
+    q = np.hstack([x, np.ones((x.shape[0], 1), np.float32)])
+    c = np.hstack([2 * centres, -np.einsum("ed,ed->e", centres, centres)[:, None]]).astype(np.float32)
+    return exact_topk(q, c, 1, device=device)[1][:, 0]
 
 
 def _progress_bar(enabled: bool, desc: str):
