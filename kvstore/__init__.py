@@ -14,6 +14,7 @@ from .faiss_indexes import HNSWIndex, IVFIndex
 from .flat import FlatIndex
 from .graph import AttentionGraphIndex
 from .index_base import Index, load_index
+from .wave import WaveIndex
 from .config import StoreConfig
 from .store import KVStore, decode_attention
 from . import attention
@@ -31,4 +32,5 @@ __all__ = [
     "attention",
     "decode_attention",
     "load_index",
+    "WaveIndex",
 ]

@@ -6,6 +6,7 @@ Accepted forms (one per entry of ``_FORMS``; add a line there for a new kind):
 - ``"IVF<nlist>,Flat"``      -> :class:`kvstore.faiss_indexes.IVFIndex` (needs faiss)
 - ``"HNSW<M>"``              -> :class:`kvstore.faiss_indexes.HNSWIndex` (needs faiss)
 - ``"Graph<degree>"``        -> :class:`kvstore.graph.AttentionGraphIndex`
+- ``"Wave<tokens_per_cluster>"`` -> :class:`kvstore.wave.WaveIndex`
 """
 from __future__ import annotations
 
@@ -37,12 +38,18 @@ def _graph(dim: int, degree: int, **kw: Any) -> Index:
     return AttentionGraphIndex(dim, degree=degree, **kw)
 
 
+def _wave(dim: int, tokens_per_cluster: int, **kw: Any) -> Index:
+    from .wave import WaveIndex
+    return WaveIndex(dim, tokens_per_cluster=tokens_per_cluster, **kw)
+
+
 # (form shown in errors, full-match pattern with at most one int group, builder(dim, [int], **kwargs))
 _FORMS: list[tuple[str, str, Callable[..., Index]]] = [
     ("Flat", r"Flat", _flat),
     ("IVF<nlist>,Flat", r"IVF(\d+),Flat", _ivf),
     ("HNSW<M>", r"HNSW(\d+)", _hnsw),
     ("Graph<degree>", r"Graph(\d+)", _graph),
+    ("Wave<tokens_per_cluster>", r"Wave(\d+)", _wave),
 ]
 
 

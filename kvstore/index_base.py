@@ -97,7 +97,7 @@ def load_index(path: str | os.PathLike) -> Index:
 
     kind, meta, arrays = read_container(path)
     # Import the modules that register persistable kinds.
-    from . import flat, graph  # noqa: F401
+    from . import flat, graph, wave  # noqa: F401
     cls = INDEX_KINDS.get(kind)
     if cls is None:
         raise ValueError(f"{os.fspath(path)}: unknown index kind {kind!r}")

@@ -15,6 +15,8 @@
 #include "graph_index.h"
 
 namespace py = pybind11;
+
+void register_kmeans(pybind11::module_& m);  // python/kmeans_bindings.cpp
 using kvstore::BuildParams;
 using kvstore::GraphIndex;
 
@@ -128,4 +130,5 @@ PYBIND11_MODULE(_C, m) {
         .def("get_state", &get_state)
         .def("set_state", &set_state, py::arg("keys"), py::arg("neighbors"), py::arg("entry_points"))
         .def("count_reachable", &GraphIndex::count_reachable);
+    register_kmeans(m);
 }

@@ -31,13 +31,18 @@ TARGETS = (0.9, 0.95)
 
 @dataclass
 class Method:
-    """An index description for ``index_factory`` plus its knob and sweep."""
+    """An index description for ``index_factory`` plus its knob and sweep.
+
+    ``uses_train_queries``: build with ``(keys, train_queries)``; False builds
+    with the keys alone (e.g. the wave index, whose second argument is values).
+    """
 
     name: str
     factory: str
     knob: str
     values: Sequence[int]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    uses_train_queries: bool = True
 
 
 def default_methods(n_keys: int) -> list[Method]:
@@ -45,11 +50,14 @@ def default_methods(n_keys: int) -> list[Method]:
     nlist = int(min(max(16, 2 * np.sqrt(n_keys)), n_keys // 39, 8192))
     nlist = max(1, 1 << int(np.log2(max(nlist, 1))))
     ivf_probes = [p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256) if p <= nlist]
+    n_clusters = max(1, round(n_keys / 16))  # the wave index's cluster count (about)
+    wave_probes = sorted({min(p, n_clusters) for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)})
     return [
         Method("Graph32", "Graph32", "ef", (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
                {"progress": False}),
         Method(f"IVF{nlist}", f"IVF{nlist},Flat", "nprobe", ivf_probes),
         Method("HNSW32", "HNSW32", "ef", (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)),
+        Method("Wave16", "Wave16", "n_probe", wave_probes, uses_train_queries=False),
     ]
 
 
@@ -91,7 +99,10 @@ def sweep_head(head: Head, methods: Sequence[Method], ks: Sequence[int], log: Ca
     for m in methods:
         t0 = time.perf_counter()
         index = index_factory(head.keys.shape[1], m.factory, **m.kwargs)
-        index.build(head.keys, head.train)
+        if m.uses_train_queries:
+            index.build(head.keys, head.train)
+        else:
+            index.build(head.keys)
         build_s = time.perf_counter() - t0
         curves: dict[str, list[dict]] = {}
         for k in ks:
