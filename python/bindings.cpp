@@ -34,7 +34,7 @@ void check_matrix(const py::array& a, py::ssize_t cols, const char* name) {
 }
 
 py::dict build(GraphIndex& g, F32 keys, I64 topk, I64 geo, int geometric_degree, int ef_construction, int num_entry_points, int max_candidates,
-               int pivots_per_query, std::uint64_t seed, int num_threads, py::object progress) {
+               int pivots_per_query, std::uint64_t seed, int num_threads, I64 entry_points, py::object progress) {
     check_matrix(keys, g.dim(), "keys");
     check_matrix(topk, -1, "train_topk");
     check_matrix(geo, -1, "geometric");
@@ -45,6 +45,9 @@ py::dict build(GraphIndex& g, F32 keys, I64 topk, I64 geo, int geometric_degree,
     p.num_entry_points = num_entry_points;
     p.max_candidates = max_candidates;
     p.pivots_per_query = pivots_per_query;
+    if (entry_points.ndim() != 1) throw std::invalid_argument("entry_points must be 1-D");
+    for (py::ssize_t i = 0; i < entry_points.shape(0); ++i)
+        p.entry_points.push_back(static_cast<std::int32_t>(entry_points.data()[i]));
     p.seed = seed;
     p.num_threads = num_threads;
     std::function<void(double)> cb;
@@ -78,6 +81,22 @@ py::tuple search(const GraphIndex& g, F32 queries, int k, int ef, int num_thread
     {
         py::gil_scoped_release nogil;
         g.search(queries.data(), nq, k, ef, D.mutable_data(), I.mutable_data(), S.mutable_data(), num_threads);
+    }
+    return py::make_tuple(D, I, S);
+}
+
+py::tuple search_group(const GraphIndex& g, F32 queries, int k, int ef, int num_threads) {
+    if (queries.ndim() != 3 || queries.shape(2) != g.dim())
+        throw std::invalid_argument("queries must be [ngroups, group, dim]");
+    if (k <= 0) throw std::invalid_argument("k must be positive");
+    const py::ssize_t ng = queries.shape(0);
+    py::array_t<float> D({ng, static_cast<py::ssize_t>(k)});
+    py::array_t<std::int64_t> I({ng, static_cast<py::ssize_t>(k)});
+    py::array_t<std::int64_t> S(ng);
+    {
+        py::gil_scoped_release nogil;
+        g.search_group(queries.data(), ng, static_cast<int>(queries.shape(1)), k, ef, D.mutable_data(),
+                       I.mutable_data(), S.mutable_data(), num_threads);
     }
     return py::make_tuple(D, I, S);
 }
@@ -123,9 +142,10 @@ PYBIND11_MODULE(_C, m) {
         .def_property_readonly("size", &GraphIndex::size)
         .def("build", &build, py::arg("keys"), py::arg("train_topk"), py::arg("geometric"),
              py::arg("geometric_degree"), py::arg("ef_construction"),
-             py::arg("num_entry_points"), py::arg("max_candidates"), py::arg("pivots_per_query"), py::arg("seed"), py::arg("num_threads"),
+             py::arg("num_entry_points"), py::arg("max_candidates"), py::arg("pivots_per_query"), py::arg("seed"), py::arg("num_threads"), py::arg("entry_points"),
              py::arg("progress") = py::none())
         .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef"), py::arg("num_threads"))
+        .def("search_group", &search_group, py::arg("queries"), py::arg("k"), py::arg("ef"), py::arg("num_threads"))
         .def("add", &add, py::arg("keys"), py::arg("ef_construction"), py::arg("num_threads"))
         .def("get_state", &get_state)
         .def("set_state", &set_state, py::arg("keys"), py::arg("neighbors"), py::arg("entry_points"))
