@@ -1,0 +1,189 @@
+"""kvstore as a drop-in decode attention for Hugging Face transformers.
+
+>>> from kvstore.integrations.transformers import KVStoreCache, register
+>>> register()  # once: makes attn_implementation="kvstore" known
+>>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="kvstore")
+>>> cache = KVStoreCache(model.config, StoreConfig(method="wave"))
+>>> model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+
+The prompt (prefill) is attended exactly, in query chunks so no ``N x N``
+score matrix is held; its keys, values and queries then fill a
+:class:`kvstore.KVStore`, and every decode step attends through the store.
+Without a :class:`KVStoreCache` (e.g. ``use_cache=False``) the attention is
+exact. Llama- and Qwen2-family models (any GQA layout) are supported.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import torch
+
+from ..config import StoreConfig
+from ..store import KVStore
+
+SUPPORTED = ">=5.0,<6"  # transformers versions this module is tested against (5.17, 5.24)
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+PREFILL_CHUNK = 1024
+
+
+def _installed_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("kvstore.integrations.transformers needs transformers: pip install 'kvstore[hf]'") from e
+    found = _installed_version()
+    if int(found.split(".")[0]) != 5:
+        raise ImportError(f"kvstore.integrations.transformers supports transformers {SUPPORTED}, found {found}")
+    return transformers
+
+
+_tf = _require_transformers()
+from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
+
+_active = threading.local()  # the KVStoreCache whose layer was just updated, per thread
+
+
+class KVStoreLayer(CacheLayerMixin):
+    """One decoder layer's view of the shared KVStore (transformers' cache-layer interface)."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, owner: "KVStoreCache", layer_idx: int) -> None:
+        super().__init__()
+        self.owner, self.layer_idx = owner, layer_idx
+        self.length = 0  # positions seen, padding included (what transformers counts)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        store = self.owner.store
+        _active.cache = self.owner
+        if self.length == 0:
+            # Prefill: the attention function computes it exactly and then
+            # fills the store (it also needs the queries and the padding mask).
+            self.owner._pending[self.layer_idx] = True
+        else:
+            if key_states.shape[2] != 1:
+                raise NotImplementedError("KVStoreCache decodes one token per step after the prompt "
+                                          f"(got {key_states.shape[2]} new tokens)")
+            store.append(self.layer_idx, key_states, value_states)
+        self.length += key_states.shape[2]
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+        self.owner.store._heads[self.layer_idx] = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("KVStoreCache does not support beam search")
+
+
+class KVStoreCache(Cache):
+    """A transformers ``Cache`` backed by a :class:`kvstore.KVStore`.
+
+    Args:
+        config: the model's config (``num_hidden_layers``,
+            ``num_key_value_heads``, ``head_dim`` or ``hidden_size /
+            num_attention_heads``).
+        store_config: method and budgets.
+        device: where the store lives (default CPU).
+    """
+
+    def __init__(self, config: Any, store_config: StoreConfig | None = None, device: str | torch.device = "cpu"
+                 ) -> None:
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"KVStoreCache supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        self.store = KVStore(text.num_hidden_layers, kv_heads, head_dim, store_config or StoreConfig(), device)
+        self._pending: dict[int, bool] = {}
+        super().__init__(layers=[KVStoreLayer(self, i) for i in range(text.num_hidden_layers)])
+
+
+def _padding_mask(attention_mask: torch.Tensor | None, B: int, N: int) -> torch.Tensor | None:
+    """[B, N] bool of real prompt tokens from the 4-D mask transformers built (None: no padding)."""
+    if attention_mask is None:
+        return None
+    last = attention_mask[:, 0, -1, -N:]  # the last prompt token sees every real token
+    real = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    return real.expand(B, N).to("cpu")
+
+
+def _chunked_exact(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Exact causal attention of the prompt, PREFILL_CHUNK queries at a time.
+
+    query [B, Hq, N, D], key/value [B, Hkv, N, D] -> [B, N, Hq, D].
+    """
+    B, Hq, N, _ = query.shape
+    G = Hq // key.shape[1]
+    k = key.repeat_interleave(G, 1)
+    v = value.repeat_interleave(G, 1)
+    out = torch.empty(B, Hq, N, value.shape[-1], dtype=query.dtype, device=query.device)
+    for q0 in range(0, N, PREFILL_CHUNK):
+        q1 = min(N, q0 + PREFILL_CHUNK)
+        if attention_mask is not None:
+            m = attention_mask[:, :, q0:q1, :N]
+        else:
+            m = torch.arange(N, device=query.device)[None, :] <= torch.arange(q0, q1, device=query.device)[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(query[:, :, q0:q1], k, v, attn_mask=m, scale=scaling)
+        out[:, :, q0:q1] = torch.nan_to_num(o)  # fully padded query rows attend nothing
+    return out.transpose(1, 2)
+
+
+def kvstore_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: exact prefill, kvstore decode."""
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    cache = _active.__dict__.pop("cache", None)  # set by this layer's cache update just before
+    layer = module.layer_idx
+    if cache is None:
+        return _chunked_exact(query, key, value, attention_mask, scaling), None
+    if cache._pending.pop(layer, False):
+        out = _chunked_exact(query, key, value, attention_mask, scaling)
+        mask = _padding_mask(attention_mask, query.shape[0], key.shape[2])
+        cache.store.prefill(layer, key, value, q=query, mask=mask)
+        return out, None
+    if abs(scaling * math.sqrt(query.shape[-1]) - 1) > 1e-6:
+        raise ValueError(f"kvstore decode uses 1/sqrt(head_dim) scaling, the model uses {scaling}")
+    out = cache.store.attend(layer, query)  # [B, Hq, 1, D]
+    return out.transpose(1, 2), None
+
+
+def register(name: str = "kvstore") -> None:
+    """Register ``attn_implementation=name`` (the attention function and its mask)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, kvstore_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+register()

@@ -1,0 +1,122 @@
+"""transformers integration: generation through KVStoreCache equals exact attention
+when the budgets cover the context; bookkeeping; clear errors."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from kvstore import StoreConfig  # noqa: E402
+from kvstore.integrations.transformers import KVStoreCache  # noqa: E402
+
+FULL = {
+    "full": {},
+    "wave": {"retrieval": 1.0, "estimation": 0},
+    "graph": {"top_k": 4096, "ef": 4096},
+    "quest": {"pages": 1.0},
+}
+
+
+def tiny(kind: str = "llama"):
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    else:
+        cfg = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    ref = cls(cfg).eval()
+    ref.set_attn_implementation("eager")  # exact, and masks left padding at decode
+    ours = cls(cfg).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation("kvstore")
+    return cfg, ref, ours
+
+
+def generate(model, ids, mask, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("method", list(FULL))
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_generation_equals_full_attention(method, kind):
+    cfg, ref, ours = tiny(kind)
+    ids = torch.randint(1, 128, (2, 300))
+    mask = torch.ones_like(ids)
+    mask[1, :60] = 0  # left padding
+    cache = KVStoreCache(cfg, StoreConfig(method=method, window=16, update_interval=8, **FULL[method]))
+    got = generate(ours, ids, mask, do_sample=False, past_key_values=cache)
+    # the reference generates each sequence alone, unpadded (transformers' own
+    # padded-batch decode is not exact for every model family)
+    for row, start in ((0, 0), (1, 60)):
+        alone = ids[row:row + 1, start:]
+        expected = generate(ref, alone, torch.ones_like(alone), do_sample=False)
+        assert torch.equal(got[row, 300:], expected[0, alone.shape[1]:])
+    assert cache.get_seq_length() == 300 + 23
+    assert cache.store.seq_lengths(0) == [300 + 23, 240 + 23]
+
+
+def test_sampled_generation_equals_full_attention():
+    cfg, ref, ours = tiny()
+    ids = torch.randint(1, 128, (1, 200))
+    mask = torch.ones_like(ids)
+    torch.manual_seed(1)
+    expected = generate(ref, ids, mask, do_sample=True, top_k=20)
+    cache = KVStoreCache(cfg, StoreConfig(method="wave", retrieval=1.0, estimation=0, window=16))
+    torch.manual_seed(1)
+    got = generate(ours, ids, mask, do_sample=True, top_k=20, past_key_values=cache)
+    assert torch.equal(got, expected)
+
+
+def test_prefill_is_chunked_and_exact(monkeypatch):
+    import kvstore.integrations.transformers as integ
+
+    monkeypatch.setattr(integ, "PREFILL_CHUNK", 64)
+    cfg, ref, ours = tiny()
+    ids = torch.randint(1, 128, (1, 300))
+    with torch.no_grad():
+        a = ref(ids).logits
+        b = ours(ids, cache=KVStoreCache(cfg, StoreConfig(method="wave"))).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_without_cache_attention_is_exact():
+    cfg, ref, ours = tiny()
+    ids = torch.randint(1, 128, (2, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_default_budgets_generate_and_read_little():
+    cfg, ref, ours = tiny()
+    ids = torch.randint(1, 128, (1, 1500))
+    cache = KVStoreCache(cfg, StoreConfig(method="wave"))
+    out = generate(ours, ids, torch.ones_like(ids), do_sample=False, past_key_values=cache)
+    assert out.shape == (1, 1524)
+    assert cache.store.stats()["layers"][0]["read_fraction"] < 0.3
+
+
+def test_unsupported_model_and_beam_search():
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16)
+    with pytest.raises(ValueError, match="model types"):
+        KVStoreCache(cfg, StoreConfig())
+    lcfg, _, _ = tiny()
+    cache = KVStoreCache(lcfg, StoreConfig())
+    with pytest.raises(NotImplementedError, match="beam"):
+        cache.layers[0].reorder_cache(torch.tensor([0]))
+
+
+def test_version_check(monkeypatch):
+    import kvstore.integrations.transformers as integ
+
+    monkeypatch.setattr(integ, "_installed_version", lambda: "4.40.0")
+    with pytest.raises(ImportError, match="supports transformers"):
+        integ._require_transformers()
