@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine:
-#   bash run.sh main   - set up, then run the main job (the recall benchmark on real SmolLM2 traces)
+#   bash run.sh main   - set up, then run the main job (kvstore demo on the embedded SmolLM2)
 #   bash run.sh test   - set up, then run the test suite (what CI runs)
 #   bash run.sh setup  - only install (idempotent)
 set -euo pipefail
@@ -24,6 +24,6 @@ setup() {
 case "${1:-}" in
     setup) setup ;;
     test) setup; shift; exec "$PY" -m pytest -q "$@" ;;
-    main) setup; shift; exec "$PY" -m kvstore.cli bench recall --data real "$@" ;;
+    main) setup; shift; exec "$PY" -m kvstore.cli demo "$@" ;;
     *) echo "usage: bash run.sh {main|test|setup} [args...]" >&2; exit 2 ;;
 esac

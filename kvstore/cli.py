@@ -109,6 +109,8 @@ BENCH_COMMANDS: list[Command] = [
 
 COMMANDS: list[Command] = [
     Command("info", "print versions, compiled extensions and optional packages", _run_info),
+    Command("demo", "a real model finds a pass key with full attention and with kvstore (kvstore.demo)",
+            _forward_to("kvstore.demo"), forward=True),
     # "bench" is added by _build_parser from BENCH_COMMANDS.
 ]
 

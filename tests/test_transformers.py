@@ -120,3 +120,22 @@ def test_version_check(monkeypatch):
     monkeypatch.setattr(integ, "_installed_version", lambda: "4.40.0")
     with pytest.raises(ImportError, match="supports transformers"):
         integ._require_transformers()
+
+
+@pytest.mark.slow
+def test_real_model_passkey_with_kvstore():
+    """SmolLM2-135M finds a pass key in a ~2K-token prompt through kvstore (wave), reading < 15% per step."""
+    from kvstore.datasets.text import smollm2_path
+
+    try:
+        smollm2_path()
+    except ImportError as e:
+        pytest.skip(str(e))
+    from kvstore.demo import passkey_prompt
+    from kvstore.generation import answer, chat_ids, load_model
+
+    model, tok = load_model()
+    ids = chat_ids(tok, passkey_prompt(tok, 2000, "48213", 0.4))
+    ans = answer(model, tok, ids, StoreConfig(method="wave"), max_new_tokens=12)
+    assert "48213" in ans.text
+    assert ans.read_fraction < 0.15
