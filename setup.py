@@ -51,8 +51,8 @@ setup(
     extras_require={
         "faiss": ["faiss-cpu>=1.8"],
         "faiss-gpu": ["faiss-gpu>=1.8"],
-        "hf": ["transformers>=4.56,<6", "gguf>=0.10", "accelerate>=1.0"],
-        "demo": ["transformers>=4.56,<6", "gguf>=0.10", "accelerate>=1.0"],
+        "hf": ["transformers>=5.17,<6", "gguf>=0.10", "accelerate>=1.0"],
+        "demo": ["transformers>=5.17,<6", "gguf>=0.10", "accelerate>=1.0"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60", "faiss-cpu>=1.8"],
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "faiss-cpu>=1.8"],
     },

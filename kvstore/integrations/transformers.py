@@ -23,7 +23,7 @@ import torch
 from ..config import StoreConfig
 from ..store import KVStore
 
-SUPPORTED = ">=5.0,<6"  # transformers versions this module is tested against (5.17, 5.24)
+SUPPORTED = ">=5.17,<6"  # transformers versions this module supports (tested with 5.24)
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
 PREFILL_CHUNK = 1024
 
@@ -40,7 +40,8 @@ def _require_transformers():
     except ImportError as e:
         raise ImportError("kvstore.integrations.transformers needs transformers: pip install 'kvstore[hf]'") from e
     found = _installed_version()
-    if int(found.split(".")[0]) != 5:
+    major, minor = (int(x) for x in found.split(".")[:2])
+    if major != 5 or minor < 17:
         raise ImportError(f"kvstore.integrations.transformers supports transformers {SUPPORTED}, found {found}")
     return transformers
 
