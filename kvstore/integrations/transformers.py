@@ -40,7 +40,10 @@ def _require_transformers():
     except ImportError as e:
         raise ImportError("kvstore.integrations.transformers needs transformers: pip install 'kvstore[hf]'") from e
     found = _installed_version()
-    major, minor = (int(x) for x in found.split(".")[:2])
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", found)
+    major, minor = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
     if major != 5 or minor < 17:
         raise ImportError(f"kvstore.integrations.transformers supports transformers {SUPPORTED}, found {found}")
     return transformers
