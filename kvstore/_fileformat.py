@@ -171,25 +171,32 @@ def write_container(path: str | os.PathLike, kind: str, meta: dict, arrays: dict
     _fsync_dir(directory)
 
 
-def read_container(path: str | os.PathLike) -> tuple[str, dict, dict[str, np.ndarray]]:
+def read_container(path: str | os.PathLike, mmap: bool = False) -> tuple[str, dict, dict[str, np.ndarray]]:
     """Read a file written by :func:`write_container`: ``(kind, meta, arrays)``.
 
-    Arrays are fresh writable copies. Raises ``FileNotFoundError`` for a
-    missing file and :class:`CorruptFileError` (naming ``path``) for anything
-    else wrong: foreign or truncated file, newer format version, checksum
-    mismatch, inconsistent header.
+    Arrays are fresh writable copies, or with ``mmap=True`` copy-on-write
+    views of the memory-mapped file (no second copy in RAM; writes stay
+    private). The checksum is verified either way before anything is
+    returned. Raises ``FileNotFoundError`` for a missing file and
+    :class:`CorruptFileError` (naming ``path``) for anything else wrong:
+    foreign or truncated file, newer format version, checksum mismatch,
+    inconsistent header.
     """
     path = os.fspath(path)
-    try:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    if mmap:
+        if os.path.getsize(path) == 0:
+            raise CorruptFileError(path, "not a kvstore file (empty)")
+        data = memoryview(np.memmap(path, dtype=np.uint8, mode="c"))
+    else:
         with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {path}") from None
+            data = memoryview(f.read())
 
     def fail(reason: str) -> CorruptFileError:
         return CorruptFileError(path, reason)
 
-    if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
+    if len(data) < len(MAGIC) or bytes(data[:len(MAGIC)]) != MAGIC:
         raise fail("not a kvstore file (bad magic bytes)")
     if len(data) < _PREFIX.size + _DIGEST_SIZE:
         raise fail(f"truncated file ({len(data)} bytes)")
@@ -200,23 +207,24 @@ def read_container(path: str | os.PathLike) -> tuple[str, dict, dict[str, np.nda
     if version < 1:
         raise fail(f"invalid format version {version}")
     body_end = len(data) - _DIGEST_SIZE
-    if hashlib.sha256(memoryview(data)[:body_end]).digest() != data[body_end:]:
+    if hashlib.sha256(data[:body_end]).digest() != bytes(data[body_end:]):
         raise fail("checksum mismatch (file truncated or altered)")
     header_end = _PREFIX.size + header_len
     if header_end > body_end:
         raise fail(f"header length {header_len} exceeds the file size")
     try:
-        header = json.loads(data[_PREFIX.size:header_end].decode("utf-8"))
+        header = json.loads(bytes(data[_PREFIX.size:header_end]).decode("utf-8"))
         kind, meta, entries = header["kind"], header["meta"], header["arrays"]
         if not isinstance(kind, str) or not isinstance(meta, dict) or not isinstance(entries, list):
             raise TypeError("bad header field types")
-        arrays = _read_arrays(data, entries, header_end, body_end)
+        arrays = _read_arrays(data, entries, header_end, body_end, copy=not mmap)
     except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise fail(f"invalid header ({e})") from None
     return kind, meta, arrays
 
 
-def _read_arrays(data: bytes, entries: list, header_end: int, body_end: int) -> dict[str, np.ndarray]:
+def _read_arrays(data: memoryview, entries: list, header_end: int, body_end: int, copy: bool = True
+                 ) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     prev_end = header_end
     for e in entries:
@@ -232,6 +240,6 @@ def _read_arrays(data: bytes, entries: list, header_end: int, body_end: int) -> 
         if offset % ALIGN or offset < prev_end or offset + length > body_end:
             raise ValueError(f"array {name!r}: bad offset {offset} (length {length})")
         prev_end = offset + length
-        arrays[name] = np.frombuffer(data, dtype=dtype, count=length // dtype.itemsize,
-                                     offset=offset).reshape(tuple(shape)).copy()
+        a = np.frombuffer(data, dtype=dtype, count=length // dtype.itemsize, offset=offset).reshape(tuple(shape))
+        arrays[name] = a.copy() if copy else a
     return arrays

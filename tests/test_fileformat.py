@@ -192,3 +192,25 @@ def test_overwrite(saved):
     assert (kind, meta) == ("other", {"v": 2})
     np.testing.assert_array_equal(arrays["x"], np.ones(3, np.int16))
     assert _dir_listing(saved) == [saved.name]
+
+
+def test_mmap_read_matches_copy_and_rejects_corruption(tmp_path):
+    from kvstore._fileformat import CorruptFileError, read_container, write_container
+
+    arrays = {"a": np.arange(1000, dtype=np.float32).reshape(10, 100), "b": np.arange(7, dtype=np.int64)}
+    p = tmp_path / "m.kvs"
+    write_container(p, "test", {"x": 1}, arrays)
+    kind, meta, got = read_container(p, mmap=True)
+    assert kind == "test" and meta == {"x": 1}
+    for k in arrays:
+        assert np.array_equal(got[k], arrays[k])
+    got["a"][0, 0] = -1  # copy-on-write: the file is untouched
+    assert read_container(p)[2]["a"][0, 0] == 0
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    p.write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError, match="m.kvs"):
+        read_container(p, mmap=True)
+    (tmp_path / "empty.kvs").write_bytes(b"")
+    with pytest.raises(CorruptFileError, match="empty.kvs"):
+        read_container(tmp_path / "empty.kvs", mmap=True)
