@@ -8,6 +8,7 @@ batch may have different lengths (a mask marks real tokens).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -27,10 +28,13 @@ class KVStore:
         config: the decode method and its budgets (:class:`StoreConfig`).
         device: where the KV and the attention live (CPU reference here).
         value_dim: value head dim if it differs from ``head_dim``.
+        fingerprint: what the KV belongs to (e.g. the model's name and
+            layout); saved with the store and checked by :meth:`load`.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, config: StoreConfig | None = None,
-                 device: str | torch.device = "cpu", value_dim: int | None = None) -> None:
+                 device: str | torch.device = "cpu", value_dim: int | None = None,
+                 fingerprint: dict | None = None) -> None:
         for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -40,6 +44,7 @@ class KVStore:
         if not isinstance(self.config, StoreConfig):
             raise TypeError(f"config must be a StoreConfig, got {type(config).__name__}")
         self.device = torch.device(device)
+        self.fingerprint = fingerprint
         self.batch_size: int | None = None
         self._heads: list[list[list[HeadCache]] | None] = [None] * num_layers  # [layer][b][h]
         self._last_access: list[list[list[Access]] | None] = [None] * num_layers
@@ -168,6 +173,28 @@ class KVStore:
     def _new_head(self, dtype: torch.dtype) -> HeadCache:
         return HEADS[self.config.method](self.config, self.head_dim, self.value_dim, self.device, dtype)
 
+    # --- persistence --------------------------------------------------------------
+    def layout(self) -> dict[str, int]:
+        return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "value_dim": self.value_dim}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole store (every layer and head: KV, indexes, steady
+        zone, config, fingerprint) to ``path``: atomically (a temp file,
+        fsync, rename), versioned and checksummed. A failed save leaves any
+        previous file at ``path`` intact."""
+        _save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", fingerprint: dict | None = None,
+             mmap: bool = True) -> "KVStore":
+        """Load a store written by :meth:`save`. ``fingerprint``: refuse a
+        store saved for another model (``ValueError``). ``mmap``: map the
+        file instead of reading a second copy into RAM. A truncated, altered
+        or foreign file raises ``CorruptFileError`` naming it; nothing is
+        returned half-loaded."""
+        return _load(path, device, fingerprint, mmap)
+
     # --- reporting ----------------------------------------------------------------
     def seq_lengths(self, layer: int = 0) -> list[int]:
         """Tokens seen per sequence (including tokens a method dropped)."""
@@ -195,6 +222,72 @@ class KVStore:
                 entry["read_fraction"] = read / full if full else math.nan
             layers.append(entry)
         return {"method": self.config.method, "layers": layers}
+
+
+STORE_KIND = "kvstore_store"
+
+
+def _save(store: "KVStore", path: str | os.PathLike) -> None:
+    from .attention.heads import head_state
+    from ._fileformat import write_container
+
+    layers_meta: list[Any] = []
+    arrays: dict[str, Any] = {}
+    for li, heads in enumerate(store._heads):
+        if heads is None:
+            layers_meta.append(None)
+            continue
+        rows = []
+        for b, row in enumerate(heads):
+            metas = []
+            for h, head in enumerate(row):
+                m, a = head_state(head)
+                metas.append(m)
+                arrays.update({f"L{li}.B{b}.H{h}.{k}": v for k, v in a.items()})
+            rows.append(metas)
+        layers_meta.append(rows)
+    meta = {"layout": store.layout(), "config": store.config.to_dict(), "fingerprint": store.fingerprint,
+            "batch_size": store.batch_size, "layers": layers_meta}
+    write_container(path, STORE_KIND, meta, arrays)
+
+
+def _load(path: str | os.PathLike, device: str | torch.device, fingerprint: dict | None, mmap: bool) -> "KVStore":
+    from .attention.heads import head_from_state
+    from ._fileformat import CorruptFileError, read_container
+
+    kind, meta, arrays = read_container(path, mmap=mmap)
+    name = os.fspath(path)
+    if kind != STORE_KIND:
+        raise ValueError(f"{name} holds a {kind!r}, not a saved KVStore")
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise ValueError(f"{name} was saved for a different model or layout: saved {meta.get('fingerprint')}, "
+                         f"expected {fingerprint}")
+    try:
+        lay = meta["layout"]
+        store = KVStore(lay["num_layers"], lay["num_kv_heads"], lay["head_dim"],
+                        StoreConfig.from_dict(meta["config"]), device, value_dim=lay["value_dim"],
+                        fingerprint=meta.get("fingerprint"))
+        cls = HEADS[store.config.method]
+        if len(meta["layers"]) != store.num_layers:
+            raise ValueError("layer count does not match the layout")
+        for li, rows in enumerate(meta["layers"]):
+            if rows is None:
+                continue
+            heads = []
+            for b, metas in enumerate(rows):
+                if len(metas) != store.num_kv_heads:
+                    raise ValueError(f"layer {li} has {len(metas)} heads, the layout {store.num_kv_heads}")
+                row = []
+                for h, m in enumerate(metas):
+                    prefix = f"L{li}.B{b}.H{h}."
+                    a = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+                    row.append(head_from_state(cls, store.config, store.head_dim, store.value_dim, store.device, m, a))
+                heads.append(row)
+            store._heads[li] = heads
+        store.batch_size = meta["batch_size"]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CorruptFileError(name, f"inconsistent store contents ({e})") from None
+    return store
 
 
 def decode_attention(q: torch.Tensor, store: KVStore, layer: int) -> torch.Tensor:

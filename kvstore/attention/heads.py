@@ -154,6 +154,8 @@ class StreamingHead(HeadCache):
 class WaveHead(HeadCache):
     """RetroInfer: clusters ranked by centroid; top ones exact, next ones estimated."""
 
+    _TENSORS = ("positions",)
+
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
         from ..wave import WaveIndex
@@ -204,6 +206,8 @@ class WaveHead(HeadCache):
 class GraphHead(HeadCache):
     """RetrievalAttention: steady zone exact, top-k keys from the graph exact."""
 
+    _TENSORS = ("keys", "values", "positions")
+
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
         from ..graph import AttentionGraphIndex
@@ -246,6 +250,8 @@ class GraphHead(HeadCache):
 class QuestHead(HeadCache):
     """Quest-style: per-page min/max key bounds; the best pages attended exactly."""
 
+    _TENSORS = ("keys", "values", "positions", "kmin", "kmax", "page_start")
+
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
         self.keys = torch.zeros(0, self.d, dtype=self.dtype, device=self.device)
@@ -253,6 +259,7 @@ class QuestHead(HeadCache):
         self.positions = torch.zeros(0, dtype=torch.long)
         self.kmin = torch.zeros(0, self.d, device=self.device)
         self.kmax = torch.zeros(0, self.d, device=self.device)
+        self.page_start = torch.zeros(0, dtype=torch.long)
 
     def _index(self, k, v, pos, q):
         P = self.cfg.page_size
@@ -262,7 +269,7 @@ class QuestHead(HeadCache):
             self.kmin = torch.cat([self.kmin, page.min(0).values[None]])
             self.kmax = torch.cat([self.kmax, page.max(0).values[None]])
         starts = torch.arange(0, k.shape[0], P) + self.keys.shape[0]
-        self.page_start = starts if not hasattr(self, "page_start") else torch.cat([self.page_start, starts])
+        self.page_start = torch.cat([self.page_start, starts])
         self.keys = torch.cat([self.keys, k])
         self.values = torch.cat([self.values, v])
         self.positions = torch.cat([self.positions, pos])
@@ -299,3 +306,64 @@ def _ranges(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long, device=starts.device)
     first = torch.repeat_interleave(starts - torch.cumsum(lens, 0) + lens, lens)
     return first + torch.arange(total, device=starts.device)
+
+
+# --- persistence -------------------------------------------------------------
+_DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy for saving (bfloat16 widened to float32, losslessly)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return np.ascontiguousarray(t.numpy())
+
+
+def head_state(head: HeadCache) -> tuple[dict, dict[str, np.ndarray]]:
+    """Everything a head holds: ``(meta, arrays)``."""
+    meta = {"length": head.length, "indexed": head.indexed, "dtype": str(head.dtype)}
+    arrays = {n: to_numpy(getattr(head, n)) for n in ("sink_k", "sink_v", "recent_k", "recent_v", "recent_pos")}
+    for name in getattr(head, "_TENSORS", ()):
+        arrays[name] = to_numpy(getattr(head, name))
+    index = getattr(head, "index", None)
+    if index is not None and index.ntotal > 0:
+        imeta, iarrays = index._state()
+        meta["index"] = imeta
+        arrays.update({f"index.{k}": v for k, v in iarrays.items()})
+    return meta, arrays
+
+
+def head_from_state(cls: type[HeadCache], cfg: StoreConfig, d: int, dv: int, device: torch.device, meta: dict,
+                    arrays: dict[str, np.ndarray]) -> HeadCache:
+    """Rebuild a head saved by :func:`head_state`; ``ValueError`` on anything inconsistent."""
+    dtype = _DTYPES.get(meta.get("dtype"))
+    if dtype is None:
+        raise ValueError(f"unknown dtype {meta.get('dtype')!r}")
+    head = cls(cfg, d, dv, device, dtype)
+
+    def tensor(name: str, cols: int | None, kind: str = "f") -> torch.Tensor:
+        a = arrays[name]
+        if a.dtype.kind != kind or (cols is not None and (a.ndim != 2 or a.shape[1] != cols)) \
+                or (cols is None and a.ndim != 1):
+            raise ValueError(f"{name}: unexpected {a.dtype} array of shape {a.shape}")
+        t = torch.from_numpy(a)
+        return t.to(device, dtype) if kind == "f" else t.long()
+
+    head.sink_k, head.sink_v = tensor("sink_k", d), tensor("sink_v", dv)
+    head.recent_k, head.recent_v = tensor("recent_k", d), tensor("recent_v", dv)
+    head.recent_pos = tensor("recent_pos", None, "i")
+    for name in getattr(cls, "_TENSORS", ()):
+        a = arrays[name]
+        t = torch.from_numpy(a)
+        setattr(head, name, t.long() if a.dtype.kind == "i" else t.to(device, dtype if name in ("keys", "values")
+                                                                          else torch.float32))
+    head.length, head.indexed = int(meta["length"]), int(meta["indexed"])
+    if head.sink_k.shape[0] != head.sink_v.shape[0] or head.recent_k.shape[0] != head.recent_v.shape[0] \
+            or head.recent_k.shape[0] != head.recent_pos.shape[0] \
+            or head.sink_k.shape[0] + head.recent_k.shape[0] + head.indexed != head.length:
+        raise ValueError("token counts do not add up")
+    if "index" in meta:
+        iarrays = {k[len("index."):]: v for k, v in arrays.items() if k.startswith("index.")}
+        head.index = type(head.index)._from_state(meta["index"], iarrays)
+    return head
