@@ -139,3 +139,36 @@ def test_real_model_passkey_with_kvstore():
     ans = answer(model, tok, ids, StoreConfig(method="wave"), max_new_tokens=12)
     assert "48213" in ans.text
     assert ans.read_fraction < 0.15
+
+
+def test_saved_context_answers_three_questions_like_a_fresh_prefill(tmp_path):
+    """A document is prefilled once and saved; three questions continue from the
+    saved context (no re-prefill) and match full attention over a fresh prefill."""
+    cfg, ref, ours = tiny()
+    doc = torch.randint(1, 128, (1, 400))
+    cache = KVStoreCache(cfg, StoreConfig(method="wave", retrieval=1.0, estimation=0, window=16))
+    with torch.no_grad():
+        ours(doc, cache=cache)
+    path = tmp_path / "doc.kvstore"
+    cache.save(path)
+    for seed in range(3):
+        question = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(seed))
+        ids = torch.cat([doc, question], 1)
+        expected = generate(ref, ids, torch.ones_like(ids), do_sample=False)
+        saved = KVStoreCache.from_saved(path, cfg)
+        assert saved.get_seq_length() == 400
+        got = generate(ours, ids, torch.ones_like(ids), do_sample=False, past_key_values=saved)
+        assert torch.equal(got, expected)
+        assert saved.get_seq_length() == 400 + 12 + 23
+
+
+def test_saved_context_refused_by_another_model(tmp_path):
+    cfg, _, ours = tiny()
+    cache = KVStoreCache(cfg, StoreConfig())
+    with torch.no_grad():
+        ours(torch.randint(1, 128, (1, 50)), cache=cache)
+    cache.save(tmp_path / "c.kvstore")
+    other = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="different model"):
+        KVStoreCache.from_saved(tmp_path / "c.kvstore", other)

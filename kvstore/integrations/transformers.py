@@ -74,17 +74,12 @@ class KVStoreLayer(CacheLayerMixin):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        store = self.owner.store
         _active.cache = self.owner
-        if self.length == 0:
-            # Prefill: the attention function computes it exactly and then
-            # fills the store (it also needs the queries and the padding mask).
-            self.owner._pending[self.layer_idx] = True
-        else:
-            if key_states.shape[2] != 1:
-                raise NotImplementedError("KVStoreCache decodes one token per step after the prompt "
-                                          f"(got {key_states.shape[2]} new tokens)")
-            store.append(self.layer_idx, key_states, value_states)
+        # The attention function does the work: a prefill is computed exactly
+        # and then fills the store (it needs the queries and the padding mask);
+        # later tokens are appended and attended through the store one by one.
+        self.owner._pending[self.layer_idx] = ("prefill",) if self.length == 0 else ("extend", key_states,
+                                                                                     value_states)
         self.length += key_states.shape[2]
         return key_states, value_states
 
@@ -116,18 +111,50 @@ class KVStoreCache(Cache):
         device: where the store lives (default CPU).
     """
 
-    def __init__(self, config: Any, store_config: StoreConfig | None = None, device: str | torch.device = "cpu"
-                 ) -> None:
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"KVStoreCache supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        self.store = KVStore(text.num_hidden_layers, kv_heads, head_dim, store_config or StoreConfig(), device)
-        self._pending: dict[int, bool] = {}
-        super().__init__(layers=[KVStoreLayer(self, i) for i in range(text.num_hidden_layers)])
+    def __init__(self, config: Any, store_config: StoreConfig | None = None, device: str | torch.device = "cpu",
+                 store: KVStore | None = None) -> None:
+        fp = model_fingerprint(config)
+        if store is None:
+            store = KVStore(fp["num_hidden_layers"], fp["num_key_value_heads"], fp["head_dim"],
+                            store_config or StoreConfig(), device, fingerprint=fp)
+        self.store = store
+        self._pending: dict[int, tuple] = {}
+        super().__init__(layers=[KVStoreLayer(self, i) for i in range(fp["num_hidden_layers"])])
+        for i, layer in enumerate(self.layers):
+            if store._heads[i] is not None:
+                layer.length = max(store.seq_lengths(i))
+                layer.is_initialized = True
+
+    def save(self, path: str) -> None:
+        """Save the context (see :meth:`kvstore.KVStore.save`) for :meth:`from_saved`."""
+        self.store.save(path)
+
+    @classmethod
+    def from_saved(cls, path: str, config: Any, device: str | torch.device = "cpu", mmap: bool = True
+                   ) -> "KVStoreCache":
+        """A cache holding a saved context: generation continues from it with
+        new tokens (pass the context's ids followed by the new ones to
+        ``generate``; only the new ones are computed). Refuses a store saved
+        for another model. One sequence per saved context."""
+        store = KVStore.load(path, device, fingerprint=model_fingerprint(config), mmap=mmap)
+        return cls(config, store=store)
+
+
+def model_fingerprint(config: Any) -> dict[str, Any]:
+    """What a saved context must match: the model's family, name and attention layout."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"KVStoreCache supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    import os
+
+    return {"model_type": model_type, "name": os.path.basename(str(getattr(config, "_name_or_path", "")).rstrip("/")),
+            "num_hidden_layers": text.num_hidden_layers,
+            "num_key_value_heads": getattr(text, "num_key_value_heads", None) or heads,
+            "num_attention_heads": heads,
+            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
+            "hidden_size": text.hidden_size, "vocab_size": text.vocab_size}
 
 
 def _padding_mask(attention_mask: torch.Tensor | None, B: int, N: int) -> torch.Tensor | None:
@@ -170,15 +197,20 @@ def kvstore_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     layer = module.layer_idx
     if cache is None:
         return _chunked_exact(query, key, value, attention_mask, scaling), None
-    if cache._pending.pop(layer, False):
+    pending = cache._pending.pop(layer)
+    if pending[0] == "prefill":
         out = _chunked_exact(query, key, value, attention_mask, scaling)
         mask = _padding_mask(attention_mask, query.shape[0], key.shape[2])
         cache.store.prefill(layer, key, value, q=query, mask=mask)
         return out, None
     if abs(scaling * math.sqrt(query.shape[-1]) - 1) > 1e-6:
         raise ValueError(f"kvstore decode uses 1/sqrt(head_dim) scaling, the model uses {scaling}")
-    out = cache.store.attend(layer, query)  # [B, Hq, 1, D]
-    return out.transpose(1, 2), None
+    _, new_k, new_v = pending
+    outs = []
+    for t in range(query.shape[2]):  # each new token sees the store and the new tokens before it
+        cache.store.append(layer, new_k[:, :, t:t + 1], new_v[:, :, t:t + 1])
+        outs.append(cache.store.attend(layer, query[:, :, t:t + 1]))  # [B, Hq, 1, D]
+    return torch.cat(outs, 2).transpose(1, 2), None
 
 
 def register(name: str = "kvstore") -> None:
