@@ -105,6 +105,8 @@ BENCH_COMMANDS: list[Command] = [
             _forward_to("kvstore.benchmarks.recall"), forward=True),
     Command("accuracy", "decode-attention error and KV read per method on real traces (kvstore.benchmarks.accuracy)",
             _forward_to("kvstore.benchmarks.accuracy"), forward=True),
+    Command("reuse", "time to first token: saved context vs fresh prefill (kvstore.benchmarks.reuse)",
+            _forward_to("kvstore.benchmarks.reuse"), forward=True),
 ]
 
 COMMANDS: list[Command] = [
