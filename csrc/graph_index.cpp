@@ -20,6 +20,15 @@ namespace {
 
 int threads_or_default(int n) { return n > 0 ? n : omp_get_max_threads(); }
 
+// The first k results of a search into one output row, -inf / -1 padded.
+void write_row(const std::vector<std::pair<float, std::int32_t>>& found, int k, float* scores, std::int64_t* ids) {
+    for (int j = 0; j < k; ++j) {
+        bool have = j < static_cast<int>(found.size());
+        scores[j] = have ? found[j].first : -std::numeric_limits<float>::infinity();
+        ids[j] = have ? found[j].second : -1;
+    }
+}
+
 }  // namespace
 
 GraphIndex::GraphIndex(int dim, int degree) : dim_(dim), degree_(degree) {
@@ -104,11 +113,7 @@ void GraphIndex::search_group(const float* queries, std::int64_t ngroups, int gr
                     return best;
                 },
                 ef, *vis, &scanned);
-            for (int j = 0; j < k; ++j) {
-                bool have = j < static_cast<int>(found.size());
-                out_scores[g * k + j] = have ? found[j].first : -std::numeric_limits<float>::infinity();
-                out_ids[g * k + j] = have ? found[j].second : -1;
-            }
+            write_row(found, k, out_scores + g * k, out_ids + g * k);
             out_scanned[g] = scanned;
         });
     }
@@ -477,11 +482,7 @@ void GraphIndex::search(const float* queries, std::int64_t nq, int k, int ef, fl
             VisitedLease vis(pool_, n_);
             std::int64_t scanned = 0;
             auto found = beam_search(queries + q * dim_, ef, *vis, &scanned);
-            for (int j = 0; j < k; ++j) {
-                bool have = j < static_cast<int>(found.size());
-                out_scores[q * k + j] = have ? found[j].first : -std::numeric_limits<float>::infinity();
-                out_ids[q * k + j] = have ? found[j].second : -1;
-            }
+            write_row(found, k, out_scores + q * k, out_ids + q * k);
             out_scanned[q] = scanned;
         });
     }

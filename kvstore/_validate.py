@@ -21,18 +21,23 @@ def to_float32_matrix(x: Any, name: str, dim: int | None = None, allow_empty: bo
     wrong ranks, a wrong ``dim``, NaN/inf and (unless ``allow_empty``) zero rows.
     """
     arr = _as_numpy(x, name)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [n, dim], got shape {tuple(arr.shape)}")
-    if dim is not None and arr.shape[1] != dim:
-        raise ValueError(f"{name} has dim {arr.shape[1]}, expected {dim}")
-    if arr.shape[1] == 0:
-        raise ValueError(f"{name} has dim 0")
-    if arr.shape[0] == 0 and not allow_empty:
-        raise ValueError(f"{name} is empty (0 rows)")
+    check_matrix_shape(tuple(arr.shape), name, dim, allow_empty)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.size and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or inf")
     return arr
+
+
+def check_matrix_shape(shape: tuple[int, ...], name: str, dim: int | None, allow_empty: bool) -> None:
+    """Shape rules of :func:`to_float32_matrix`: ``[n, dim]``, ``dim > 0``, ``n > 0`` unless allowed."""
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D array [n, dim], got shape {shape}")
+    if dim is not None and shape[1] != dim:
+        raise ValueError(f"{name} has dim {shape[1]}, expected {dim}")
+    if shape[1] == 0:
+        raise ValueError(f"{name} has dim 0")
+    if shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty (0 rows)")
 
 
 def _as_numpy(x: Any, name: str) -> np.ndarray:

@@ -35,7 +35,9 @@ class AttentionGraphIndex(Index):
         dim: vector dimension (head_dim).
         degree: hard bound on out-edges per key (M).
         train_topk: exact top keys per training query used for projection (Nq_k).
-        max_train_queries: training queries beyond this are subsampled (seeded).
+        max_train_queries: training queries beyond this are subsampled
+            (seeded); default 200 000 when the labels are computed on CUDA,
+            32 768 on the CPU.
         ef_construction: beam width of the searches made during build and add.
         ef_search: default beam width of ``search`` (``ef`` overrides it).
         num_entry_points: entry points of every search: the favourite key of
@@ -64,7 +66,7 @@ class AttentionGraphIndex(Index):
         dim: int,
         degree: int = 32,
         train_topk: int = 64,
-        max_train_queries: int = 32_768,
+        max_train_queries: int | None = None,
         ef_construction: int = 128,
         ef_search: int = 64,
         num_entry_points: int | None = None,
@@ -79,7 +81,8 @@ class AttentionGraphIndex(Index):
         super().__init__(dim)
         self.degree = check_positive_int(degree, "degree", 2)
         self.train_topk = check_positive_int(train_topk, "train_topk", 1)
-        self.max_train_queries = check_positive_int(max_train_queries, "max_train_queries")
+        self.max_train_queries = None if max_train_queries is None else check_positive_int(
+            max_train_queries, "max_train_queries")
         self.ef_construction = check_positive_int(ef_construction, "ef_construction")
         self.ef_search = check_positive_int(ef_search, "ef_search")
         self.num_entry_points = None if num_entry_points is None else check_positive_int(
@@ -114,9 +117,10 @@ class AttentionGraphIndex(Index):
         k = to_float32_matrix(keys, "keys", self._dim)
         tq = to_float32_matrix(train_queries, "train_queries", self._dim)
         t0 = time.perf_counter()
-        if tq.shape[0] > self.max_train_queries:
+        cap = self.max_train_queries or _default_train_cap(self.device)
+        if tq.shape[0] > cap:
             rng = np.random.default_rng(self.seed)
-            tq = tq[np.sort(rng.choice(tq.shape[0], self.max_train_queries, replace=False))]
+            tq = tq[np.sort(rng.choice(tq.shape[0], cap, replace=False))]
         bar = _progress_bar(self.progress and k.shape[0] >= 100_000, "graph build")
         _, labels = exact_topk(tq, k, min(self.train_topk, k.shape[0]), device=self.device)
         geo = self._exact_l2_neighbors(k)
@@ -245,6 +249,17 @@ class AttentionGraphIndex(Index):
             raise ValueError("unexpected array dtypes")
         idx._g.set_state(keys, nbrs, entry)
         return idx
+
+
+def _default_train_cap(device: str | None) -> int:
+    """Training queries kept by default: the exact labels are a dense
+    ``Nq x N`` product, cheap on a GPU, the bulk of a CPU build."""
+    import torch
+
+    from .exact import default_device
+
+    dev = torch.device(device) if device is not None else default_device()
+    return 200_000 if dev.type == "cuda" else 32_768
 
 
 def _nearest_l2(x: np.ndarray, centres: np.ndarray, device: str | None) -> np.ndarray:

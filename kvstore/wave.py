@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validate import check_positive_int, to_float32_matrix
+from ._validate import check_matrix_shape, check_positive_int, to_float32_matrix
 from .exact import _order_ties_by_id
 from .index_base import Index, register_index
 
@@ -175,14 +175,7 @@ def _to_tensor(x: Any, name: str, dim: int | None = None, device: torch.device |
     if isinstance(x, torch.Tensor) and x.device.type != "cpu":
         if not x.dtype.is_floating_point or x.is_complex():
             raise TypeError(f"{name} must be a floating tensor (float32, float16 or bfloat16), got {x.dtype}")
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be a 2-D array [n, dim], got shape {tuple(x.shape)}")
-        if dim is not None and x.shape[1] != dim:
-            raise ValueError(f"{name} has dim {x.shape[1]}, expected {dim}")
-        if x.shape[1] == 0:
-            raise ValueError(f"{name} has dim 0")
-        if x.shape[0] == 0 and not allow_empty:
-            raise ValueError(f"{name} is empty (0 rows)")
+        check_matrix_shape(tuple(x.shape), name, dim, allow_empty)
         t = x.detach().to(torch.float32).contiguous()
         if t.numel() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or inf")
