@@ -113,6 +113,8 @@ COMMANDS: list[Command] = [
     Command("info", "print versions, compiled extensions and optional packages", _run_info),
     Command("demo", "a real model finds a pass key with full attention and with kvstore (kvstore.demo)",
             _forward_to("kvstore.demo"), forward=True),
+    Command("eval", "long-context accuracy on RULER-style tasks per method (kvstore.benchmarks.longeval)",
+            _forward_to("kvstore.benchmarks.longeval"), forward=True),
     # "bench" is added by _build_parser from BENCH_COMMANDS.
 ]
 
