@@ -44,6 +44,7 @@ import math
 import pathlib
 import platform
 import signal
+import textwrap
 import time
 from collections import defaultdict
 from typing import Any, Sequence
@@ -165,12 +166,16 @@ def plot(summary: dict[str, Any], methods: Sequence[str], title: str, path: path
             ax.scatter(100 * o["read_fraction"], 100 * o["score"], marker=markers[i % len(markers)],
                        color=f"C{j}", s=60, label=f"{m}, {c}")
     ax.set_xscale("log")
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100)
+             if any(0.5 * t <= 100 * o["read_fraction"] <= 2 * t for m in methods
+                    for o in summary["overall"][m].values())]
+    ax.set_xticks(ticks, [f"{t}%" for t in ticks])
     ax.set_xlabel("KV read per decode step (% of full attention, log)")
     ax.set_ylabel("mean exact-match score (%)")
     ax.axvline(10, color="grey", lw=0.6, ls="--")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
