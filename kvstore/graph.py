@@ -12,19 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from ._core import core
 from ._validate import check_k, check_positive_int, check_trained, to_float32_matrix
 from .exact import exact_topk
 from .index_base import Index, register_index
-
-
-def _core():
-    try:
-        from . import _C
-    except ImportError as e:  # pragma: no cover - the build always makes it
-        raise ImportError(
-            "kvstore's C++ extension kvstore._C is not built: run `pip install --no-build-isolation -e .`"
-        ) from e
-    return _C
 
 
 @register_index
@@ -99,7 +90,7 @@ class AttentionGraphIndex(Index):
         self.device = device
         self.progress = progress
         self.build_stats: dict[str, Any] = {}
-        self._g = _core().GraphIndex(self._dim, self.degree)
+        self._g = core().GraphIndex(self._dim, self.degree)
         # Searches may run concurrently; build/add mutate and take the lock alone.
         self._lock = threading.RLock()
 
@@ -127,7 +118,7 @@ class AttentionGraphIndex(Index):
         entries = self._query_cluster_entries(tq, labels[:, 0], k.shape[0])
         t_labels = time.perf_counter() - t0
         bar(0.2)
-        g = _core().GraphIndex(self._dim, self.degree)
+        g = core().GraphIndex(self._dim, self.degree)
         stats = g.build(k, labels, geo, self.geometric_degree, self.ef_construction, len(entries), 256,
                         self.pivots_per_query, self.seed, self.num_threads, entries,
                         lambda f: bar(0.2 + 0.8 * f))

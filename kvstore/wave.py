@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._core import core
 from ._validate import check_matrix_shape, check_positive_int, to_float32_matrix
 from .exact import _order_ties_by_id
 from .index_base import Index, register_index
@@ -33,16 +34,6 @@ _MASK64 = (1 << 64) - 1
 _PHASE_STEPS = 1024          # resolution of the init stride phase (csrc/kmeans.cpp: kPhaseSteps)
 _SCORE_BUDGET = 1 << 24      # floats of one [queries, C] or [segments, tokens, clusters] score block
 _GATHER_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 26}  # floats of member keys a search gathers at once
-
-
-def _core():
-    try:
-        from . import _C
-    except ImportError as e:  # pragma: no cover - the build always makes it
-        raise ImportError(
-            "kvstore's C++ extension kvstore._C is not built: run `pip install --no-build-isolation -e .`"
-        ) from e
-    return _C
 
 
 # --------------------------------------------------------------------------- clustering (shared rules)
@@ -160,7 +151,7 @@ def _kmeans_torch(keys: torch.Tensor, tokens_per_cluster: int, segment_len: int,
 
 def _kmeans_cpu(keys: np.ndarray, tokens_per_cluster: int, segment_len: int, iters: int, seed: int,
                 num_threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    a, c, s = _core().segmented_kmeans(keys, tokens_per_cluster, segment_len, iters, seed, num_threads)
+    a, c, s = core().segmented_kmeans(keys, tokens_per_cluster, segment_len, iters, seed, num_threads)
     return torch.from_numpy(a.astype(np.int64)), torch.from_numpy(c), torch.from_numpy(s)
 
 
