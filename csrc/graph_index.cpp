@@ -472,21 +472,8 @@ BuildStats GraphIndex::build(const float* keys, std::int64_t n, const std::int64
 
 void GraphIndex::search(const float* queries, std::int64_t nq, int k, int ef, float* out_scores,
                         std::int64_t* out_ids, std::int64_t* out_scanned, int num_threads) const {
-    if (k <= 0) throw std::invalid_argument("k must be positive");
-    std::shared_lock<std::shared_mutex> lock(rw_);
-    ef = std::max(ef, k);
-    OmpErrors errors;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads_or_default(num_threads))
-    for (std::int64_t q = 0; q < nq; ++q) {
-        errors.run([&] {
-            VisitedLease vis(pool_, n_);
-            std::int64_t scanned = 0;
-            auto found = beam_search(queries + q * dim_, ef, *vis, &scanned);
-            write_row(found, k, out_scores + q * k, out_ids + q * k);
-            out_scanned[q] = scanned;
-        });
-    }
-    errors.rethrow();
+    // A single query is a group of one: the same traversal, scored by its dot product.
+    search_group(queries, nq, 1, k, ef, out_scores, out_ids, out_scanned, num_threads);
 }
 
 std::int64_t GraphIndex::add(const float* keys, std::int64_t m, int ef_construction, int num_threads) {

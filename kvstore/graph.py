@@ -143,13 +143,13 @@ class AttentionGraphIndex(Index):
         rng = np.random.default_rng(self.seed)
         cent = train[np.sort(rng.choice(train.shape[0], E, replace=False))].astype(np.float32)
         for _ in range(8):
-            assign = _nearest_l2(train, cent, self.device)
+            assign = _nearest_l2(train, cent, 1, self.device)[:, 0]
             counts = np.bincount(assign, minlength=E)
             sums = np.zeros_like(cent, dtype=np.float64)
             np.add.at(sums, assign, train)
             live = counts > 0
             cent[live] = (sums[live] / counts[live, None]).astype(np.float32)
-        assign = _nearest_l2(train, cent, self.device)
+        assign = _nearest_l2(train, cent, 1, self.device)[:, 0]
         # most frequent pivot per cluster, clusters by size (largest first)
         pairs = np.unique(np.stack([assign, top1]), axis=1, return_counts=True)
         (clu, piv), cnt = pairs
@@ -167,11 +167,7 @@ class AttentionGraphIndex(Index):
         g = min(self.geometric_degree, keys.shape[0] - 1)
         if g <= 0 or keys.shape[0] > self.exact_geometric_limit:
             return np.zeros((keys.shape[0], 0), np.int64)
-        # argmin |a - b|^2 = argmax [a, 1] . [2b, -|b|^2]; the key itself comes first.
-        sq = np.einsum("nd,nd->n", keys, keys)[:, None]
-        q = np.hstack([keys, np.ones_like(sq)])
-        x = np.hstack([2 * keys, -sq])
-        _, ids = exact_topk(q, x, g + 1, device=self.device)
+        ids = _nearest_l2(keys, keys, g + 1, self.device)  # the key itself is among them
         # drop the key itself wherever ties put it, keep the g others in order
         others = ids != np.arange(keys.shape[0])[:, None]
         order = np.argsort(~others, axis=1, kind="stable")[:, :g]
@@ -253,11 +249,15 @@ def _default_train_cap(device: str | None) -> int:
     return 200_000 if dev.type == "cuda" else 32_768
 
 
-def _nearest_l2(x: np.ndarray, centres: np.ndarray, device: str | None) -> np.ndarray:
-    """Index of each row's nearest centre in L2 ``[n]`` (argmax of [x, 1].[2c, -|c|^2])."""
+def _nearest_l2(x: np.ndarray, centres: np.ndarray, k: int, device: str | None) -> np.ndarray:
+    """Ids of each row's ``k`` nearest centres in L2 ``[n, k]``, nearest first.
+
+    ``argmin |a - c|^2 = argmax [a, 1] . [2c, -|c|^2]``: the blocked
+    inner-product top-k of :func:`exact_topk` on augmented vectors.
+    """
     q = np.hstack([x, np.ones((x.shape[0], 1), np.float32)])
     c = np.hstack([2 * centres, -np.einsum("ed,ed->e", centres, centres)[:, None]]).astype(np.float32)
-    return exact_topk(q, c, 1, device=device)[1][:, 0]
+    return exact_topk(q, c, k, device=device)[1]
 
 
 def _progress_bar(enabled: bool, desc: str):
