@@ -1,7 +1,9 @@
-"""Build script: compiles the C++ core into ``kvstore._C`` (always).
+"""Build script: compiles the C++ core into ``kvstore._C`` (always) and the
+CUDA kernels into ``kvstore._cuda`` when torch has CUDA and nvcc is found.
 
-The CUDA extension ``kvstore._cuda`` is added by a later stage of the project
-when torch has CUDA and nvcc is found; CPU-only machines build the core alone.
+``kvstore._cuda`` is built for the GPU present, or for ``TORCH_CUDA_ARCH_LIST``
+when set (e.g. ``TORCH_CUDA_ARCH_LIST=9.0``); ``KVSTORE_NO_CUDA=1`` skips it.
+CPU-only machines (a CPU torch, or no nvcc) build the core alone.
 """
 import os
 import sys
@@ -38,6 +40,43 @@ ext_modules = [
         extra_link_args=link_flags,
     )
 ]
+
+
+
+def cuda_extension():
+    """The ``kvstore._cuda`` extension, or None (with the reason printed) when it cannot be built."""
+    if os.environ.get("KVSTORE_NO_CUDA") == "1":
+        print("kvstore: KVSTORE_NO_CUDA=1, skipping kvstore._cuda")
+        return None
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+    except ImportError:
+        print("kvstore: torch is not importable at build time, skipping kvstore._cuda")
+        return None
+    if torch.version.cuda is None or CUDA_HOME is None:
+        print("kvstore: torch has no CUDA or nvcc was not found, skipping kvstore._cuda")
+        return None
+    cu = sorted(os.path.join("csrc", "cuda", f) for f in os.listdir(os.path.join(here, "csrc", "cuda"))
+                if f.endswith(".cu"))
+    binds = sorted(os.path.join("python", "cuda", f) for f in os.listdir(os.path.join(here, "python", "cuda"))
+                   if f.endswith(".cpp"))
+    return CUDAExtension(
+        "kvstore._cuda",
+        sources=binds + cu,
+        include_dirs=[os.path.join(here, "csrc", "cuda"), os.path.join(here, "python", "cuda")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                                     "--expt-relaxed-constexpr"]},
+    )
+
+
+cuda_ext = cuda_extension()
+if cuda_ext is not None:
+    from torch.utils.cpp_extension import BuildExtension
+
+    ext_modules.append(cuda_ext)
+    build_ext = BuildExtension.with_options(no_python_abi_suffix=False)  # noqa: F811 - builds both
 
 setup(
     name="kvstore",

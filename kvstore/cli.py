@@ -107,6 +107,10 @@ BENCH_COMMANDS: list[Command] = [
             _forward_to("kvstore.benchmarks.accuracy"), forward=True),
     Command("reuse", "time to first token: saved context vs fresh prefill (kvstore.benchmarks.reuse)",
             _forward_to("kvstore.benchmarks.reuse"), forward=True),
+    Command("decode", "one-layer decode latency: kvstore GPU path vs torch SDPA (kvstore.benchmarks.decode)",
+            _forward_to("kvstore.benchmarks.decode"), forward=True),
+    Command("e2e", "end-to-end decode tokens/s, Llama-3-8B shape: full attention vs kvstore (kvstore.benchmarks.e2e)",
+            _forward_to("kvstore.benchmarks.e2e"), forward=True),
 ]
 
 COMMANDS: list[Command] = [

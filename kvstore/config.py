@@ -39,6 +39,10 @@ class StoreConfig:
             fraction of the context; int: tokens).
         seed: index builds are deterministic for a seed.
         num_threads: C++ threads (0: all).
+        gpu_mode: wave on a CUDA store: ``"gpu_only"`` (whole KV on the GPU)
+            or ``"offload"`` (KV in pinned CPU memory, a GPU cache of clusters);
+            see :class:`kvstore.gpu.wave_layer.GpuWaveLayer`.
+        cache_ratio: offload: share of the indexed tokens the GPU cache holds.
     """
 
     method: str = "wave"
@@ -57,6 +61,8 @@ class StoreConfig:
     pages: float | int = 0.05
     seed: int = 0
     num_threads: int = 0
+    gpu_mode: str = "gpu_only"
+    cache_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -69,6 +75,10 @@ class StoreConfig:
         for name in ("update_interval", "top_k", "ef", "page_size", "tokens_per_cluster", "segment_len"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be >= 1")
+        if self.gpu_mode not in ("gpu_only", "offload"):
+            raise ValueError(f"gpu_mode must be 'gpu_only' or 'offload', got {self.gpu_mode!r}")
+        if not (isinstance(self.cache_ratio, (int, float)) and 0 < self.cache_ratio <= 1):
+            raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
         if self.graph_degree < 2:
             raise ValueError("graph_degree must be >= 2")
         for name in ("retrieval", "estimation", "pages"):

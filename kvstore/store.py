@@ -104,6 +104,10 @@ class KVStore:
                 raise ValueError("prefill: q contains NaN or inf")
         elif self.config.method == "graph":
             raise ValueError("prefill: the graph method needs q (the prompt's queries) to train its index")
+        if self._gpu_wave(mask):
+            self._heads[layer] = self._build_gpu_layer(k, v)
+            self.batch_size = B
+            return
         heads = [[self._new_head(k.dtype) for _ in range(H)] for _ in range(B)]
         for b in range(B):
             rows = mask[b].nonzero().squeeze(1).to(k.device)
@@ -124,6 +128,12 @@ class KVStore:
         k, v = self._check_kv(k, v, "append")
         B, H, T, _ = k.shape
         mask = self._check_mask(mask, B, T, "append")
+        if not isinstance(heads, list):  # a GpuWaveLayer: batch decoding without padding
+            if not bool(mask.all()):
+                raise ValueError("append: the GPU wave layer takes no padding in decoded tokens")
+            for t in range(T):
+                heads.append(k[:, :, t], v[:, :, t])
+            return
         for b in range(B):
             rows = mask[b].nonzero().squeeze(1).to(k.device)
             if rows.numel() == 0:
@@ -150,6 +160,10 @@ class KVStore:
         if not torch.isfinite(q).all():
             raise ValueError("attend: q contains NaN or inf")
         G = q.shape[1] // H
+        if not isinstance(heads, list):  # a GpuWaveLayer
+            o, lse = heads.decode_with_lse(q[:, :, 0])
+            self._last_access[layer] = None
+            return o[:, :, None], lse.float().cpu(), []
         out = torch.empty(q.shape[0], q.shape[1], 1, self.value_dim, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32)
         access: list[list[Access]] = []
@@ -169,6 +183,22 @@ class KVStore:
         if heads is None:
             raise RuntimeError(f"layer {layer} holds no tokens: call prefill(layer, k, v) first")
         return heads
+
+    def _gpu_wave(self, mask: torch.Tensor) -> bool:
+        """A CUDA store runs the wave method as one batched GpuWaveLayer per layer (unless prompts are padded)."""
+        return self.device.type == "cuda" and self.config.method == "wave" and bool(mask.all())
+
+    def _build_gpu_layer(self, k: torch.Tensor, v: torch.Tensor):
+        from .gpu.wave_layer import GpuWaveLayer, WaveGpuConfig
+
+        c = self.config
+        if not (isinstance(c.retrieval, float) and isinstance(c.estimation, float)):
+            raise ValueError("the GPU wave layer takes retrieval and estimation as fractions of the context")
+        cfg = WaveGpuConfig(mode=c.gpu_mode, cache_ratio=c.cache_ratio, sink=c.sink, window=c.window,
+                            retrieval=c.retrieval, estimation=c.estimation, tokens_per_cluster=c.tokens_per_cluster,
+                            segment_len=c.segment_len, kmeans_iters=c.kmeans_iters,
+                            update_interval=c.update_interval, num_threads=c.num_threads or None, seed=c.seed)
+        return GpuWaveLayer.build(k, v, cfg, device=self.device)
 
     def _new_head(self, dtype: torch.dtype) -> HeadCache:
         return HEADS[self.config.method](self.config, self.head_dim, self.value_dim, self.device, dtype)
@@ -198,7 +228,10 @@ class KVStore:
     # --- reporting ----------------------------------------------------------------
     def seq_lengths(self, layer: int = 0) -> list[int]:
         """Tokens seen per sequence (including tokens a method dropped)."""
-        return [row[0].length for row in self._layer(self._check_layer(layer))]
+        heads = self._layer(self._check_layer(layer))
+        if not isinstance(heads, list):
+            return [heads.length] * heads.B
+        return [row[0].length for row in heads]
 
     def stats(self) -> dict[str, Any]:
         """Per layer: tokens stored, KV elements read by the last decode step
@@ -207,6 +240,13 @@ class KVStore:
         for i, heads in enumerate(self._heads):
             if heads is None:
                 layers.append(None)
+                continue
+            if not isinstance(heads, list):
+                st = heads.stats()
+                entry = {"tokens": [heads.length] * heads.B, "gpu": st}
+                if "read_fraction" in st:
+                    entry["read_fraction"] = st["read_fraction"]
+                layers.append(entry)
                 continue
             d, dv = self.head_dim, self.value_dim
             full = sum(hd.length * (d + dv) for row in heads for hd in row)
@@ -237,6 +277,9 @@ def _save(store: "KVStore", path: str | os.PathLike) -> None:
         if heads is None:
             layers_meta.append(None)
             continue
+        if not isinstance(heads, list):
+            raise NotImplementedError("saving a store whose layers are GPU wave layers is not supported: "
+                                      "build the store on the CPU to save it")
         rows = []
         for b, row in enumerate(heads):
             metas = []

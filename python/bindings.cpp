@@ -17,6 +17,8 @@
 namespace py = pybind11;
 
 void register_kmeans(pybind11::module_& m);  // python/kmeans_bindings.cpp
+void register_wave_buffer(pybind11::module_& m);  // python/wave_buffer_bindings.cpp
+void register_graph_attention(pybind11::module_& m);  // python/graph_attention_bindings.cpp
 using kvstore::BuildParams;
 using kvstore::GraphIndex;
 
@@ -151,4 +153,6 @@ PYBIND11_MODULE(_C, m) {
         .def("set_state", &set_state, py::arg("keys"), py::arg("neighbors"), py::arg("entry_points"))
         .def("count_reachable", &GraphIndex::count_reachable);
     register_kmeans(m);
+    register_wave_buffer(m);
+    register_graph_attention(m);
 }

@@ -1,0 +1,297 @@
+"""Cluster ranking, cluster selection and the copy kernel of the GPU wave path.
+
+* :func:`cluster_scores` - RetroInfer step 4 (DESIGN.md "Wave index"): every
+  query head of a KV head's group scores every centroid; the softmax over the
+  clusters, summed over the group's heads, is the weight that ranks them.
+* :func:`select_clusters` - the ``r`` best clusters (retrieval zone) and the
+  next ``e`` (estimation zone).
+* :func:`copy_rows` - copies runs of rows (clusters) between KV buffers in one
+  launch, reading pinned host memory zero-copy (wave buffer admissions).
+* :func:`cluster_order` - tokens sorted by cluster and the CSR offsets.
+
+Each op takes ``backend``: ``"torch"`` (the reference, any device),
+``"cuda"`` (the kernel of ``kvstore._cuda``) or ``"auto"`` (the kernel when
+the inputs are CUDA tensors and the extension loads, else torch).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["cluster_scores", "select_clusters", "copy_rows", "cluster_order"]
+
+BACKENDS = ("auto", "torch", "cuda")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HG = 32              # csrc/cuda/cluster_rank.h: kRankMaxHg
+_MAX_HG_TIMES_D = 8192    # csrc/cuda/cluster_rank.h: kRankMaxHgTimesD
+_COPY_BLOCK_BYTES = 1 << 15  # bytes of a run one block of the copy kernel moves (sets blocks_per_run)
+
+
+# --------------------------------------------------------------------------- shared checks
+
+def use_cuda_kernel(backend: str, *tensors: torch.Tensor) -> bool:
+    """Resolve ``backend`` for ops on ``tensors``: True to run the CUDA kernel, False for torch.
+
+    ``"cuda"`` with a non-CUDA tensor raises ValueError; ``"cuda"`` without the
+    extension raises RuntimeError (from :func:`kvstore.gpu.cuda_ext`).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "cuda":
+        if not on_cuda:
+            raise ValueError("backend='cuda' needs CUDA tensors (use backend='torch' or 'auto' on CPU)")
+        from ._ext import cuda_ext
+
+        cuda_ext()
+        return True
+    if not on_cuda:
+        return False
+    from ._ext import has_cuda_ext
+
+    return has_cuda_ext()
+
+
+def check_tensor(x: Any, name: str, ndim: int, dtypes: tuple[torch.dtype, ...] | None = None) -> torch.Tensor:
+    """``x`` must be a torch.Tensor of rank ``ndim`` (and one of ``dtypes``); TypeError/ValueError naming it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must be one of {[str(d) for d in dtypes]}, got {x.dtype}")
+    return x
+
+
+def check_count(v: Any, name: str, minimum: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+# --------------------------------------------------------------------------- ranking
+
+def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor, scale: float | None = None,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Score every cluster with every query head and rank the clusters of each group.
+
+    q ``[G, Hg, D]`` (bf16, fp16 or f32): the ``Hg`` query heads of each of the
+    ``G`` KV-head slots; centroids ``[G, C, D]`` (q's dtype); sizes f32
+    ``[G, C]`` (``<= 0``: empty or padding cluster); scale: defaults to
+    ``1 / sqrt(D)``. Returns
+
+    * scores f32 ``[G, Hg, C]`` = ``(q . c) * scale``, ``-inf`` where the size is ``<= 0``;
+    * probs f32 ``[G, C]`` = ``sum_j softmax_c(scores[g, j, :])``, the
+      group-summed cluster weight (a group whose clusters are all empty gets 0).
+
+    The kernel reads the centroids once (16-byte loads); accumulation in f32.
+    Limits: ``Hg <= 32`` and ``Hg * D <= 8192``, ``G <= 65535``.
+    """
+    check_tensor(q, "q", 3, _FLOATS)
+    check_tensor(centroids, "centroids", 3)
+    check_tensor(sizes, "sizes", 2, (torch.float32,))
+    G, Hg, D = q.shape
+    if centroids.dtype != q.dtype:
+        raise TypeError(f"centroids must have q's dtype {q.dtype}, got {centroids.dtype}")
+    if centroids.shape[0] != G or centroids.shape[2] != D:
+        raise ValueError(f"centroids must be [G={G}, C, D={D}], got {tuple(centroids.shape)}")
+    C = centroids.shape[1]
+    if tuple(sizes.shape) != (G, C):
+        raise ValueError(f"sizes must be [G={G}, C={C}], got {tuple(sizes.shape)}")
+    if D == 0 or Hg == 0:
+        raise ValueError(f"q must have Hg >= 1 heads of D >= 1 dims, got shape {tuple(q.shape)}")
+    if not (q.device == centroids.device == sizes.device):
+        raise ValueError(f"q, centroids and sizes must be on one device, got {q.device}, {centroids.device}, "
+                         f"{sizes.device}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if use_cuda_kernel(backend, q, centroids, sizes):
+        if Hg > _MAX_HG or Hg * D > _MAX_HG_TIMES_D or G > 65535 or C >= 2 ** 31:
+            raise ValueError(f"q [G={G}, Hg={Hg}, D={D}] with C={C} exceeds the kernel's limits "
+                             f"(Hg <= {_MAX_HG}, Hg * D <= {_MAX_HG_TIMES_D}, G <= 65535); use backend='torch'")
+        from ._ext import cuda_ext
+
+        return cuda_ext().cluster_scores(q.contiguous(), centroids.contiguous(), sizes.contiguous(), scale)
+    s = torch.bmm(q.float(), centroids.float().transpose(1, 2)) * scale          # [G, Hg, C]
+    s = s.masked_fill((sizes <= 0)[:, None, :], -math.inf)
+    m = s.amax(dim=2, keepdim=True) if C else s.new_zeros(G, Hg, 1)
+    w = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))   # exp(-inf) = 0
+    z = w.sum(dim=2, keepdim=True)
+    probs = (w / torch.where(z > 0, z, torch.ones_like(z))).sum(dim=1)
+    return s, probs
+
+
+def _order_keys(probs: torch.Tensor) -> torch.Tensor:
+    """int64 keys ``[G, C]`` whose descending order is probs descending, lower id first on ties."""
+    p = probs.float() + 0.0                                      # -0.0 -> +0.0 (a tie, as in argsort)
+    bits = p.view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)   # float order as signed int order
+    ids = torch.arange(probs.shape[1], device=probs.device, dtype=torch.int64)
+    return ordered * (1 << 32) + ((1 << 32) - 1 - ids)
+
+
+@functools.lru_cache(maxsize=None)
+def _select_max_k(index: int) -> int:
+    from ._ext import cuda_ext
+
+    return int(cuda_ext().select_clusters_max_k(index))
+
+
+def select_max_k(device: torch.device) -> int:
+    """The most clusters (``r + e``) the selection kernel returns on a CUDA ``device``."""
+    d = torch.device(device)
+    return _select_max_k(d.index if d.index is not None else torch.cuda.current_device())
+
+
+def select_clusters(probs: torch.Tensor, r: int, e: int, backend: str = "auto"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``r`` best clusters and the next ``e`` of each group.
+
+    probs ``[G, C]`` (float, finite; from :func:`cluster_scores`), ``r + e <= C``.
+    Returns retrieval ids int64 ``[G, r]`` and estimation ids int64 ``[G, e]``,
+    by descending probs, ties by lower id (like the CPU reference's
+    ``argsort(descending=True, stable=True)``).
+
+    The kernel (one block per row) radix-selects the ``(r + e)``-th largest
+    value, compacts the selected clusters into shared memory and sorts them
+    there; it handles ``r + e`` up to :func:`select_max_k` (16384 on an H100),
+    larger requests fall back to torch. The torch reference is one
+    ``torch.topk`` over int64 keys that pack (probs, -id), so its order is
+    exact on ties too.
+    """
+    check_tensor(probs, "probs", 2)
+    if not probs.dtype.is_floating_point:
+        raise TypeError(f"probs must be a float tensor, got {probs.dtype}")
+    r, e = check_count(r, "r"), check_count(e, "e")
+    G, C = probs.shape
+    if r + e > C:
+        raise ValueError(f"r + e = {r + e} exceeds the {C} clusters")
+    if C >= 2 ** 32:
+        raise ValueError(f"probs has {C} clusters, at most 2**32 - 1 are supported")
+    kernel = use_cuda_kernel(backend, probs)
+    if r + e == 0:
+        z = torch.zeros(G, 0, dtype=torch.int64, device=probs.device)
+        return z, z.clone()
+    if kernel and r + e <= select_max_k(probs.device):
+        from ._ext import cuda_ext
+
+        return cuda_ext().select_clusters(probs.float().contiguous(), r, e)
+    top = torch.topk(_order_keys(probs), r + e, dim=1, sorted=True).values
+    ids = ((1 << 32) - 1) - (top & 0xFFFFFFFF)
+    return ids[:, :r].contiguous(), ids[:, r:].contiguous()
+
+
+def cluster_order(assign: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens sorted by cluster: assign int ``[G, n]`` (cluster of each token, in ``[0, C)``) ->
+    order int64 ``[G, n]`` (token ids, stable: input order within a cluster) and
+    offsets int64 ``[G, C + 1]`` (cluster ``c`` of head ``g`` is ``order[g, offsets[g, c]:offsets[g, c + 1]]``).
+    Runs on assign's device (torch ops)."""
+    check_tensor(assign, "assign", 2, (torch.int64, torch.int32))
+    C = check_count(C, "C", 1)
+    G, n = assign.shape
+    a = assign.to(torch.int64)
+    order = torch.sort(a, dim=1, stable=True).indices
+    counts = torch.bincount((torch.arange(G, device=a.device)[:, None] * C + a).reshape(-1), minlength=G * C)
+    if counts.numel() != G * C:
+        raise ValueError(f"assign has values outside [0, C={C})")
+    offsets = torch.zeros(G, C + 1, dtype=torch.int64, device=a.device)
+    offsets[:, 1:] = torch.cumsum(counts.reshape(G, C), dim=1)
+    return order, offsets
+
+
+# --------------------------------------------------------------------------- copies
+
+def _run_rows(start: torch.Tensor, lens: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows ``start[i] .. start[i] + lens[i]`` of every run, concatenated ([total] int64)."""
+    first = torch.cumsum(lens, 0) - lens
+    return (torch.repeat_interleave(start - first, lens, output_size=total)
+            + torch.arange(total, device=lens.device))
+
+
+def copy_rows(dst_k: torch.Tensor, dst_v: torch.Tensor | None, src_k: torch.Tensor, src_v: torch.Tensor | None,
+              src_row: torch.Tensor, dst_row: torch.Tensor, length: torch.Tensor, backend: str = "auto",
+              check_bounds: bool = False, max_length: int | None = None) -> None:
+    """Copy ``M`` runs of rows in one launch, in place.
+
+    For every run ``i`` with ``length[i] > 0``:
+    ``dst_k[dst_row[i] : dst_row[i] + length[i]] = src_k[src_row[i] : src_row[i] + length[i]]``,
+    and the same for v.
+
+    dst_k ``[rows_d, D]``, dst_v ``[rows_d, Dv]``: CUDA, contiguous; src_k
+    ``[rows_s, D]``, src_v ``[rows_s, Dv]``: CUDA or pinned CPU (read
+    zero-copy by the kernel), dst's dtype; dst_v and src_v may both be None.
+    src_row, dst_row int64 ``[M]``, length int32 ``[M]`` (CUDA for the kernel).
+
+    A run that would read or write outside the tensors (or starts below 0) is
+    skipped by both backends; ``check_bounds=True`` raises ValueError for it
+    instead (one device sync). Runs whose destinations overlap give an
+    unspecified mix. ``max_length`` (an upper bound of ``length``) lets the
+    kernel split long runs over several blocks; without it a run is one block.
+    """
+    check_tensor(dst_k, "dst_k", 2)
+    check_tensor(src_k, "src_k", 2)
+    if (dst_v is None) != (src_v is None):
+        raise ValueError("give both dst_v and src_v, or neither")
+    pairs = [("k", dst_k, src_k)] + ([] if dst_v is None else [("v", dst_v, src_v)])
+    for tag, d, s in pairs:
+        check_tensor(d, f"dst_{tag}", 2)
+        check_tensor(s, f"src_{tag}", 2)
+        if d.dtype != s.dtype:
+            raise TypeError(f"src_{tag} must have dst_{tag}'s dtype {d.dtype}, got {s.dtype}")
+        if d.shape[1] != s.shape[1]:
+            raise ValueError(f"src_{tag} has {s.shape[1]} columns, dst_{tag} {d.shape[1]}")
+        if not d.is_contiguous():
+            raise ValueError(f"dst_{tag} must be contiguous")
+        if not s.is_contiguous():
+            raise ValueError(f"src_{tag} must be contiguous")
+    if dst_v is not None:
+        if dst_v.shape[0] != dst_k.shape[0]:
+            raise ValueError(f"dst_v has {dst_v.shape[0]} rows, dst_k {dst_k.shape[0]}")
+        if src_v.shape[0] != src_k.shape[0]:
+            raise ValueError(f"src_v has {src_v.shape[0]} rows, src_k {src_k.shape[0]}")
+    check_tensor(src_row, "src_row", 1, (torch.int64,))
+    check_tensor(dst_row, "dst_row", 1, (torch.int64,))
+    check_tensor(length, "length", 1, (torch.int32,))
+    M = src_row.shape[0]
+    if dst_row.shape[0] != M or length.shape[0] != M:
+        raise ValueError(f"src_row, dst_row and length must all be [M], got {M}, {dst_row.shape[0]}, "
+                         f"{length.shape[0]}")
+    if max_length is not None:
+        check_count(max_length, "max_length")
+    rows_s, rows_d = src_k.shape[0], dst_k.shape[0]
+    lens = length.to(torch.int64)
+    if check_bounds and M:
+        bad = (lens < 0) | (src_row < 0) | (dst_row < 0) | (src_row + lens > rows_s) | (dst_row + lens > rows_d)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(f"run {i} (src_row={int(src_row[i])}, dst_row={int(dst_row[i])}, "
+                             f"length={int(length[i])}) is outside src ({rows_s} rows) or dst ({rows_d} rows)")
+    if M == 0:
+        return
+    src_ok = all(s.is_cuda or s.is_pinned() for _, _, s in pairs)
+    if use_cuda_kernel(backend, dst_k, src_row, dst_row, length, *(d for _, d, _ in pairs[1:])) and src_ok:
+        from ._ext import cuda_ext
+
+        row_bytes = sum(d.shape[1] * d.element_size() for _, d, _ in pairs)
+        blocks = 1 if max_length is None else max(1, min(65535, -(-max_length * row_bytes // _COPY_BLOCK_BYTES)))
+        cuda_ext().copy_rows(dst_k, dst_v, src_k, src_v, src_row, dst_row, length, blocks)
+        return
+    if backend == "cuda" and not src_ok:
+        raise ValueError("backend='cuda' needs src_k / src_v on the GPU or in pinned CPU memory")
+    ok = (lens > 0) & (src_row >= 0) & (dst_row >= 0) & (src_row + lens <= rows_s) & (dst_row + lens <= rows_d)
+    lens = torch.where(ok, lens, torch.zeros_like(lens))
+    total = int(lens.sum())
+    if total == 0:
+        return
+    srows = _run_rows(src_row, lens, total)
+    drows = _run_rows(dst_row, lens, total).to(dst_k.device)
+    for _, d, s in pairs:
+        d[drows] = s[srows.to(s.device)].to(d.device)

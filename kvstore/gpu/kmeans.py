@@ -1,0 +1,246 @@
+"""Segmented spherical k-means of many heads at once, on the GPU.
+
+The algorithm of the CPU reference (:mod:`kvstore.wave`, ``csrc/kmeans.cpp``)
+applied to each of ``G`` heads: centre by the head mean, split into segments
+(:func:`kvstore.wave.segment_bounds`), ``clusters_for`` clusters a segment,
+init rows :func:`kvstore.wave._init_rows` (``seed + s`` for segment ``s``),
+``iters`` spherical iterations (assign to the L2-normalised centroid of
+largest inner product, first maximum wins; centroid = mean of the members; an
+emptied cluster is re-seeded with the token farthest from its centroid's ray,
+as the reference does), one final assignment, then the centroids are the plain
+means of the members' (un-centred) keys.
+
+All heads and all equal-length segments of a head go through one batched
+matmul a chunk at a time (scores ``[batches, L, C]``, tensor cores on CUDA),
+then an argmax; the centroid update is :func:`cluster_means` (a CUDA kernel
+summing the members in float64 in a fixed order, or its torch reference with
+``index_add_``). Both backends share everything else, so they agree up to
+float rounding of the matmul.
+
+Unlike the CPU reference, clusters that end empty are kept (size 0, zero
+centroid), so that every head has the same number of clusters.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..wave import _MASK64, _init_rows, clusters_for, segment_bounds
+from .cluster_ops import check_count, check_tensor, use_cuda_kernel
+
+__all__ = ["segmented_kmeans_gpu", "cluster_means", "kmeans_objective"]
+
+MATMULS = ("auto", "fp32", "fp16", "bf16")
+_SCORE_BYTES = 1 << 28   # bytes of one f32 score chunk [batches, L, C]
+_FP16_MAX = 60000.0      # centred keys beyond this (in absolute value) use bf16 instead of fp16
+
+
+def cluster_means(x: torch.Tensor, assign: torch.Tensor, C: int, fallback: torch.Tensor | None = None,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each cluster's members, for ``B`` independent batches.
+
+    x ``[B, L, D]`` (f32, fp16 or bf16), assign int64 ``[B, L]`` (cluster of
+    each row, in ``[0, C)``), fallback f32 ``[B, C, D]`` or None. Returns
+    means f32 ``[B, C, D]`` (sums in float64, divided by the count, rounded to
+    f32) and counts int64 ``[B, C]``; an empty cluster's mean is its fallback
+    row, or zeros. The kernel (CUDA) lists the members by a stable sort and
+    sums them in that order without atomics, so it is deterministic.
+    """
+    check_tensor(x, "x", 3, (torch.float32, torch.float16, torch.bfloat16))
+    check_tensor(assign, "assign", 2, (torch.int64,))
+    C = check_count(C, "C", 1)
+    B, L, D = x.shape
+    if tuple(assign.shape) != (B, L):
+        raise ValueError(f"assign must be [B={B}, L={L}], got {tuple(assign.shape)}")
+    if fallback is not None:
+        check_tensor(fallback, "fallback", 3, (torch.float32,))
+        if tuple(fallback.shape) != (B, C, D):
+            raise ValueError(f"fallback must be [B={B}, C={C}, D={D}], got {tuple(fallback.shape)}")
+    if assign.device != x.device or (fallback is not None and fallback.device != x.device):
+        raise ValueError("x, assign and fallback must be on one device")
+    dev = x.device
+    flat = (torch.arange(B, device=dev)[:, None] * C + assign).reshape(-1)
+    counts = torch.zeros(B * C, dtype=torch.int64, device=dev)
+    counts.index_add_(0, flat, torch.ones_like(flat))
+    tensors = (x, assign) if fallback is None else (x, assign, fallback)
+    if use_cuda_kernel(backend, *tensors):
+        from ._ext import cuda_ext
+
+        key = flat.to(torch.int32) if B * C < 2 ** 31 else flat
+        order = torch.sort(key, stable=True).indices
+        offsets = torch.zeros(B * C + 1, dtype=torch.int64, device=dev)
+        offsets[1:] = torch.cumsum(counts, 0)
+        fb = None if fallback is None else fallback.reshape(B * C, D).contiguous()
+        means = cuda_ext().kmeans_means(x.reshape(B * L, D).contiguous(), order, offsets, fb)
+        return means.reshape(B, C, D), counts.reshape(B, C)
+    sums = torch.zeros(B * C, D, dtype=torch.float64, device=dev)
+    sums.index_add_(0, flat, x.reshape(B * L, D).double())
+    means = (sums / counts.clamp_min(1)[:, None]).float()
+    if fallback is not None:
+        means = torch.where((counts == 0)[:, None], fallback.reshape(B * C, D), means)
+    return means.reshape(B, C, D), counts.reshape(B, C)
+
+
+@functools.lru_cache(maxsize=None)
+def _bmm_out_dtype_works(device: str) -> bool:
+    """Whether ``torch.bmm(a, b, torch.float32)`` (fp16/bf16 in, f32 out) runs on this CUDA device."""
+    try:
+        a = torch.ones(1, 2, 2, dtype=torch.float16, device=device)
+        return torch.bmm(a, a, torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _pick_matmul(matmul: str, x: torch.Tensor) -> torch.dtype:
+    """The input dtype of the assignment matmul (products accumulate in f32 whatever it is)."""
+    if matmul == "auto":
+        if not x.is_cuda or not _bmm_out_dtype_works(str(x.device)):
+            return torch.float32
+        lo, hi = torch.aminmax(x)
+        return torch.float16 if max(-float(lo), float(hi)) < _FP16_MAX else torch.bfloat16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[matmul]
+
+
+def _scores(xm: torch.Tensor, cm: torch.Tensor) -> torch.Tensor:
+    """f32 ``xm @ cm^T`` ([b, L, D] x [b, C, D] -> [b, L, C]) of inputs in the matmul dtype."""
+    if xm.dtype == torch.float32:
+        return torch.bmm(xm, cm.transpose(1, 2))
+    if xm.is_cuda and _bmm_out_dtype_works(str(xm.device)):
+        return torch.bmm(xm, cm.transpose(1, 2), torch.float32)
+    return torch.bmm(xm.float(), cm.float().transpose(1, 2))  # same rounding of the inputs, f32 products
+
+
+def _normalised(c: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their L2 norm (in float64, as the reference; zero rows stay zero)."""
+    cd = c.double()
+    return (cd / cd.norm(dim=-1, keepdim=True).clamp_min(1e-300)).float()
+
+
+def _assign(xm: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best normalised centroid of every row: xm ``[B, L, D]`` (matmul dtype), c f32 ``[B, C, D]`` ->
+    (best score f32 ``[B, L]``, local cluster id int64 ``[B, L]``), first maximum wins."""
+    B, L, _ = xm.shape
+    C = c.shape[1]
+    cm = _normalised(c).to(xm.dtype)
+    best = torch.empty(B, L, dtype=torch.float32, device=xm.device)
+    arg = torch.empty(B, L, dtype=torch.int64, device=xm.device)
+    rows = max(1, min(L, _SCORE_BYTES // (4 * C)))   # rows of one batch per chunk (long segments)
+    step = max(1, _SCORE_BYTES // (4 * L * C)) if rows == L else 1
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        for l0 in range(0, L, rows):
+            l1 = min(L, l0 + rows)
+            torch.max(_scores(xm[b0:b1, l0:l1], cm[b0:b1]), dim=2, out=(best[b0:b1, l0:l1], arg[b0:b1, l0:l1]))
+    return best, arg
+
+
+def _reseed(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, best: torch.Tensor) -> None:
+    """Re-seed the empty clusters in place, as the reference: in each batch the j-th empty
+    cluster (by id) takes the j-th token farthest from its centroid's ray (ties: lower index).
+    x f32 ``[B, L, D]``, c f32 ``[B, C, D]``, empty bool ``[B, C]``, best f32 ``[B, L]``."""
+    eb = torch.nonzero(empty.any(1)).flatten()
+    norm2 = torch.cat([x[eb[i:i + 8]].double().pow(2).sum(2) for i in range(0, eb.numel(), 8)])
+    b = best[eb].double().clamp_min(0)
+    resid = norm2 - b * b                                              # [E, L]
+    far = torch.sort(-resid, dim=1, stable=True).indices             # [E, L]
+    em = empty[eb]
+    rank = torch.cumsum(em.to(torch.int64), 1) - 1                   # rank among the batch's empties
+    bi, ci = torch.nonzero(em, as_tuple=True)
+    c[eb[bi], ci] = x[eb[bi], far[bi, rank[bi, ci]]]
+
+
+def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, matmul: torch.dtype, backend: str) -> torch.Tensor:
+    """Spherical k-means of B batches: x f32 ``[B, L, D]`` (centred), c f32 ``[B, C, D]`` (init).
+    Returns the final assignment int64 ``[B, L]``."""
+    xm = x if matmul == torch.float32 else x.to(matmul)
+    C = c.shape[1]
+    for it in range(iters + 1):
+        best, a = _assign(xm, c)
+        if it == iters:
+            return a
+        c, cnt = cluster_means(x, a, C, fallback=c, backend=backend)
+        empty = cnt == 0
+        if bool(empty.any()):
+            _reseed(x, c, empty, best)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segment_len: int = 8192,
+                         iters: int = 10, seed: int = 0, backend: str = "auto", matmul: str = "auto"
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Segmented spherical k-means of ``G`` heads at once.
+
+    keys ``[G, n, D]`` (any float dtype, CUDA or CPU): G independent heads of n
+    tokens each. Per head: the algorithm of :func:`kvstore.wave._kmeans_torch`
+    (see the module docstring), except that clusters that end empty are kept
+    with size 0 and a zero centroid, so every head has the same ``C`` =
+    sum over segments of ``clusters_for(segment length, tokens_per_cluster)``.
+
+    matmul: input dtype of the assignment matmul, products summed in f32:
+    ``"fp32"`` (torch's f32 matmul: TF32 on CUDA only if the user enabled it),
+    ``"fp16"``, ``"bf16"``, or ``"auto"`` (fp16 on CUDA, bf16 there if a
+    centred key exceeds 6e4 in absolute value, fp32 on CPU). ``backend``
+    picks the centroid update (:func:`cluster_means`).
+
+    Returns assign int64 ``[G, n]`` (cluster id within the head, ``0..C-1``),
+    centroids f32 ``[G, C, D]`` (plain means of the members' keys), sizes f32
+    ``[G, C]``; on keys' device.
+    """
+    check_tensor(keys, "keys", 3)
+    if not keys.dtype.is_floating_point:
+        raise TypeError(f"keys must be a float tensor, got {keys.dtype}")
+    G, n, D = keys.shape
+    if G == 0 or n == 0 or D == 0:
+        raise ValueError(f"keys must be [G, n, D] with G, n, D >= 1, got {tuple(keys.shape)}")
+    tpc = check_count(tokens_per_cluster, "tokens_per_cluster", 1)
+    seg = check_count(segment_len, "segment_len", 1)
+    iters = check_count(iters, "iters", 0)
+    seed = check_count(seed, "seed", 0)
+    if seed > _MASK64:
+        raise ValueError(f"seed must be < 2**64, got {seed}")
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
+    use_cuda_kernel(backend, keys)  # validates backend before any work
+    dev = keys.device
+    if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        keys = keys.float()
+    if not bool(torch.isfinite(keys).all()):
+        raise ValueError("keys contains NaN or inf")
+    mean = (torch.sum(keys, dim=1, dtype=torch.float64) / n).float()    # [G, D]
+    x = keys.float() - mean[:, None, :]
+    mm = _pick_matmul(matmul, x)
+    bounds = segment_bounds(n, tpc, seg)
+    nseg = len(bounds) - 1
+    cs = [clusters_for(bounds[s + 1] - bounds[s], tpc) for s in range(nseg)]
+    cbase = [0]
+    for cnt in cs:
+        cbase.append(cbase[-1] + cnt)
+    assign = torch.empty(G, n, dtype=torch.int64, device=dev)
+    s0 = 0
+    while s0 < nseg:  # runs of consecutive segments of one length (at most two runs)
+        L, C = bounds[s0 + 1] - bounds[s0], cs[s0]
+        s1 = s0 + 1
+        while s1 < nseg and bounds[s1 + 1] - bounds[s1] == L:
+            s1 += 1
+        S = s1 - s0
+        xs = x[:, bounds[s0]:bounds[s1]].reshape(G * S, L, D)
+        rows = torch.tensor([_init_rows(L, C, seed + s) for s in range(s0, s1)], dtype=torch.int64, device=dev)
+        c0 = xs.view(G, S, L, D)[:, torch.arange(S, device=dev)[:, None], rows].reshape(G * S, C, D)
+        a = _iterate(xs, c0, iters, mm, backend)                               # [G*S, L]
+        base = torch.tensor(cbase[s0:s1], dtype=torch.int64, device=dev)
+        assign[:, bounds[s0]:bounds[s1]] = (a.view(G, S, L) + base[None, :, None]).reshape(G, S * L)
+        s0 = s1
+    del x
+    centroids, counts = cluster_means(keys.contiguous(), assign, cbase[-1], backend=backend)
+    return assign, centroids, counts.float()
+
+
+def kmeans_objective(keys: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Sum of squared distances of each key to its cluster's centroid, per head (float64 ``[G]``).
+
+    keys ``[G, n, D]``, assign ``[G, n]``, centroids ``[G, C, D]`` (a quality measure for tests and benchmarks).
+    """
+    k = keys.double()
+    c = torch.gather(centroids.double(), 1, assign[..., None].expand(-1, -1, keys.shape[2]))
+    return (k - c).pow(2).sum(dim=(1, 2))

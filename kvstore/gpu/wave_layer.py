@@ -1,0 +1,489 @@
+"""One layer's wave attention on the GPU (RetroInfer), in two modes.
+
+* ``gpu_only``: the whole KV, in cluster order, stays on the GPU; the index
+  only saves reads.
+* ``offload``: the KV lives in pinned CPU memory in cluster order; the GPU holds
+  the steady zone, the meta index (centroids, sizes, value sums) and a cache of
+  clusters in fixed pages (``cache_ratio`` of the indexed tokens), LRU at
+  cluster granularity (:class:`kvstore.gpu.wave_buffer.WaveBuffer`, planned on a
+  C++ thread pool with the GIL released). Missed clusters are read zero-copy
+  over the bus by the attention kernel and admitted into the cache afterwards
+  by the copy kernel, on the same stream.
+
+Layout: the ``G = B * Hkv`` head slots of a layer are batched. Slot ``g``
+holds its sink + recent tokens in the steady buffer ``[G, S_cap, D]`` and its
+middle tokens in cluster order, rows ``g * n : (g + 1) * n`` of the sorted KV
+``[G * n, D]``; cluster ``c`` of slot ``g`` is rows ``offsets[g, c] :
+offsets[g, c + 1]`` of the slot.
+
+A decode step: rank every centroid of the slot with each query head of its
+group (:func:`kvstore.gpu.cluster_ops.cluster_scores`), take the ``r`` best
+clusters (retrieval zone, exact) and the next ``e`` (estimation zone), and run
+:func:`kvstore.gpu.attention_ops.sparse_decode_attention` over the steady run +
+the retrieval runs, merged with the estimation partial by log-sum-exp.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+MODES = ("gpu_only", "offload")
+SRC_HOST, SRC_CACHE, SRC_STEADY = 0, 1, 2   # source ids of the offload run table (kvstore.gpu.wave_buffer)
+
+
+@dataclass
+class WaveGpuConfig:
+    """Budgets and layout of :class:`GpuWaveLayer` (defaults: RetroInfer's published budgets).
+
+    retrieval / estimation: fractions of the context (retrieval in tokens, attended exactly; estimation in
+    clusters' worth of tokens); cache_ratio: offload mode, share of the indexed tokens the GPU cache holds;
+    page_tokens: cache page size; update_interval: recent tokens beyond the window that are clustered and
+    appended to the index at once; cuda_graph: capture the gpu_only decode step in a CUDA graph.
+    """
+
+    mode: str = "gpu_only"
+    cache_ratio: float = 0.1
+    sink: int = 4
+    window: int = 64
+    retrieval: float = 0.018
+    estimation: float = 0.232
+    tokens_per_cluster: int = 16
+    segment_len: int = 8192
+    kmeans_iters: int = 10
+    page_tokens: int = 8
+    update_interval: int = 1024
+    num_threads: int | None = None
+    cuda_graph: bool = True
+    backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0 < self.cache_ratio <= 1:
+            raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio}")
+        for name in ("retrieval", "estimation"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
+        for name in ("sink", "window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("tokens_per_cluster", "segment_len", "page_tokens", "update_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.backend not in ("auto", "torch", "cuda"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {self.backend!r}")
+
+    def budgets(self, context: int, clusters: int) -> tuple[int, int]:
+        """(r, e): retrieval and estimation clusters for a context of ``context`` tokens and ``clusters`` clusters."""
+        r = min(clusters, math.ceil(math.ceil(self.retrieval * context) / self.tokens_per_cluster))
+        e = min(clusters - r, math.ceil(self.estimation * context / self.tokens_per_cluster))
+        return int(r), int(e)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _stage_host_runs(kv_k: torch.Tensor, kv_v: torch.Tensor, src: torch.Tensor, row: torch.Tensor,
+                     length: torch.Tensor, copy_src_row: torch.Tensor, dev: torch.device) -> tuple[Any, ...]:
+    """Without pinned memory the kernel cannot read the host KV: copy the rows of the step's host runs to the
+    device and point the host runs (and the admissions, which come from them) at that staging copy."""
+    from .attention_ops import KVSource
+
+    host = torch.nonzero(src == SRC_HOST).flatten()
+    starts, lens = row[host], length[host].to(torch.int64)
+    stage_off = torch.cumsum(lens, 0) - lens
+    idx = torch.repeat_interleave(starts - stage_off, lens) + torch.arange(int(lens.sum()))
+    staged = KVSource(kv_k[idx].to(dev), kv_v[idx].to(dev))
+    row = row.clone()
+    row[host] = stage_off
+    if copy_src_row.numel():
+        order = torch.argsort(starts)
+        i = order[torch.searchsorted(starts[order], copy_src_row, right=True) - 1]
+        copy_src_row = stage_off[i] + (copy_src_row - starts[i])
+    return staged, row, copy_src_row
+
+
+def _check_kv(k: Any, v: Any) -> None:
+    for name, x in (("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, Hkv, N, D], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in [B, Hkv, N]")
+    if k.shape[2] == 0 or k.shape[0] == 0 or k.shape[1] == 0:
+        raise ValueError(f"k must hold at least one token of one sequence, got shape {tuple(k.shape)}")
+    if k.dtype != v.dtype:
+        raise TypeError(f"k ({k.dtype}) and v ({v.dtype}) must have one dtype")
+
+
+class GpuWaveLayer:
+    """Wave attention of one layer for a batch of sequences of equal length (see module docstring).
+
+    Build with :meth:`build`; :meth:`decode` attends a step's queries, :meth:`append` adds the step's new
+    key/value. ``stats()`` reports memory and what the last step read.
+    """
+
+    def __init__(self) -> None:  # use build()
+        self.cfg: WaveGpuConfig
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_failed = False
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, k: torch.Tensor, v: torch.Tensor, config: WaveGpuConfig | None = None,
+              device: str | torch.device | None = None) -> "GpuWaveLayer":
+        """Index a prefilled layer.
+
+        k ``[B, Hkv, N, D]``, v ``[B, Hkv, N, Dv]`` (bf16/fp16/f32; CUDA, or CPU in which case each sequence is
+        moved to ``device`` for clustering). The first ``sink`` and last ``window`` tokens form the steady zone;
+        the middle tokens are clustered by segmented spherical k-means on the GPU, one sequence at a time.
+        """
+        from .cluster_ops import cluster_order  # noqa: F401 - fail early if the ops are missing
+        from .kmeans import segmented_kmeans_gpu
+
+        cfg = config or WaveGpuConfig()
+        _check_kv(k, v)
+        self = cls()
+        self.cfg = cfg
+        dev = torch.device(device) if device is not None else (k.device if k.is_cuda else
+                                                               torch.device("cuda" if torch.cuda.is_available()
+                                                                            else "cpu"))
+        self.device, self.dtype = dev, k.dtype
+        B, H, N, D = k.shape
+        Dv = v.shape[-1]
+        self.B, self.Hkv, self.D, self.Dv = B, H, D, Dv
+        G = B * H
+        self.G = G
+        self.scale = 1.0 / math.sqrt(D)
+        sink = min(cfg.sink, N)
+        window = min(cfg.window, N - sink)
+        n = N - sink - window
+        self.n, self.length = n, N
+        t0 = time.perf_counter()
+        # steady zone: sink + window, with room for update_interval new tokens before re-indexing
+        self.s_cap = sink + window + cfg.update_interval
+        self.steady_k = torch.zeros(G, self.s_cap, D, dtype=k.dtype, device=dev)
+        self.steady_v = torch.zeros(G, self.s_cap, Dv, dtype=k.dtype, device=dev)
+        self.sink_used, self.steady_used = sink, sink + window
+        for b in range(B):
+            sl = slice(b * H, (b + 1) * H)
+            self.steady_k[sl, :sink] = k[b, :, :sink].to(dev)
+            self.steady_v[sl, :sink] = v[b, :, :sink].to(dev)
+            self.steady_k[sl, sink:sink + window] = k[b, :, N - window:].to(dev)
+            self.steady_v[sl, sink:sink + window] = v[b, :, N - window:].to(dev)
+        self._alloc_index(n, k.dtype)
+        if n > 0:
+            for b in range(B):
+                kb = k[b, :, sink:sink + n].to(dev)
+                vb = v[b, :, sink:sink + n].to(dev)
+                a, cen, sizes = segmented_kmeans_gpu(kb, cfg.tokens_per_cluster, cfg.segment_len, cfg.kmeans_iters,
+                                                     cfg.seed, backend=cfg.backend)
+                self._store_sequence(b, kb, vb, a, cen, sizes)
+                del kb, vb
+        self._finish_build()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self.build_seconds = time.perf_counter() - t0
+        self._last: dict[str, Any] = {}
+        self.reset_stats()
+        return self
+
+    def _alloc_index(self, n: int, dtype: torch.dtype) -> None:
+        from ..wave import clusters_for, segment_bounds
+
+        cfg, G, dev = self.cfg, self.G, self.device
+        b = segment_bounds(n, cfg.tokens_per_cluster, cfg.segment_len) if n > 0 else [0]
+        C = sum(clusters_for(b[i + 1] - b[i], cfg.tokens_per_cluster) for i in range(len(b) - 1))
+        self.C = C
+        self.centroids = torch.zeros(G, C, self.D, dtype=dtype, device=dev)          # ranking copy, KV dtype
+        self.sizes = torch.zeros(G, C, dtype=torch.float32, device=dev)
+        self.value_sums = torch.zeros(G, C, self.Dv, dtype=torch.float32, device=dev)
+        self.offsets = torch.zeros(G, C + 1, dtype=torch.int64, device=dev)           # rows within the slot
+        if cfg.mode == "gpu_only":
+            self.kv_k = torch.empty(G * n, self.D, dtype=dtype, device=dev)
+            self.kv_v = torch.empty(G * n, self.Dv, dtype=dtype, device=dev)
+            self.pinned = False
+        else:
+            from .wave_buffer import pinned_empty
+
+            self.kv_k, p1 = pinned_empty((G * n, self.D), dtype)
+            self.kv_v, p2 = pinned_empty((G * n, self.Dv), dtype)
+            self.pinned = p1 and p2
+
+    def _store_sequence(self, b: int, kb: torch.Tensor, vb: torch.Tensor, assign: torch.Tensor,
+                        cen: torch.Tensor, sizes: torch.Tensor) -> None:
+        """Write sequence b's clusters: kb/vb [H, n, D], assign [H, n], cen [H, C, D] f32, sizes [H, C]."""
+        from .cluster_ops import cluster_order
+
+        H, n = self.Hkv, self.n
+        order, offsets = cluster_order(assign, self.C)                                  # [H, n], [H, C+1]
+        sl = slice(b * H, (b + 1) * H)
+        self.centroids[sl] = cen.to(self.dtype)
+        self.sizes[sl] = sizes.float()
+        self.offsets[sl] = offsets.to(torch.int64)
+        vs = torch.zeros(H, self.C, self.Dv, dtype=torch.float32, device=kb.device)
+        vs.scatter_add_(1, assign[..., None].expand(H, n, self.Dv), vb.float())
+        self.value_sums[sl] = vs
+        ks = torch.gather(kb, 1, order[..., None].expand(H, n, self.D))
+        vsrt = torch.gather(vb, 1, order[..., None].expand(H, n, self.Dv))
+        rows = slice(b * H * n, (b + 1) * H * n)
+        self.kv_k[rows].copy_(ks.reshape(H * n, self.D), non_blocking=False)
+        self.kv_v[rows].copy_(vsrt.reshape(H * n, self.Dv), non_blocking=False)
+
+    def _finish_build(self) -> None:
+        cfg, G, dev = self.cfg, self.G, self.device
+        self.slot_base = torch.arange(G, device=dev, dtype=torch.int64) * self.n      # first row of each slot
+        # read by the (graph-captured) decode step, updated in place by append()
+        self._steady_len_dev = torch.full((G, 1), self.steady_used, dtype=torch.int32, device=dev)
+        if cfg.mode == "offload":
+            from .wave_buffer import WaveBuffer
+
+            pages = int(cfg.cache_ratio * self.n) // cfg.page_tokens
+            self.pages_per_slot = pages
+            rows = (self.offsets + self.slot_base[:, None]).cpu()
+            self.buffer = WaveBuffer(rows, pages, cfg.page_tokens, cfg.num_threads)
+            self.cache_k = torch.zeros(G * pages * cfg.page_tokens, self.D, dtype=self.dtype, device=dev)
+            self.cache_v = torch.zeros(G * pages * cfg.page_tokens, self.Dv, dtype=self.dtype, device=dev)
+            self.steady_rows = torch.arange(G, dtype=torch.int64) * self.s_cap
+        self._graph = None
+
+    # ------------------------------------------------------------------ decode
+    def _check_q(self, q: Any) -> torch.Tensor:
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        if q.dim() != 3 or q.shape[0] != self.B or q.shape[2] != self.D or q.shape[1] % self.Hkv:
+            raise ValueError(f"q must be [B={self.B}, Hq (a multiple of {self.Hkv}), D={self.D}], "
+                             f"got {tuple(q.shape)}")
+        if q.device != self.device:
+            raise ValueError(f"q is on {q.device}, the layer on {self.device}")
+        if q.dtype != self.dtype:
+            raise TypeError(f"q must be {self.dtype} like the KV, got {q.dtype}")
+        return q
+
+    def decode(self, q: torch.Tensor) -> torch.Tensor:
+        """q ``[B, Hq, D]`` -> o ``[B, Hq, Dv]`` (q's dtype): one decode step of attention."""
+        return self.decode_with_lse(q)[0]
+
+    def decode_with_lse(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`decode`, also returning lse ``[B, Hq]`` (f32) of the attended part."""
+        q = self._check_q(q)
+        if self.cfg.mode == "offload":
+            return self._decode_offload(q)
+        if self.cfg.cuda_graph and self.device.type == "cuda" and not self._graph_failed:
+            return self._decode_graphed(q)
+        return self._decode_gpu_only(q)
+
+    def _rank(self, qg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from .cluster_ops import cluster_scores, select_clusters
+
+        scores, probs = cluster_scores(qg, self.centroids, self.sizes, self.scale, backend=self.cfg.backend)
+        r, e = self.cfg.budgets(self.length, self.C)
+        ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
+        return scores, ret, est
+
+    def _decode_gpu_only(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from .attention_ops import Estimation, KVSource, RunTable, sparse_decode_attention
+
+        G, Hg = self.G, q.shape[1] // self.Hkv
+        qg = q.reshape(G, Hg, self.D)
+        steady_len = self._steady_len_dev
+        steady_row = (torch.arange(G, device=self.device, dtype=torch.int64) * self.s_cap)[:, None]
+        if self.C > 0:
+            scores, ret, est = self._rank(qg)
+            r = ret.shape[1]
+            start = torch.gather(self.offsets, 1, ret)
+            length = (torch.gather(self.offsets, 1, ret + 1) - start).to(torch.int32)
+            row = torch.cat([steady_row, start + self.slot_base[:, None]], 1)
+            src = torch.cat([torch.ones(G, 1, dtype=torch.int32, device=self.device),
+                             torch.zeros(G, r, dtype=torch.int32, device=self.device)], 1)
+            length = torch.cat([steady_len, length], 1)
+            est_part = Estimation(scores, self.sizes, self.value_sums, est) if est.shape[1] else None
+        else:
+            r, row, length, est_part = 0, steady_row, steady_len, None
+            src = torch.ones(G, 1, dtype=torch.int32, device=self.device)
+        runs = RunTable(src.reshape(-1).contiguous(), row.reshape(-1).contiguous(), length.reshape(-1).contiguous(),
+                        (torch.arange(G + 1, device=self.device, dtype=torch.int64) * (r + 1)).to(torch.int32))
+        sources = [KVSource(self.kv_k, self.kv_v),
+                   KVSource(self.steady_k.view(-1, self.D), self.steady_v.view(-1, self.Dv))]
+        o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend)
+        self._last = {"run_len": length, "r": r, "e": 0 if est_part is None else est_part.ids.shape[1], "Hg": Hg}
+        return o.reshape(self.B, self.Hkv * Hg, self.Dv), lse.reshape(self.B, self.Hkv * Hg)
+
+    def _decode_graphed(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gpu_only step replayed from a CUDA graph (captured on first use for this query shape)."""
+        key = (tuple(q.shape), self.C, self.cfg.budgets(self.length, self.C))
+        if self._graph is None or self._graph_key != key:
+            self._graph = None
+            static_q = q.clone()
+            try:
+                s = torch.cuda.Stream(self.device)
+                s.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(s):
+                    for _ in range(2):  # warm-up outside the graph (allocator, lazy init)
+                        self._decode_gpu_only(static_q)
+                torch.cuda.current_stream(self.device).wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    static_o = self._decode_gpu_only(static_q)
+            except Exception as e:  # capture is an optimisation: fall back to eager launches
+                warnings.warn(f"CUDA graph capture of the wave decode step failed ({e}); running eagerly",
+                              RuntimeWarning)
+                self._graph_failed = True
+                return self._decode_gpu_only(q)
+            self._graph, self._graph_key, self._static_q, self._static_o = g, key, static_q, static_o
+        self._static_q.copy_(q)
+        self._graph.replay()
+        return self._static_o[0].clone(), self._static_o[1].clone()
+
+    def _decode_offload(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from .attention_ops import Estimation, KVSource, RunTable, sparse_decode_attention
+        from .cluster_ops import copy_rows
+
+        G, Hg = self.G, q.shape[1] // self.Hkv
+        qg = q.reshape(G, Hg, self.D)
+        dev = self.device
+        steady_len = torch.full((G,), self.steady_used, dtype=torch.int32)
+        host = KVSource(self.kv_k, self.kv_v)
+        if self.C > 0:
+            scores, ret, est = self._rank(qg)
+            ret_host = ret.to("cpu")                      # the one sync of the step: the CPU plans the cache
+            plan = self.buffer.plan(ret_host, self.steady_rows, steady_len)
+            run_row, copy_src_row = plan.run_row, plan.copy_src_row
+            if not self.pinned:  # pageable memory: stage the step's host runs through a device copy
+                host, run_row, copy_src_row = _stage_host_runs(self.kv_k, self.kv_v, plan.run_src, run_row,
+                                                               plan.run_len, copy_src_row, dev)
+            runs = RunTable(plan.run_src.to(dev, non_blocking=True), run_row.to(dev, non_blocking=True),
+                            plan.run_len.to(dev, non_blocking=True), plan.run_offsets.to(dev, non_blocking=True))
+            est_part = Estimation(scores, self.sizes, self.value_sums, est) if est.shape[1] else None
+            r = ret.shape[1]
+        else:
+            plan, est_part, r = None, None, 0
+            runs = RunTable(torch.full((G,), SRC_STEADY, dtype=torch.int32, device=dev),
+                            torch.arange(G, dtype=torch.int64, device=dev) * self.s_cap,
+                            steady_len.to(dev), torch.arange(G + 1, dtype=torch.int32, device=dev))
+        sources = [host, KVSource(self.cache_k, self.cache_v),
+                   KVSource(self.steady_k.view(-1, self.D), self.steady_v.view(-1, self.Dv))]
+        o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend)
+        if plan is not None and plan.copy_len.numel():
+            # admissions after the attention on the same stream: pages read this step are overwritten only after
+            copy_rows(self.cache_k, self.cache_v, host.k, host.v, copy_src_row.to(dev, non_blocking=True),
+                      plan.copy_dst_row.to(dev, non_blocking=True), plan.copy_len.to(dev, non_blocking=True),
+                      backend=self.cfg.backend)
+        if plan is not None:
+            for i, x in enumerate((plan.hits, plan.misses, plan.hit_tokens, plan.miss_tokens)):
+                self._hits[i] += int(x)
+        self._last = {"run_len": runs.length, "r": r, "e": 0 if est_part is None else est_part.ids.shape[1],
+                      "Hg": Hg}
+        return o.reshape(self.B, self.Hkv * Hg, self.Dv), lse.reshape(self.B, self.Hkv * Hg)
+
+    # ------------------------------------------------------------------ updates
+    def append(self, k1: torch.Tensor, v1: torch.Tensor) -> None:
+        """Add one decoded token per sequence: k1 ``[B, Hkv, D]``, v1 ``[B, Hkv, Dv]`` (the layer's device/dtype).
+
+        The token joins the steady zone; once ``update_interval`` tokens sit beyond the window, the oldest
+        ``update_interval`` are clustered and appended to the index as new clusters.
+        """
+        for name, x, dim in (("k1", k1, self.D), ("v1", v1, self.Dv)):
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != (self.B, self.Hkv, dim):
+                raise ValueError(f"{name} must be a tensor [B={self.B}, Hkv={self.Hkv}, {dim}], "
+                                 f"got {getattr(x, 'shape', type(x).__name__)}")
+        if self.steady_used == self.s_cap:
+            self._reindex()
+        i = self.steady_used
+        self.steady_k[:, i] = k1.reshape(self.G, self.D).to(self.device, self.dtype)
+        self.steady_v[:, i] = v1.reshape(self.G, self.Dv).to(self.device, self.dtype)
+        self.steady_used += 1
+        self.length += 1
+        self._steady_len_dev.fill_(self.steady_used)
+
+    def _reindex(self) -> None:
+        """Move the oldest ``update_interval`` recent tokens into the index (new clusters at the end)."""
+        from .kmeans import segmented_kmeans_gpu
+
+        cfg, G, m = self.cfg, self.G, self.cfg.update_interval
+        s0 = self.sink_used
+        k_new = self.steady_k[:, s0:s0 + m].clone()
+        v_new = self.steady_v[:, s0:s0 + m].clone()
+        rest = self.steady_used - s0 - m
+        self.steady_k[:, s0:s0 + rest] = self.steady_k[:, s0 + m:self.steady_used].clone()
+        self.steady_v[:, s0:s0 + rest] = self.steady_v[:, s0 + m:self.steady_used].clone()
+        self.steady_used -= m
+        a, cen, sizes = segmented_kmeans_gpu(k_new, cfg.tokens_per_cluster, cfg.segment_len, cfg.kmeans_iters,
+                                             cfg.seed, backend=cfg.backend)
+        old = (self.n, self.C, self.kv_k.view(G, self.n, self.D), self.kv_v.view(G, self.n, self.Dv),
+               self.centroids, self.sizes, self.value_sums, self.offsets)
+        n0, C0 = old[0], old[1]
+        C1 = cen.shape[1]
+        self.n, self.C = n0 + m, C0 + C1
+        from .cluster_ops import cluster_order
+
+        order, offs = cluster_order(a, C1)
+        ks = torch.gather(k_new, 1, order[..., None].expand(G, m, self.D))
+        vsrt = torch.gather(v_new, 1, order[..., None].expand(G, m, self.Dv))
+        kk = torch.cat([old[2].to(self.device), ks], 1).reshape(G * self.n, self.D)
+        vv = torch.cat([old[3].to(self.device), vsrt], 1).reshape(G * self.n, self.Dv)
+        if cfg.mode == "gpu_only":
+            self.kv_k, self.kv_v = kk, vv
+        else:
+            from .wave_buffer import pinned_empty
+
+            self.kv_k, p1 = pinned_empty(tuple(kk.shape), self.dtype)
+            self.kv_v, p2 = pinned_empty(tuple(vv.shape), self.dtype)
+            self.kv_k.copy_(kk)
+            self.kv_v.copy_(vv)
+            self.pinned = p1 and p2
+        vs = torch.zeros(G, C1, self.Dv, dtype=torch.float32, device=self.device)
+        vs.scatter_add_(1, a[..., None].expand(G, m, self.Dv), v_new.float())
+        self.centroids = torch.cat([old[4], cen.to(self.dtype)], 1)
+        self.sizes = torch.cat([old[5], sizes.float()], 1)
+        self.value_sums = torch.cat([old[6], vs], 1)
+        self.offsets = torch.cat([old[7][:, :-1], offs.to(torch.int64) + n0], 1)
+        self._finish_build()
+
+    # ------------------------------------------------------------------ stats
+    def reset_stats(self) -> None:
+        self._hits = [0, 0, 0, 0]   # clusters hit, missed; tokens hit, missed (offload)
+
+    def stats(self) -> dict[str, Any]:
+        """Memory held and what the last decode step read.
+
+        gpu_bytes: KV (steady zone, cluster cache or the whole sorted KV) + meta index on the GPU;
+        gpu_kv_bytes: the KV part alone; host_bytes: pinned KV; read_fraction: bytes the last step read over
+        the bytes full attention reads (the whole KV once); hit_ratio: offload cache hits over retrieved
+        clusters since reset_stats().
+        """
+        el = self.steady_k.element_size()
+        meta = (self.centroids.numel() * self.centroids.element_size() + self.sizes.numel() * 4
+                + self.value_sums.numel() * 4 + self.offsets.numel() * 8)
+        steady = (self.steady_k.numel() + self.steady_v.numel()) * el
+        kv_all = (self.kv_k.numel() + self.kv_v.numel()) * el
+        if self.cfg.mode == "gpu_only":
+            gpu_kv, host = steady + kv_all, 0
+        else:
+            gpu_kv, host = steady + (self.cache_k.numel() + self.cache_v.numel()) * el, kv_all
+        full = self.G * self.length * (self.D + self.Dv) * el
+        out: dict[str, Any] = {"mode": self.cfg.mode, "gpu_bytes": gpu_kv + meta, "gpu_kv_bytes": gpu_kv,
+                               "meta_bytes": meta, "host_bytes": host, "full_kv_bytes": full,
+                               "build_seconds": self.build_seconds, "clusters_per_slot": self.C,
+                               "pinned": bool(getattr(self, "pinned", False)) if self.cfg.mode == "offload" else None}
+        if self._last:
+            tokens = int(self._last["run_len"].sum())
+            e = self._last["e"]
+            read = (tokens * (self.D + self.Dv) * el + self.G * self.C * (self.D * el + 4)
+                    + self.G * e * self.Dv * 4)
+            out["read_fraction"] = read / full
+            out["tokens_exact"] = tokens / self.G
+        if self.cfg.mode == "offload":
+            h, m, ht, mt = self._hits
+            out["hit_ratio"] = h / (h + m) if h + m else None
+            out["token_hit_ratio"] = ht / (ht + mt) if ht + mt else None
+        return out

@@ -1,0 +1,197 @@
+// Torch bindings of the cluster kernels (csrc/cuda/cluster_rank.cu,
+// copy_rows.cu, kmeans_update.cu) for kvstore._cuda. The Python layer
+// (kvstore/gpu/cluster_ops.py, kvstore/gpu/kmeans.py) checks arguments with
+// messages naming them; the checks here guard the kernels against misuse.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cluster_rank.h"
+#include "copy_rows.h"
+#include "kmeans_update.h"
+#include "registry.h"
+
+namespace {
+
+using kvstore::cluster::ScalarType;
+
+ScalarType scalar_type_of(const torch::Tensor& t, const char* name) {
+    switch (t.scalar_type()) {
+        case torch::kFloat32: return ScalarType::kFloat32;
+        case torch::kFloat16: return ScalarType::kFloat16;
+        case torch::kBFloat16: return ScalarType::kBFloat16;
+        default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    }
+    return ScalarType::kFloat32;  // unreachable
+}
+
+void check_cuda(const torch::Tensor& t, const char* name) {
+    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_launch(cudaError_t err, const char* what) {
+    TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+// q [G, Hg, D], centroids [G, C, D] (same dtype), sizes f32 [G, C] -> (scores f32 [G, Hg, C], probs f32 [G, C]).
+std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, const torch::Tensor& centroids,
+                                                        const torch::Tensor& sizes, double scale) {
+    check_cuda(q, "q");
+    check_cuda(centroids, "centroids");
+    check_cuda(sizes, "sizes");
+    TORCH_CHECK(q.dim() == 3 && centroids.dim() == 3 && sizes.dim() == 2,
+                "q must be [G, Hg, D], centroids [G, C, D], sizes [G, C]");
+    const int64_t G = q.size(0), Hg = q.size(1), D = q.size(2), C = centroids.size(1);
+    TORCH_CHECK(centroids.size(0) == G && centroids.size(2) == D, "centroids must be [G, C, D] with q's G and D");
+    TORCH_CHECK(sizes.size(0) == G && sizes.size(1) == C, "sizes must be [G, C]");
+    TORCH_CHECK(centroids.scalar_type() == q.scalar_type(), "centroids must have q's dtype");
+    TORCH_CHECK(sizes.scalar_type() == torch::kFloat32, "sizes must be float32");
+    TORCH_CHECK(q.device() == centroids.device() && q.device() == sizes.device(), "tensors on different devices");
+    TORCH_CHECK(G <= 65535 && Hg >= 1 && Hg <= kvstore::cluster::kRankMaxHg && D >= 1 &&
+                    Hg * D <= kvstore::cluster::kRankMaxHgTimesD && C <= INT32_MAX,
+                "unsupported sizes G=", G, " Hg=", Hg, " C=", C, " D=", D);
+    const ScalarType dt = scalar_type_of(q, "q");
+    const c10::cuda::CUDAGuard guard(q.device());
+    auto f32 = q.options().dtype(torch::kFloat32);
+    torch::Tensor scores = torch::empty({G, Hg, C}, f32);
+    torch::Tensor probs = torch::empty({G, C}, f32);
+    const long long ws = kvstore::cluster::cluster_scores_workspace_floats(static_cast<int>(G), static_cast<int>(Hg),
+                                                                           static_cast<int>(C));
+    torch::Tensor work = torch::empty({std::max<long long>(ws, 2)}, f32);
+    check_launch(kvstore::cluster::cluster_scores_launch(
+                     q.data_ptr(), centroids.data_ptr(), sizes.data_ptr<float>(), dt, static_cast<int>(G),
+                     static_cast<int>(Hg), static_cast<int>(C), static_cast<int>(D), static_cast<float>(scale),
+                     scores.data_ptr<float>(), probs.data_ptr<float>(), work.data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream()),
+                 "cluster_scores");
+    return {scores, probs};
+}
+
+// probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]), descending, ties by lower id.
+std::tuple<torch::Tensor, torch::Tensor> select_clusters(const torch::Tensor& probs, int64_t r, int64_t e) {
+    check_cuda(probs, "probs");
+    TORCH_CHECK(probs.dim() == 2 && probs.scalar_type() == torch::kFloat32, "probs must be float32 [G, C]");
+    const int64_t G = probs.size(0), C = probs.size(1);
+    const c10::cuda::CUDAGuard guard(probs.device());
+    TORCH_CHECK(r >= 0 && e >= 0 && r + e >= 1 && r + e <= C && C <= INT32_MAX &&
+                    r + e <= kvstore::cluster::cluster_select_max_k(),
+                "select_clusters: need 1 <= r + e <= min(C, ", kvstore::cluster::cluster_select_max_k(), "), got r=", r,
+                " e=", e, " C=", C);
+    TORCH_CHECK(G <= INT32_MAX, "too many rows");
+    auto i64 = probs.options().dtype(torch::kInt64);
+    torch::Tensor ret = torch::empty({G, r}, i64);
+    torch::Tensor est = torch::empty({G, e}, i64);
+    check_launch(kvstore::cluster::cluster_select_launch(probs.data_ptr<float>(), static_cast<int>(G),
+                                                         static_cast<int>(C), static_cast<int>(r), static_cast<int>(e),
+                                                         ret.data_ptr<int64_t>(), est.data_ptr<int64_t>(),
+                                                         c10::cuda::getCurrentCUDAStream()),
+                 "select_clusters");
+    return {ret, est};
+}
+
+int64_t select_clusters_max_k(int64_t device) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    return kvstore::cluster::cluster_select_max_k();
+}
+
+// dst_k [rows_d, Dk], src_k [rows_s, Dk] (and v likewise, optional): copies the M runs in one launch.
+void copy_rows(torch::Tensor dst_k, c10::optional<torch::Tensor> dst_v, const torch::Tensor& src_k,
+               c10::optional<torch::Tensor> src_v, const torch::Tensor& src_row, const torch::Tensor& dst_row,
+               const torch::Tensor& length, int64_t blocks_per_run) {
+    check_cuda(dst_k, "dst_k");
+    TORCH_CHECK(src_k.is_contiguous(), "src_k must be contiguous");
+    TORCH_CHECK(src_k.is_cuda() || src_k.is_pinned(), "src_k must be a CUDA tensor or pinned CPU memory");
+    TORCH_CHECK(dst_k.dim() == 2 && src_k.dim() == 2 && dst_k.size(1) == src_k.size(1) &&
+                    dst_k.scalar_type() == src_k.scalar_type(),
+                "dst_k and src_k must be [rows, D] of one D and dtype");
+    TORCH_CHECK(dst_v.has_value() == src_v.has_value(), "give both dst_v and src_v or neither");
+    long long vb = 0;
+    void* dv = nullptr;
+    const void* sv = nullptr;
+    if (dst_v.has_value()) {
+        const torch::Tensor& a = *dst_v;
+        const torch::Tensor& b = *src_v;
+        check_cuda(a, "dst_v");
+        TORCH_CHECK(b.is_contiguous(), "src_v must be contiguous");
+        TORCH_CHECK(b.is_cuda() || b.is_pinned(), "src_v must be a CUDA tensor or pinned CPU memory");
+        TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1) && a.scalar_type() == b.scalar_type(),
+                    "dst_v and src_v must be [rows, Dv] of one Dv and dtype");
+        TORCH_CHECK(a.size(0) == dst_k.size(0) && b.size(0) == src_k.size(0), "v and k must have the same rows");
+        TORCH_CHECK(a.device() == dst_k.device(), "dst_v must be on dst_k's device");
+        vb = static_cast<long long>(a.size(1)) * a.element_size();
+        dv = a.data_ptr();
+        sv = b.data_ptr();
+    }
+    check_cuda(src_row, "src_row");
+    check_cuda(dst_row, "dst_row");
+    check_cuda(length, "length");
+    TORCH_CHECK(src_row.scalar_type() == torch::kInt64 && dst_row.scalar_type() == torch::kInt64 &&
+                    length.scalar_type() == torch::kInt32,
+                "src_row and dst_row must be int64, length int32");
+    const int64_t M = src_row.numel();
+    TORCH_CHECK(dst_row.numel() == M && length.numel() == M && M <= INT32_MAX, "src_row, dst_row, length must be [M]");
+    TORCH_CHECK(src_row.device() == dst_k.device() && dst_row.device() == dst_k.device() &&
+                    length.device() == dst_k.device(),
+                "src_row, dst_row, length must be on dst_k's device");
+    if (src_k.is_cuda()) TORCH_CHECK(src_k.device() == dst_k.device(), "src_k must be on dst_k's device");
+    const c10::cuda::CUDAGuard guard(dst_k.device());
+    check_launch(kvstore::cluster::copy_rows_launch(
+                     dst_k.data_ptr(), dv, src_k.data_ptr(), sv,
+                     static_cast<long long>(dst_k.size(1)) * dst_k.element_size(), vb, dst_k.size(0), src_k.size(0),
+                     src_row.data_ptr<int64_t>(), dst_row.data_ptr<int64_t>(), length.data_ptr<int32_t>(),
+                     static_cast<int>(M), static_cast<int>(blocks_per_run), c10::cuda::getCurrentCUDAStream()),
+                 "copy_rows");
+}
+
+// x [R, D], order int64 [n], offsets int64 [K + 1], fallback f32 [K, D] or None -> means f32 [K, D].
+torch::Tensor kmeans_means(const torch::Tensor& x, const torch::Tensor& order, const torch::Tensor& offsets,
+                           c10::optional<torch::Tensor> fallback) {
+    check_cuda(x, "x");
+    check_cuda(order, "order");
+    check_cuda(offsets, "offsets");
+    TORCH_CHECK(x.dim() == 2 && order.dim() == 1 && offsets.dim() == 1 && offsets.numel() >= 1,
+                "x must be [R, D], order [n], offsets [K + 1]");
+    TORCH_CHECK(order.scalar_type() == torch::kInt64 && offsets.scalar_type() == torch::kInt64,
+                "order and offsets must be int64");
+    TORCH_CHECK(order.device() == x.device() && offsets.device() == x.device(), "tensors on different devices");
+    const int64_t K = offsets.numel() - 1, D = x.size(1);
+    TORCH_CHECK(D >= 1 && D <= INT32_MAX, "x must have 1 <= D columns");
+    const float* fb = nullptr;
+    if (fallback.has_value()) {
+        check_cuda(*fallback, "fallback");
+        TORCH_CHECK(fallback->scalar_type() == torch::kFloat32 && fallback->dim() == 2 && fallback->size(0) == K &&
+                        fallback->size(1) == D && fallback->device() == x.device(),
+                    "fallback must be float32 [K, D] on x's device");
+        fb = fallback->data_ptr<float>();
+    }
+    const ScalarType dt = scalar_type_of(x, "x");
+    const c10::cuda::CUDAGuard guard(x.device());
+    torch::Tensor means = torch::empty({K, D}, x.options().dtype(torch::kFloat32));
+    check_launch(kvstore::cluster::kmeans_means_launch(x.data_ptr(), dt, order.data_ptr<int64_t>(),
+                                                       offsets.data_ptr<int64_t>(), K, static_cast<int>(D), fb,
+                                                       means.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                 "kmeans_means");
+    return means;
+}
+
+}  // namespace
+
+void register_cluster_ops(pybind11::module_& m) {
+    m.def("cluster_scores", &cluster_scores, pybind11::arg("q"), pybind11::arg("centroids"), pybind11::arg("sizes"),
+          pybind11::arg("scale"),
+          "q [G, Hg, D], centroids [G, C, D], sizes f32 [G, C] -> (scores f32 [G, Hg, C], probs f32 [G, C])");
+    m.def("select_clusters", &select_clusters, pybind11::arg("probs"), pybind11::arg("r"), pybind11::arg("e"),
+          "probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r + e best, descending, ties by lower id");
+    m.def("select_clusters_max_k", &select_clusters_max_k, pybind11::arg("device"),
+          "the most clusters (r + e) select_clusters returns on that CUDA device");
+    m.def("copy_rows", &copy_rows, pybind11::arg("dst_k"), pybind11::arg("dst_v"), pybind11::arg("src_k"),
+          pybind11::arg("src_v"), pybind11::arg("src_row"), pybind11::arg("dst_row"), pybind11::arg("length"),
+          pybind11::arg("blocks_per_run") = 1, "Copy M runs of rows (k and optionally v) in one launch");
+    m.def("kmeans_means", &kmeans_means, pybind11::arg("x"), pybind11::arg("order"), pybind11::arg("offsets"),
+          pybind11::arg("fallback") = pybind11::none(),
+          "x [R, D], order int64, offsets int64 [K + 1], fallback f32 [K, D] or None -> means f32 [K, D]");
+}

@@ -1,0 +1,8 @@
+// kvstore._cuda: the CUDA kernels of the GPU decode path (csrc/cuda/*.cu).
+#include "registry.h"
+
+PYBIND11_MODULE(_cuda, m) {
+    m.doc() = "kvstore CUDA kernels: cluster ranking, sparse decode attention, k-means, copies";
+    register_sparse_attention(m);
+    register_cluster_ops(m);
+}

@@ -1,0 +1,327 @@
+"""kvstore.gpu.cluster_ops: cluster ranking, selection, ordering and the copy kernel.
+
+CPU tests check the torch reference against float64 references; GPU tests
+(marked ``gpu``) check the CUDA kernels against the torch reference on fresh
+random data (bf16 / fp16 / f32, head_dim 64 / 128 and odd sizes, GQA groups
+1, 4, 7, 8, empty clusters, unaligned inputs, pinned host sources)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvstore.gpu.cluster_ops import cluster_order, cluster_scores, copy_rows, select_clusters
+
+
+def _cuda_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from kvstore.gpu import has_cuda_ext
+
+    return has_cuda_ext()
+
+
+CUDA = _cuda_ready()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the kvstore._cuda extension")
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def ranking_inputs(G, Hg, C, D, dtype=torch.float32, device="cpu", empty_frac=0.1, gen=None):
+    """Fresh queries / centroids (a shared offset, like real keys) and sizes with some empty clusters."""
+    q = torch.randn(G, Hg, D, generator=gen) * 2
+    c = torch.randn(G, C, D, generator=gen) + torch.randn(G, 1, D, generator=gen)
+    sizes = torch.randint(1, 40, (G, C), generator=gen).float()
+    sizes[torch.rand(G, C, generator=gen) < empty_frac] = 0
+    return q.to(device, dtype), c.to(device, dtype), sizes.to(device)
+
+
+def ranking_float64(q, c, sizes, scale):
+    """scores [G, Hg, C] and group-summed softmax [G, C] in float64 (WaveHead's ranking, per group)."""
+    s = torch.einsum("ghd,gcd->ghc", q.double(), c.double()) * scale
+    s = s.masked_fill((sizes <= 0)[:, None, :], -math.inf)
+    probs = torch.zeros(s.shape[0], s.shape[2], dtype=torch.float64)
+    for g in range(s.shape[0]):
+        if bool(torch.isfinite(s[g]).any()):
+            probs[g] = torch.softmax(s[g], dim=-1).sum(0)
+    return s, probs
+
+
+# --------------------------------------------------------------------------- ranking (torch reference)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G,Hg,C,D", [(3, 4, 257, 64), (2, 1, 100, 128), (4, 7, 33, 72)])
+def test_cluster_scores_torch_matches_float64(dtype, G, Hg, C, D):
+    q, c, sizes = ranking_inputs(G, Hg, C, D, dtype)
+    s, p = cluster_scores(q, c, sizes, backend="torch")
+    assert s.dtype == p.dtype == torch.float32 and s.shape == (G, Hg, C) and p.shape == (G, C)
+    s64, p64 = ranking_float64(q, c, sizes, 1 / math.sqrt(D))
+    fin = torch.isfinite(s64)
+    assert torch.equal(torch.isfinite(s), fin) and bool((s[~fin] == -math.inf).all())
+    assert rel_l2(s[fin], s64[fin]) < 1e-5
+    assert rel_l2(p, p64) < 1e-5
+    torch.testing.assert_close(p.sum(1).double(), torch.full((G,), float(Hg), dtype=torch.float64), rtol=1e-5,
+                               atol=0)
+
+
+def test_cluster_scores_scale_and_empty_groups():
+    q, c, sizes = ranking_inputs(3, 2, 50, 16)
+    sizes[1] = 0                                   # a group whose clusters are all padding
+    s, p = cluster_scores(q, c, sizes, scale=0.3, backend="torch")
+    s64, p64 = ranking_float64(q, c, sizes, 0.3)
+    assert bool((s[1] == -math.inf).all()) and bool((p[1] == 0).all())
+    assert rel_l2(p, p64) < 1e-5
+
+
+def test_cluster_scores_rejects_bad_input():
+    q, c, sizes = ranking_inputs(2, 4, 10, 8)
+    with pytest.raises(TypeError, match="q"):
+        cluster_scores(q.numpy(), c, sizes)
+    with pytest.raises(ValueError, match="q"):
+        cluster_scores(q[0], c, sizes)
+    with pytest.raises(TypeError, match="centroids"):
+        cluster_scores(q, c.double(), sizes)
+    with pytest.raises(ValueError, match="centroids"):
+        cluster_scores(q, c[:, :, :4], sizes)
+    with pytest.raises(ValueError, match="sizes"):
+        cluster_scores(q, c, sizes[:, :5])
+    with pytest.raises(TypeError, match="sizes"):
+        cluster_scores(q, c, sizes.long())
+    with pytest.raises(ValueError, match="backend"):
+        cluster_scores(q, c, sizes, backend="triton")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        cluster_scores(q, c, sizes, backend="cuda")
+    with pytest.raises(ValueError, match="scale"):
+        cluster_scores(q, c, sizes, scale=float("nan"))
+
+
+# --------------------------------------------------------------------------- selection and order
+
+def test_select_clusters_matches_stable_argsort():
+    gen = torch.Generator().manual_seed(7)
+    probs = torch.rand(6, 500, generator=gen)
+    probs[0, ::3] = 0.25                                            # exact ties
+    probs[1] = 0.0
+    probs[2, :10] = -0.0
+    ref = torch.argsort(probs, dim=1, descending=True, stable=True)
+    for r, e in [(10, 100), (0, 7), (9, 0), (0, 0), (200, 300)]:
+        ret, est = select_clusters(probs, r, e, backend="torch")
+        assert ret.dtype == est.dtype == torch.int64 and ret.shape == (6, r) and est.shape == (6, e)
+        assert torch.equal(ret, ref[:, :r]) and torch.equal(est, ref[:, r:r + e])
+
+
+def test_select_clusters_rejects_bad_input():
+    probs = torch.rand(2, 10)
+    with pytest.raises(ValueError, match="r \\+ e"):
+        select_clusters(probs, 6, 5)
+    with pytest.raises(ValueError, match="e"):
+        select_clusters(probs, 1, -1)
+    with pytest.raises(TypeError, match="r"):
+        select_clusters(probs, 1.5, 2)
+    with pytest.raises(TypeError, match="probs"):
+        select_clusters(probs.long(), 1, 2)
+    with pytest.raises(ValueError, match="probs"):
+        select_clusters(probs[0], 1, 2)
+
+
+def test_cluster_order():
+    gen = torch.Generator().manual_seed(3)
+    assign = torch.randint(0, 9, (4, 300), generator=gen)
+    assign[2] = 4                                                   # one cluster holds everything
+    order, offsets = cluster_order(assign, 12)
+    assert order.shape == (4, 300) and offsets.shape == (4, 13)
+    for g in range(4):
+        assert torch.equal(order[g], torch.argsort(assign[g], stable=True))
+        counts = torch.bincount(assign[g], minlength=12)
+        assert torch.equal(offsets[g], torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+    with pytest.raises(ValueError, match="assign"):
+        cluster_order(assign, 5)
+
+
+# --------------------------------------------------------------------------- copies (torch reference)
+
+def copy_case(rows_s=300, rows_d=800, D=24, Dv=40, M=30, dtype=torch.float32, gen=None):
+    """Random non-overlapping destination runs of 0..20 rows, random source runs."""
+    src_k = torch.randn(rows_s, D, generator=gen).to(dtype)
+    src_v = torch.randn(rows_s, Dv, generator=gen).to(dtype)
+    dst_k = torch.randn(rows_d, D, generator=gen).to(dtype)
+    dst_v = torch.randn(rows_d, Dv, generator=gen).to(dtype)
+    length = torch.randint(0, 21, (M,), generator=gen)
+    slot = torch.randperm(rows_d // 20, generator=gen)[:M]            # disjoint destination slots of 20 rows
+    dst_row = slot * 20
+    src_row = torch.randint(0, rows_s - 20, (M,), generator=gen)
+    return dst_k, dst_v, src_k, src_v, src_row, dst_row, length.to(torch.int32)
+
+
+def copy_expected(dst_k, dst_v, src_k, src_v, src_row, dst_row, length):
+    ek, ev = dst_k.clone(), dst_v.clone()
+    for s, d, n in zip(src_row.tolist(), dst_row.tolist(), length.tolist()):
+        ek[d:d + n] = src_k[s:s + n]
+        ev[d:d + n] = src_v[s:s + n]
+    return ek, ev
+
+
+def test_copy_rows_torch():
+    gen = torch.Generator().manual_seed(11)
+    dk, dv, sk, sv, sr, dr, ln = copy_case(gen=gen)
+    ek, ev = copy_expected(dk, dv, sk, sv, sr, dr, ln)
+    copy_rows(dk, dv, sk, sv, sr, dr, ln, backend="torch", check_bounds=True)
+    assert torch.equal(dk, ek) and torch.equal(dv, ev)
+    # keys only
+    dk, dv, sk, sv, sr, dr, ln = copy_case(gen=gen)
+    ek, _ = copy_expected(dk, dv, sk, sv, sr, dr, ln)
+    copy_rows(dk, None, sk, None, sr, dr, ln, backend="torch")
+    assert torch.equal(dk, ek)
+
+
+def test_copy_rows_out_of_bounds_runs():
+    gen = torch.Generator().manual_seed(12)
+    dk, dv, sk, sv, sr, dr, ln = copy_case(gen=gen)
+    sr[3], ln[3] = sk.shape[0] - 2, 5                              # reads past src
+    dr[5] = -1                                                      # negative start
+    ln[6] = -4                                                      # negative length
+    with pytest.raises(ValueError, match="run 3"):
+        copy_rows(dk, dv, sk, sv, sr, dr, ln, check_bounds=True)
+    ok = torch.ones(len(sr), dtype=torch.bool)
+    ok[[3, 5, 6]] = False
+    ek, ev = copy_expected(dk, dv, sk, sv, sr[ok], dr[ok], ln[ok])
+    copy_rows(dk, dv, sk, sv, sr, dr, ln, backend="torch")          # invalid runs are skipped
+    assert torch.equal(dk, ek) and torch.equal(dv, ev)
+
+
+def test_copy_rows_rejects_bad_input():
+    dk, dv, sk, sv, sr, dr, ln = copy_case()
+    with pytest.raises(TypeError, match="length"):
+        copy_rows(dk, dv, sk, sv, sr, dr, ln.long())
+    with pytest.raises(TypeError, match="src_row"):
+        copy_rows(dk, dv, sk, sv, sr.int(), dr, ln)
+    with pytest.raises(ValueError, match="length"):
+        copy_rows(dk, dv, sk, sv, sr, dr, ln[:-1])
+    with pytest.raises(TypeError, match="src_k"):
+        copy_rows(dk, dv, sk.half(), sv, sr, dr, ln)
+    with pytest.raises(ValueError, match="src_v"):
+        copy_rows(dk, dv, sk, sv[:, :3], sr, dr, ln)
+    with pytest.raises(ValueError, match="both"):
+        copy_rows(dk, dv, sk, None, sr, dr, ln)
+    with pytest.raises(ValueError, match="dst_k"):
+        copy_rows(dk.t(), dv, sk, sv, sr, dr, ln)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        copy_rows(dk, dv, sk, sv, sr, dr, ln, backend="cuda")
+
+
+# --------------------------------------------------------------------------- GPU parity
+
+def poison_cuda_cache(nbytes: int) -> None:
+    """Leave NaN in freed blocks of the caching allocator, so outputs a kernel fails to write show up."""
+    junk = [torch.full((nbytes // 4,), float("nan"), device="cuda") for _ in range(4)]
+    del junk
+
+
+RANK_SHAPES = [  # G, Hg, C, D
+    (8, 4, 1000, 128), (5, 1, 257, 64), (3, 7, 33, 128), (16, 8, 4099, 64), (2, 4, 1, 128),
+    (4, 16, 300, 128), (3, 2, 700, 72), (2, 3, 129, 100), (64, 4, 8192, 128), (1, 32, 50, 256),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("G,Hg,C,D", RANK_SHAPES)
+def test_cluster_scores_kernel_matches_reference(dtype, G, Hg, C, D):
+    if Hg * D > 8192:
+        pytest.skip("beyond the kernel's Hg * D limit")
+    q, c, sizes = ranking_inputs(G, Hg, C, D, dtype, "cuda")
+    poison_cuda_cache(4 * G * Hg * C + 4 * G * C)
+    s, p = cluster_scores(q, c, sizes, backend="cuda")
+    s64, p64 = ranking_float64(q.cpu(), c.cpu(), sizes.cpu(), 1 / math.sqrt(D))
+    s, p = s.cpu(), p.cpu()
+    fin = torch.isfinite(s64)
+    assert torch.equal(torch.isfinite(s), fin) and bool((s[~fin] == -math.inf).all())
+    assert not bool(p.isnan().any())
+    # inputs are the same rounded values: only f32 accumulation (and fast exp) separates the two
+    assert rel_l2(s[fin], s64[fin]) < 1e-5
+    assert rel_l2(p, p64) < 1e-4
+    st, pt = cluster_scores(q, c, sizes, backend="torch")
+    assert rel_l2(p, pt.cpu()) < 1e-4
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cluster_scores_kernel_unaligned_and_all_empty(dtype):
+    G, Hg, C, D = 3, 4, 300, 128
+    q, c, sizes = ranking_inputs(G, Hg, C, D, dtype, "cuda")
+    sizes[1] = 0
+    qb = torch.empty(q.numel() + 1, dtype=dtype, device="cuda")
+    cb = torch.empty(c.numel() + 1, dtype=dtype, device="cuda")
+    qu = qb[1:].view(G, Hg, D)                                    # 2- or 4-byte aligned: the scalar path
+    cu = cb[1:].view(G, C, D)
+    qu.copy_(q)
+    cu.copy_(c)
+    s, p = cluster_scores(qu, cu, sizes, backend="cuda")
+    s64, p64 = ranking_float64(q.cpu(), c.cpu(), sizes.cpu(), 1 / math.sqrt(D))
+    fin = torch.isfinite(s64)
+    assert torch.equal(torch.isfinite(s.cpu()), fin)
+    assert rel_l2(s.cpu()[fin], s64[fin]) < 1e-5 and rel_l2(p.cpu(), p64) < 1e-4
+    assert bool((p[1] == 0).all())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("G,C,r,e", [(64, 8192, 150, 1900), (3, 1, 1, 0), (5, 1000, 0, 1000), (7, 777, 13, 0),
+                                     (2, 70_000, 1200, 16_000), (2, 70_000, 1200, 20_000), (1, 4097, 2048, 1)])
+def test_select_clusters_kernel_matches_stable_argsort(G, C, r, e):
+    from kvstore.gpu.cluster_ops import select_max_k
+
+    gen = torch.Generator().manual_seed(C + r)
+    probs = torch.rand(G, C, generator=gen)
+    probs[0, ::5] = 0.5                                             # exact ties, also across the cut
+    probs[-1, : C // 3] = 0.0
+    probs[-1, : C // 7] = -0.0
+    ref = torch.argsort(probs, dim=1, descending=True, stable=True)
+    ret, est = select_clusters(probs.cuda(), r, e, backend="cuda")
+    assert torch.equal(ret.cpu(), ref[:, :r]) and torch.equal(est.cpu(), ref[:, r:r + e])
+    if r + e <= select_max_k(torch.device("cuda")):                 # the kernel itself, not the fallback
+        from kvstore.gpu import cuda_ext
+
+        ret, est = cuda_ext().select_clusters(probs.cuda(), r, e)
+        assert torch.equal(ret.cpu(), ref[:, :r]) and torch.equal(est.cpu(), ref[:, r:r + e])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D,Dv", [(128, 128), (64, 64), (3, 5)])
+@pytest.mark.parametrize("pinned", [False, True])
+def test_copy_rows_kernel(dtype, D, Dv, pinned):
+    gen = torch.Generator().manual_seed(D * 7 + Dv)
+    dk, dv, sk, sv, sr, dr, ln = copy_case(2000, 3000, D, Dv, 120, dtype, gen)
+    ek, ev = copy_expected(dk, dv, sk, sv, sr, dr, ln)
+    sr[0], ln[0] = 1995, 10                                         # out of bounds: skipped
+    ek[dr[0]:dr[0] + 20], ev[dr[0]:dr[0] + 20] = dk[dr[0]:dr[0] + 20], dv[dr[0]:dr[0] + 20]
+    src_k, src_v = (sk.pin_memory(), sv.pin_memory()) if pinned else (sk.cuda(), sv.cuda())
+    dkc, dvc = dk.cuda(), dv.cuda()
+    copy_rows(dkc, dvc, src_k, src_v, sr.cuda(), dr.cuda(), ln.cuda(), backend="cuda")
+    torch.cuda.synchronize()
+    assert torch.equal(dkc.cpu(), ek) and torch.equal(dvc.cpu(), ev)
+
+
+@pytest.mark.gpu
+@gpu
+def test_copy_rows_kernel_long_runs_split_over_blocks():
+    gen = torch.Generator().manual_seed(5)
+    sk = torch.randn(100_000, 128, generator=gen).bfloat16()
+    dk = torch.randn(120_000, 128, generator=gen).bfloat16()
+    sr = torch.tensor([0, 50_000, 7])
+    dr = torch.tensor([0, 60_000, 110_000])
+    ln = torch.tensor([40_000, 50_000, 9_999], dtype=torch.int32)
+    ek = dk.clone()
+    for s, d, n in zip(sr.tolist(), dr.tolist(), ln.tolist()):
+        ek[d:d + n] = sk[s:s + n]
+    dkc = dk.cuda()
+    copy_rows(dkc, None, sk.cuda(), None, sr.cuda(), dr.cuda(), ln.cuda(), backend="cuda", max_length=50_000)
+    assert torch.equal(dkc.cpu(), ek)

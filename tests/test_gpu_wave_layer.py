@@ -1,0 +1,179 @@
+"""GpuWaveLayer (kvstore.gpu.wave_layer) against exact references.
+
+CPU tests run the torch backend (the reference the kernels are compared with); the GPU-marked tests run the
+CUDA kernels and compare them with the torch backend on the same index.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvstore.attention.core import attention_with_lse, estimate_clusters, full_attention, merge_partials
+from kvstore.gpu.wave_layer import GpuWaveLayer, WaveGpuConfig
+
+CUDA = torch.cuda.is_available()
+
+
+def _cuda_ready() -> bool:
+    from kvstore.gpu import has_cuda_ext
+
+    return CUDA and has_cuda_ext()
+
+
+def _kv(B, H, N, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # a few directions + noise, so clusters mean something
+    dirs = torch.randn(8, D, generator=g)
+    lab = torch.randint(0, 8, (B, H, N), generator=g)
+    k = dirs[lab] * 2 + torch.randn(B, H, N, D, generator=g)
+    v = torch.randn(B, H, N, D, generator=g)
+    return k.to(device, dtype), v.to(device, dtype)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _reference(layer: GpuWaveLayer, q: torch.Tensor) -> torch.Tensor:
+    """The CPU reference method (kvstore.attention.core pieces, float64) on the layer's own index."""
+    B, Hq, D = q.shape
+    G, Hg = layer.G, Hq // layer.Hkv
+    qg = q.double().reshape(G, Hg, D).cpu()
+    out = torch.zeros(G, Hg, layer.Dv, dtype=torch.float64)
+    kv_k = layer.kv_k.cpu().double().reshape(G, layer.n, D)
+    kv_v = layer.kv_v.cpu().double().reshape(G, layer.n, layer.Dv)
+    r, e = layer.cfg.budgets(layer.length, layer.C)
+    for g in range(G):
+        sk = layer.steady_k[g, :layer.steady_used].cpu().double()
+        sv = layer.steady_v[g, :layer.steady_used].cpu().double()
+        parts = [attention_with_lse(qg[g], sk, sv, layer.scale)]
+        if layer.C:
+            cen = layer.centroids[g].cpu().double()
+            sizes = layer.sizes[g].cpu().double()
+            s = (qg[g] @ cen.T) * layer.scale
+            s = s.masked_fill(sizes[None] == 0, -math.inf)
+            rank = torch.softmax(s, -1).sum(0)
+            order = torch.argsort(rank, descending=True, stable=True)
+            ret, est = order[:r], order[r:r + e]
+            off = layer.offsets[g].cpu()
+            rows = torch.cat([torch.arange(int(off[c]), int(off[c + 1])) for c in ret.tolist()] or
+                             [torch.zeros(0, dtype=torch.long)])
+            parts.append(attention_with_lse(qg[g], kv_k[g, rows], kv_v[g, rows], layer.scale))
+            keep = est[sizes[est] > 0]
+            if keep.numel():
+                parts.append(estimate_clusters(qg[g], cen[keep], sizes[keep],
+                                               layer.value_sums[g].cpu().double()[keep], layer.scale))
+        out[g] = merge_partials(parts)[0]
+    return out.reshape(B, Hq, layer.Dv)
+
+
+@pytest.mark.parametrize("mode", ["gpu_only", "offload"])
+def test_full_budget_equals_full_attention(mode):
+    B, H, Hg, N, D = 2, 2, 3, 700, 32
+    k, v = _kv(B, H, N, D, seed=1)
+    cfg = WaveGpuConfig(mode=mode, retrieval=1.0, estimation=0.0, segment_len=256, backend="torch",
+                        cuda_graph=False, cache_ratio=0.2)
+    layer = GpuWaveLayer.build(k, v, cfg, device="cpu")
+    q = torch.randn(B, H * Hg, D)
+    o = layer.decode(q)
+    ref = full_attention(q[:, :, None].double(), k.double(), v.double())[0][:, :, 0]
+    assert _rel(o, ref) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["gpu_only", "offload"])
+def test_published_budgets_match_reference_method(mode):
+    B, H, Hg, N, D = 1, 3, 4, 2000, 64
+    k, v = _kv(B, H, N, D, seed=2)
+    cfg = WaveGpuConfig(mode=mode, segment_len=512, backend="torch", cuda_graph=False)
+    layer = GpuWaveLayer.build(k, v, cfg, device="cpu")
+    for step in range(3):
+        q = torch.randn(B, H * Hg, D, generator=torch.Generator().manual_seed(10 + step)) * 2
+        o = layer.decode(q)
+        assert _rel(o, _reference(layer, q)) < 1e-5
+    st = layer.stats()
+    assert 0 < st["read_fraction"] < 0.5
+    if mode == "offload":
+        assert st["hit_ratio"] is not None and st["host_bytes"] > 0
+
+
+def test_offload_equals_gpu_only_over_steps_and_caches_clusters():
+    B, H, Hg, N, D = 2, 2, 2, 1500, 32
+    k, v = _kv(B, H, N, D, seed=3)
+    base = dict(segment_len=512, backend="torch", cuda_graph=False, retrieval=0.05)
+    a = GpuWaveLayer.build(k, v, WaveGpuConfig(mode="gpu_only", **base), device="cpu")
+    b = GpuWaveLayer.build(k, v, WaveGpuConfig(mode="offload", cache_ratio=0.5, **base), device="cpu")
+    q = torch.randn(B, H * Hg, D)
+    for _ in range(4):  # the same query: after the first step its clusters are cached
+        assert torch.allclose(a.decode(q), b.decode(q), atol=1e-6)
+    assert b.stats()["hit_ratio"] >= 0.7
+
+
+def test_append_and_reindex_keep_every_token_once():
+    B, H, Hg, N, D = 1, 2, 2, 300, 16
+    k, v = _kv(B, H, N + 40, D, seed=4)
+    cfg = WaveGpuConfig(retrieval=1.0, estimation=0.0, update_interval=16, window=8, segment_len=128,
+                        backend="torch", cuda_graph=False)
+    layer = GpuWaveLayer.build(k[:, :, :N], v[:, :, :N], cfg, device="cpu")
+    C0 = layer.C
+    for t in range(N, N + 40):
+        layer.append(k[:, :, t], v[:, :, t])
+    assert layer.C > C0 and layer.length == N + 40
+    q = torch.randn(B, H * Hg, D)
+    ref = full_attention(q[:, :, None].double(), k.double(), v.double())[0][:, :, 0]
+    assert _rel(layer.decode(q), ref) < 1e-5
+
+
+def test_short_context_is_all_steady():
+    k, v = _kv(1, 1, 20, 8, seed=5)
+    layer = GpuWaveLayer.build(k, v, WaveGpuConfig(backend="torch", cuda_graph=False), device="cpu")
+    assert layer.C == 0
+    q = torch.randn(1, 2, 8)
+    ref = full_attention(q[:, :, None].double(), k.double(), v.double())[0][:, :, 0]
+    assert _rel(layer.decode(q), ref) < 1e-6
+
+
+def test_bad_inputs():
+    k, v = _kv(1, 2, 100, 8)
+    with pytest.raises(ValueError, match="mode"):
+        WaveGpuConfig(mode="fast")
+    with pytest.raises(ValueError, match="cache_ratio"):
+        WaveGpuConfig(cache_ratio=0)
+    with pytest.raises(ValueError, match="k must be"):
+        GpuWaveLayer.build(k[0], v, WaveGpuConfig(backend="torch"), device="cpu")
+    with pytest.raises(ValueError, match="agree"):
+        GpuWaveLayer.build(k, v[:, :, :50], WaveGpuConfig(backend="torch"), device="cpu")
+    layer = GpuWaveLayer.build(k, v, WaveGpuConfig(backend="torch", cuda_graph=False), device="cpu")
+    with pytest.raises(ValueError, match="q must be"):
+        layer.decode(torch.randn(1, 3, 8))
+    with pytest.raises(TypeError, match="q must be"):
+        layer.decode(torch.randn(1, 4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="k1"):
+        layer.append(torch.randn(1, 2, 9), torch.randn(1, 2, 8))
+    q = torch.randn(1, 4, 8)
+    assert torch.isfinite(layer.decode(q)).all()  # still usable after the failed calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["gpu_only", "offload"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernels_match_torch_backend(mode, dtype):
+    if not _cuda_ready():
+        pytest.skip("kvstore._cuda not built")
+    B, H, Hg, N, D = 2, 4, 4, 20000, 128
+    k, v = _kv(B, H, N, D, dtype, "cuda", seed=6)
+    base = dict(mode=mode, segment_len=8192, cuda_graph=(mode == "gpu_only"))
+    fast = GpuWaveLayer.build(k, v, WaveGpuConfig(backend="cuda", **base))
+    ref = GpuWaveLayer.build(k, v, WaveGpuConfig(backend="torch", **{**base, "cuda_graph": False}))
+    for step in range(3):
+        q = torch.randn(B, H * Hg, D, device="cuda", dtype=dtype) * 2
+        o = fast.decode(q)
+        exact = _reference(fast, q.cpu())
+        assert _rel(o.cpu(), exact) < 2e-2
+        assert _rel(ref.decode(q).cpu(), _reference(ref, q.cpu())) < 2e-2
+        fast.append(k[:, :, -1], v[:, :, -1])
+        ref.append(k[:, :, -1], v[:, :, -1])
+    if mode == "offload":
+        assert fast.stats()["hit_ratio"] is not None
