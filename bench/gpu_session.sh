@@ -35,9 +35,12 @@ if has build; then
 fi
 python3 -m kvstore.cli info 2>&1 | tee "$OUT/info.txt"
 if has test; then
-    timeout ${TEST_S:-240} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_gpu_attention_ops.py \
+    timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu_attention_ops.py \
         tests/test_gpu_cluster_ops.py tests/test_gpu_kmeans.py tests/test_gpu_wave_layer.py tests/test_graph_split.py} \
         2>&1 | tail -40 | tee "$OUT/tests.txt"
+fi
+if has profile; then
+    timeout 60 python3 bench/profile_decode.py --context 131072 --batch 8 2>&1 | tail -30 | tee "$OUT/profile.txt"
 fi
 if has decode; then
     timeout ${DECODE_S:-420} python3 -m kvstore.cli bench decode --out "$OUT" ${DECODE_ARGS:-} 2>&1 \
