@@ -153,9 +153,10 @@ class KVStore:
         H = self.num_kv_heads
         if not isinstance(q, torch.Tensor) or q.dtype not in _DTYPES:
             raise TypeError("attend: q must be a float32/float16/bfloat16 torch tensor")
-        if q.dim() != 4 or q.shape[0] != len(heads) or q.shape[2] != 1 or q.shape[3] != self.head_dim \
+        batch = len(heads) if isinstance(heads, list) else heads.B
+        if q.dim() != 4 or q.shape[0] != batch or q.shape[2] != 1 or q.shape[3] != self.head_dim \
                 or q.shape[1] % H:
-            raise ValueError(f"attend: q must be [B={len(heads)}, Hq (multiple of {H}), 1, {self.head_dim}], "
+            raise ValueError(f"attend: q must be [B={batch}, Hq (multiple of {H}), 1, {self.head_dim}], "
                              f"got {tuple(q.shape)}")
         if not torch.isfinite(q).all():
             raise ValueError("attend: q contains NaN or inf")

@@ -31,7 +31,7 @@ def _data(B=B, Hkv=HKV, G=G, N=300, D=D, Dv=None, Nq=40, seed=0, dtype=torch.flo
 
 
 def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
 
 
 def _full(q, k, v):
