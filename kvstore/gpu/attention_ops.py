@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 from ..attention.core import attention_with_lse, merge_partials
+from .cluster_ops import check_tensor
 
 MAX_SOURCES = 4
 MAX_GROUP = 16            # query heads per slot the kernel takes
@@ -189,19 +190,9 @@ def _check_scale(scale: Any, D: int) -> float:
     return float(scale)
 
 
-def _tensor(x: Any, name: str, ndim: int, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
-    if x.dtype not in dtypes:
-        raise TypeError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {x.dtype}")
-    return x
-
-
 def _check_inputs(q: Any, sources: Any, runs: Any, estimation: Any) -> tuple[int, int, int, int]:
     """Shapes, dtypes and devices (no data read). Returns G, Hg, D, Dv."""
-    _tensor(q, "q", 3, _FLOATS)
+    check_tensor(q, "q", 3, _FLOATS)
     G, Hg, D = q.shape
     if Hg < 1 or D < 1:
         raise ValueError(f"q must be [G, Hg >= 1, D >= 1], got {tuple(q.shape)}")
@@ -211,8 +202,8 @@ def _check_inputs(q: Any, sources: Any, runs: Any, estimation: Any) -> tuple[int
     for i, s in enumerate(sources):
         if not isinstance(s, tuple) or len(s) != 2:
             raise TypeError(f"sources[{i}] must be a KVSource(k, v), got {type(s).__name__}")
-        k = _tensor(s[0], f"sources[{i}].k", 2, (q.dtype,))
-        v = _tensor(s[1], f"sources[{i}].v", 2, (q.dtype,))
+        k = check_tensor(s[0], f"sources[{i}].k", 2, (q.dtype,))
+        v = check_tensor(s[1], f"sources[{i}].v", 2, (q.dtype,))
         if k.shape[1] != D:
             raise ValueError(f"sources[{i}].k has dim {k.shape[1]}, q has {D}")
         if v.shape[0] != k.shape[0]:
@@ -225,10 +216,10 @@ def _check_inputs(q: Any, sources: Any, runs: Any, estimation: Any) -> tuple[int
             raise ValueError(f"sources[{i}].k and .v are on {k.device} and {v.device}")
     if not isinstance(runs, tuple) or len(runs) != 4:
         raise TypeError(f"runs must be a RunTable(src, row, length, offsets), got {type(runs).__name__}")
-    src = _tensor(runs[0], "runs.src", 1, (torch.int32,))
-    row = _tensor(runs[1], "runs.row", 1, (torch.int64,))
-    length = _tensor(runs[2], "runs.length", 1, (torch.int32,))
-    offsets = _tensor(runs[3], "runs.offsets", 1, (torch.int32,))
+    src = check_tensor(runs[0], "runs.src", 1, (torch.int32,))
+    row = check_tensor(runs[1], "runs.row", 1, (torch.int64,))
+    length = check_tensor(runs[2], "runs.length", 1, (torch.int32,))
+    offsets = check_tensor(runs[3], "runs.offsets", 1, (torch.int32,))
     if not src.shape[0] == row.shape[0] == length.shape[0]:
         raise ValueError(f"runs.src, runs.row and runs.length must have one length, got "
                          f"{src.shape[0]}, {row.shape[0]}, {length.shape[0]}")
@@ -240,10 +231,10 @@ def _check_inputs(q: Any, sources: Any, runs: Any, estimation: Any) -> tuple[int
         if not isinstance(estimation, tuple) or len(estimation) != 4:
             raise TypeError(f"estimation must be an Estimation(scores, sizes, value_sums, ids) or None, "
                             f"got {type(estimation).__name__}")
-        sc = _tensor(estimation[0], "estimation.scores", 3, (torch.float32,))
-        sz = _tensor(estimation[1], "estimation.sizes", 2, (torch.float32,))
-        vs = _tensor(estimation[2], "estimation.value_sums", 3, (torch.float32,))
-        ids = _tensor(estimation[3], "estimation.ids", 2, (torch.int64,))
+        sc = check_tensor(estimation[0], "estimation.scores", 3, (torch.float32,))
+        sz = check_tensor(estimation[1], "estimation.sizes", 2, (torch.float32,))
+        vs = check_tensor(estimation[2], "estimation.value_sums", 3, (torch.float32,))
+        ids = check_tensor(estimation[3], "estimation.ids", 2, (torch.int64,))
         C = sc.shape[2]
         if tuple(sc.shape) != (G, Hg, C):
             raise ValueError(f"estimation.scores must be [G, Hg, C] = [{G}, {Hg}, C], got {tuple(sc.shape)}")
