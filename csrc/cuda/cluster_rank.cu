@@ -17,6 +17,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 
 namespace kvstore {
 namespace cluster {
@@ -204,6 +205,169 @@ cudaError_t dispatch_layout(const void* q, const void* cen, const float* sizes, 
     return dispatch_hb<T, kVec, 8>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor-core variant of pass 1 for bf16 / fp16 with D % 32 == 0 and Hg <= 16 (sm_80+): one
+// mma.m16n8k16 multiplies the group's queries (rows of A, heads >= Hg zero) by 8 centroids (columns of
+// B). The k order inside an MMA is free as long as A and B agree, so lane (g, t) = (lane / 4, lane % 4)
+// feeds both from one 16-byte chunk: chunk 4 j + t of centroid g of the 8 (B) and of query heads g and
+// g + 8 (A); words 0, 1 go to MMA 2 j and words 2, 3 to MMA 2 j + 1. A warp step reads 8 centroids in
+// 16-byte coalesced loads with no shuffles; lane (g, t) ends with the scores of head g (and g + 8) for
+// centroids 2 t and 2 t + 1 of the 8 and keeps that head's online softmax statistics.
+constexpr int kMmaU = 4;  // groups of 8 centroids per warp step (loads in flight)
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+#endif
+}
+
+__device__ __forceinline__ void maxsum_push(MaxSum& s, float v) {
+    if (v == -INFINITY) return;
+    if (v > s.m) {
+        s.l = s.l * __expf(s.m - v) + 1.0f;
+        s.m = v;
+    } else {
+        s.l += __expf(v - s.m);
+    }
+}
+
+template <typename T, int D, bool kTwoRows>
+__global__ void __launch_bounds__(kThreads)
+scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* __restrict__ sizes, int Hg,
+                  int C, float scale, int tile, float* __restrict__ scores, float2* __restrict__ tile_stats) {
+    constexpr int NJ = D / 32;  // chunk steps: 4 lanes x 8 elements each
+    __shared__ MaxSum st[kThreads / 32][16];
+    const int g = blockIdx.y;
+    const int c0 = blockIdx.x * tile;
+    const int c1 = min(C, c0 + tile);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int gr = lane / 4, t = lane % 4;
+
+    // A fragments: chunk 4 j + t of heads gr and gr + 8 (zero past Hg).
+    uint4 qa[NJ], qb[NJ];
+    {
+        const T* qg = q + static_cast<long long>(g) * Hg * D;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            qa[j] = gr < Hg ? __ldg(reinterpret_cast<const uint4*>(qg + gr * D + (4 * j + t) * 8))
+                            : make_uint4(0u, 0u, 0u, 0u);
+            qb[j] = (kTwoRows && gr + 8 < Hg)
+                        ? __ldg(reinterpret_cast<const uint4*>(qg + (gr + 8) * D + (4 * j + t) * 8))
+                        : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+    const T* cg = cen + static_cast<long long>(g) * C * D;
+    const float* sg = sizes + static_cast<long long>(g) * C;
+    float* out_a = scores + (static_cast<long long>(g) * Hg + gr) * C;
+    float* out_b = scores + (static_cast<long long>(g) * Hg + gr + 8) * C;
+    MaxSum sa{-INFINITY, 0.0f}, sb{-INFINITY, 0.0f};
+
+    constexpr int kStep = 8 * kMmaU;
+    for (int cw = c0 + warp * kStep; cw < c1; cw += (kThreads / 32) * kStep) {
+        uint4 x[kMmaU][NJ];
+#pragma unroll
+        for (int u = 0; u < kMmaU; ++u) {
+            const int c = cw + 8 * u + gr;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j)
+                x[u][j] = c < c1 ? __ldg(reinterpret_cast<const uint4*>(cg + static_cast<long long>(c) * D +
+                                                                       (4 * j + t) * 8))
+                                 : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < kMmaU; ++u) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                const unsigned a0[4] = {qa[j].x, qb[j].x, qa[j].y, qb[j].y};
+                mma_16816<T>(acc, a0, x[u][j].x, x[u][j].y);
+                const unsigned a1[4] = {qa[j].z, qb[j].z, qa[j].w, qb[j].w};
+                mma_16816<T>(acc, a1, x[u][j].z, x[u][j].w);
+            }
+            const int c = cw + 8 * u + 2 * t;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                if (c + i >= c1) break;
+                const bool live = sg[c + i] > 0.0f;
+                if (gr < Hg) {
+                    const float v = live ? acc[i] * scale : -INFINITY;
+                    out_a[c + i] = v;
+                    maxsum_push(sa, v);
+                }
+                if (kTwoRows && gr + 8 < Hg) {
+                    const float v = live ? acc[2 + i] * scale : -INFINITY;
+                    out_b[c + i] = v;
+                    maxsum_push(sb, v);
+                }
+            }
+        }
+    }
+    // Merge the 4 lanes of each row, then the warps.
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        sa = maxsum_merge(sa, MaxSum{__shfl_xor_sync(0xffffffffu, sa.m, o), __shfl_xor_sync(0xffffffffu, sa.l, o)});
+        if (kTwoRows)
+            sb = maxsum_merge(sb, MaxSum{__shfl_xor_sync(0xffffffffu, sb.m, o), __shfl_xor_sync(0xffffffffu, sb.l, o)});
+    }
+    if (t == 0) {
+        st[warp][gr] = sa;
+        st[warp][gr + 8] = sb;
+    }
+    __syncthreads();
+    for (int h = threadIdx.x; h < Hg; h += kThreads) {
+        MaxSum s{-INFINITY, 0.0f};
+#pragma unroll
+        for (int w = 0; w < kThreads / 32; ++w) s = maxsum_merge(s, st[w][h]);
+        tile_stats[(static_cast<long long>(g) * gridDim.x + blockIdx.x) * Hg + h] = make_float2(s.m, s.l);
+    }
+}
+
+// Whether the current device runs the tensor-core kernels (sm_80+); cached per device.
+bool device_has_mma() {
+    constexpr int kMaxDevices = 64;
+    static std::atomic<int> cached[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (dev >= 0 && dev < kMaxDevices && cached[dev].load() != 0) return cached[dev].load() == 2;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+    if (dev >= 0 && dev < kMaxDevices) cached[dev].store(major >= 8 ? 2 : 1);
+    return major >= 8;
+}
+
+template <typename T>
+bool try_scores_mma(const void* q, const void* cen, const float* sizes, int G, int Hg, int C, int D, float scale,
+                    int tile, float* scores, float2* stats, cudaStream_t stream, cudaError_t* err) {
+    if ((D != 64 && D != 128) || Hg > 16 || !aligned_to(q, 16) || !aligned_to(cen, 16) || !device_has_mma())
+        return false;
+    const dim3 grid((C + tile - 1) / tile, G);
+    const T* qt = static_cast<const T*>(q);
+    const T* ct = static_cast<const T*>(cen);
+    if (D == 128 && Hg > 8)
+        scores_mma_kernel<T, 128, true><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats);
+    else if (D == 128)
+        scores_mma_kernel<T, 128, false><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats);
+    else if (Hg > 8)
+        scores_mma_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats);
+    else
+        scores_mma_kernel<T, 64, false><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats);
+    *err = cudaGetLastError();
+    return true;
+}
+
 }  // namespace
 
 long long cluster_scores_workspace_floats(int G, int Hg, int C) {
@@ -228,11 +392,14 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
             err = dispatch_layout<float>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
             break;
         case ScalarType::kFloat16:
-            err = dispatch_layout<__half>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
+            if (!try_scores_mma<__half>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, &err))
+                err = dispatch_layout<__half>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
             break;
         case ScalarType::kBFloat16:
-            err = dispatch_layout<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats,
-                                                 stream);
+            if (!try_scores_mma<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream,
+                                               &err))
+                err = dispatch_layout<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats,
+                                                     stream);
             break;
         default:
             return cudaErrorInvalidValue;
@@ -248,11 +415,13 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
 
 // --------------------------------------------------------------------------- selection
 //
-// Keys: key(c) = (ordered(prob_c) << 32) | (0xFFFFFFFF - c), unique, whose
-// descending order is probs descending with lower ids first on ties. The
-// kernel finds the 32-bit ordered value P of the K-th largest prob (radix
-// select, 8 bits a pass), takes every cluster above P and the lowest-id ones
-// at P (an ordered block scan), then sorts the K keys in shared memory.
+// Keys: the total order "prob descending, lower id first on ties". One block
+// per row finds, by two radix selects run side by side (8 bits a pass, warp-
+// aggregated shared-memory histograms), the 32-bit ordered value P_K of the
+// K-th key (K = r + e) and P_r of the r-th, with how many ties at each value
+// are taken. A compaction in id order then writes the ids above the r-th key
+// to ret and the others above the K-th to est: both zones come out in
+// ascending id order (no sort; ascending ids are also ascending rows).
 
 namespace kvstore {
 namespace cluster {
@@ -260,7 +429,7 @@ namespace cluster {
 namespace {
 
 constexpr int kSelThreads = 1024;
-constexpr int kSelStaticSmem = 2048;  // bytes of static shared memory of select_kernel (rounded up)
+constexpr int kSelPer = 8;  // ids per thread per chunk (independent loads in flight)
 
 __device__ __forceinline__ unsigned ordered_bits(float f) {
     unsigned u = __float_as_uint(f);
@@ -296,153 +465,151 @@ __device__ int block_exclusive_scan(int v, int* warp_sums, int* total) {
     return before + incl - v;
 }
 
-__global__ void __launch_bounds__(kSelThreads)
-select_kernel(const float* __restrict__ probs, int C, int r, int K, int Kpad, std::int64_t* __restrict__ ret,
-              std::int64_t* __restrict__ est) {
-    extern __shared__ unsigned long long keys[];  // [Kpad]
-    __shared__ unsigned hist[256];
-    __shared__ int warp_sums[32];
-    __shared__ unsigned sel_bin;
-    __shared__ int sel_k;
-    __shared__ int n_out;
-    const int g = blockIdx.x;
-    const float* p = probs + static_cast<long long>(g) * C;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+// Adds 1 to hist[bin] for every active lane, one atomic per distinct bin of the warp (probs crowd into few
+// bins: per-lane atomics on one address would serialise). Every lane of the warp calls it.
+__device__ __forceinline__ void warp_hist_add(unsigned* hist, bool active, unsigned bin) {
+    const unsigned am = __ballot_sync(0xffffffffu, active);
+    if (!active) return;
+    const unsigned peers = __match_any_sync(am, bin);
+    if ((threadIdx.x % 32) == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&hist[bin], __popc(peers));
+}
 
-    // 1. radix select: prefix = ordered value of the K-th largest; k = how many taken at that value
-    unsigned prefix = 0u, mask = 0u;
-    int k = K;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += kSelThreads) hist[i] = 0u;
-        __syncthreads();
-        for (int c = threadIdx.x; c < C; c += kSelThreads) {
-            const unsigned u = ordered_bits(p[c]);
-            if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
-        }
-        __syncthreads();
-        if (warp == 0) {
-            // lane owns bins [8 lane, 8 lane + 8); the counts above a lane's bins are the suffix sum of the lanes above
-            unsigned own = 0u;
+// Warp 0: the bin of hist (256 counts, descending bins) holding rank k (1-based) and the rank inside it.
+__device__ __forceinline__ void find_bin(const unsigned* hist, int k, unsigned* sel_bin, int* sel_k) {
+    const int lane = threadIdx.x % 32;
+    unsigned own = 0u;  // lane owns bins [8 lane, 8 lane + 8)
 #pragma unroll
-            for (int b = 0; b < 8; ++b) own += hist[lane * 8 + b];
-            unsigned suffix = own;  // own + every lane above
+    for (int b = 0; b < 8; ++b) own += hist[lane * 8 + b];
+    unsigned suffix = own;  // own + every lane above
 #pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const unsigned t = __shfl_down_sync(0xffffffffu, suffix, o);
-                if (lane + o < 32) suffix += t;
-            }
-            const unsigned hit = __ballot_sync(0xffffffffu, suffix >= static_cast<unsigned>(k));
-            const int top = 31 - __clz(hit);  // the highest lane whose bins reach rank k
-            if (lane == top) {
-                unsigned above = suffix - own;
-                for (int b = 7; b >= 0; --b) {
-                    const unsigned h = hist[lane * 8 + b];
-                    if (above + h >= static_cast<unsigned>(k)) {
-                        sel_bin = static_cast<unsigned>(lane * 8 + b);
-                        sel_k = k - static_cast<int>(above);
-                        break;
-                    }
-                    above += h;
-                }
-            }
-        }
-        __syncthreads();
-        prefix |= sel_bin << shift;
-        mask |= 255u << shift;
-        k = sel_k;
-        __syncthreads();  // sel_bin / sel_k are rewritten by the next pass
+    for (int o = 1; o < 32; o <<= 1) {
+        const unsigned t = __shfl_down_sync(0xffffffffu, suffix, o);
+        if (lane + o < 32) suffix += t;
     }
-
-    // 2. compaction of the K selected keys (positions arbitrary, sorted next)
-    if (threadIdx.x == 0) n_out = 0;
-    for (int i = K + threadIdx.x; i < Kpad; i += kSelThreads) keys[i] = 0ull;  // padding sorts last
-    __syncthreads();
-    int ties_before = 0;  // ties (value == prefix) at lower ids, over the previous chunks
-    for (int c0 = 0; c0 < C; c0 += kSelThreads) {
-        const int c = c0 + threadIdx.x;
-        const unsigned u = c < C ? ordered_bits(p[c]) : 0u;
-        const bool tie = c < C && u == prefix;
-        int chunk_ties;
-        const int rank = ties_before + block_exclusive_scan(tie ? 1 : 0, warp_sums, &chunk_ties);
-        ties_before += chunk_ties;
-        if (c < C && (u > prefix || (tie && rank < k))) {
-            const int pos = atomicAdd(&n_out, 1);
-            keys[pos] = (static_cast<unsigned long long>(u) << 32) | (0xFFFFFFFFull - static_cast<unsigned>(c));
-        }
-    }
-    __syncthreads();
-
-    // 3. bitonic sort, descending
-    for (int size = 2; size <= Kpad; size <<= 1) {
-        for (int stride = size / 2; stride > 0; stride >>= 1) {
-            for (int i = threadIdx.x; i < Kpad / 2; i += kSelThreads) {
-                const int lo = 2 * i - (i & (stride - 1));
-                const int hi = lo + stride;
-                const unsigned long long a = keys[lo], b = keys[hi];
-                const bool desc = (lo & size) == 0;
-                if ((a < b) == desc) {
-                    keys[lo] = b;
-                    keys[hi] = a;
-                }
+    const unsigned hit = __ballot_sync(0xffffffffu, suffix >= static_cast<unsigned>(k));
+    const int top = 31 - __clz(hit);  // the highest lane whose bins reach rank k
+    if (lane == top) {
+        unsigned above = suffix - own;
+        for (int b = 7; b >= 0; --b) {
+            const unsigned h = hist[lane * 8 + b];
+            if (above + h >= static_cast<unsigned>(k)) {
+                *sel_bin = static_cast<unsigned>(lane * 8 + b);
+                *sel_k = k - static_cast<int>(above);
+                break;
             }
-            __syncthreads();
+            above += h;
         }
-    }
-
-    // 4. ids out
-    const int e = K - r;
-    for (int i = threadIdx.x; i < K; i += kSelThreads) {
-        const std::int64_t id = static_cast<std::int64_t>(0xFFFFFFFFull - (keys[i] & 0xFFFFFFFFull));
-        if (i < r)
-            ret[static_cast<long long>(g) * r + i] = id;
-        else
-            est[static_cast<long long>(g) * e + (i - r)] = id;
     }
 }
 
-int next_pow2(int v) {
-    int p = 1;
-    while (p < v) p <<= 1;
-    return p;
+__global__ void __launch_bounds__(kSelThreads)
+select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t* __restrict__ ret,
+              std::int64_t* __restrict__ est) {
+    __shared__ unsigned hist[2][256];
+    __shared__ int warp_sums[32];
+    __shared__ unsigned sel_bin[2];
+    __shared__ int sel_k[2];
+    const int g = blockIdx.x;
+    const float* p = probs + static_cast<long long>(g) * C;
+    const int warp = threadIdx.x / 32;
+    const int nsel = r > 0 ? 2 : 1;  // select 0: the K-th key; select 1: the r-th
+
+    // 1. radix selects: prefix[s] = ordered value of the target key, k[s] = ties taken at that value
+    unsigned prefix[2] = {0u, 0u}, mask = 0u;
+    int k[2] = {K, r};
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 512; i += kSelThreads) hist[i / 256][i % 256] = 0u;
+        __syncthreads();
+        for (int c0 = 0; c0 < C; c0 += kSelThreads * kSelPer) {  // uniform bound: the warp helpers need all lanes
+            unsigned u[kSelPer];
+#pragma unroll
+            for (int i = 0; i < kSelPer; ++i) {
+                const int c = c0 + i * kSelThreads + threadIdx.x;
+                u[i] = c < C ? ordered_bits(p[c]) : 0u;
+            }
+#pragma unroll
+            for (int i = 0; i < kSelPer; ++i) {
+                const bool in = c0 + i * kSelThreads + static_cast<int>(threadIdx.x) < C;
+                const unsigned bin = (u[i] >> shift) & 255u;
+                warp_hist_add(hist[0], in && (u[i] & mask) == prefix[0], bin);
+                if (nsel == 2) warp_hist_add(hist[1], in && (u[i] & mask) == prefix[1], bin);
+            }
+        }
+        __syncthreads();
+        if (warp == 0) find_bin(hist[0], k[0], &sel_bin[0], &sel_k[0]);
+        if (warp == 1 && nsel == 2) find_bin(hist[1], k[1], &sel_bin[1], &sel_k[1]);
+        __syncthreads();
+        prefix[0] |= sel_bin[0] << shift;
+        k[0] = sel_k[0];
+        if (nsel == 2) {
+            prefix[1] |= sel_bin[1] << shift;
+            k[1] = sel_k[1];
+        }
+        mask |= 255u << shift;
+        __syncthreads();  // sel_bin / sel_k are rewritten by the next pass
+    }
+
+    // 2. compaction in id order: thread i of a chunk owns ids [c0 + 8 i, c0 + 8 i + 8). Counts are packed two
+    //    to an int (low / high 16 bits; a chunk holds at most 8192 ids) so that one scan serves both.
+    int ties_k_before = 0, ties_r_before = 0, ret_before = 0, est_before = 0;
+    const int e = K - r;
+    for (int c0 = 0; c0 < C; c0 += kSelThreads * kSelPer) {
+        const int cb = c0 + threadIdx.x * kSelPer;
+        unsigned u[kSelPer];
+#pragma unroll
+        for (int i = 0; i < kSelPer; ++i) u[i] = cb + i < C ? ordered_bits(p[cb + i]) : 0u;
+        int tk = 0, tr = 0;
+#pragma unroll
+        for (int i = 0; i < kSelPer; ++i) {
+            if (cb + i >= C) break;
+            tk += u[i] == prefix[0];
+            tr += nsel == 2 && u[i] == prefix[1];
+        }
+        int total;
+        const int tie_base = block_exclusive_scan(tk | (tr << 16), warp_sums, &total);
+        int rk = ties_k_before + (tie_base & 0xffff), rr = ties_r_before + (tie_base >> 16);
+        ties_k_before += total & 0xffff;
+        ties_r_before += total >> 16;
+        unsigned is_ret = 0u, is_est = 0u;  // bit i: id cb + i
+        int nr = 0, ne = 0;
+#pragma unroll
+        for (int i = 0; i < kSelPer; ++i) {
+            if (cb + i >= C) break;
+            bool in_k = u[i] > prefix[0];
+            if (u[i] == prefix[0]) in_k = rk++ < k[0];
+            bool in_r = false;
+            if (nsel == 2) {
+                in_r = u[i] > prefix[1];
+                if (u[i] == prefix[1]) in_r = rr++ < k[1];
+            }
+            if (in_r) {
+                is_ret |= 1u << i;
+                ++nr;
+            } else if (in_k) {
+                is_est |= 1u << i;
+                ++ne;
+            }
+        }
+        const int out_base = block_exclusive_scan(nr | (ne << 16), warp_sums, &total);
+        int pr = ret_before + (out_base & 0xffff), pe = est_before + (out_base >> 16);
+        ret_before += total & 0xffff;
+        est_before += total >> 16;
+#pragma unroll
+        for (int i = 0; i < kSelPer; ++i) {
+            if (is_ret & (1u << i)) ret[static_cast<long long>(g) * r + pr++] = cb + i;
+            if (is_est & (1u << i)) est[static_cast<long long>(g) * e + pe++] = cb + i;
+        }
+    }
 }
 
 }  // namespace
 
-int cluster_select_max_k() {
-    constexpr int kMaxDevices = 64;
-    static std::atomic<int> cached[kMaxDevices] = {};  // 0: not known yet
-    int dev = 0, optin = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-    if (dev >= 0 && dev < kMaxDevices && cached[dev].load() > 0) return cached[dev].load();
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
-    int k = 1;
-    while (static_cast<long long>(2 * k) * 8 + kSelStaticSmem <= optin) k *= 2;
-    if (dev >= 0 && dev < kMaxDevices) cached[dev].store(k);
-    return k;
-}
-
 cudaError_t cluster_select_launch(const float* probs, int G, int C, int r, int e, std::int64_t* ret,
                                   std::int64_t* est, cudaStream_t stream) {
     const int K = r + e;
-    if (G < 0 || C <= 0 || r < 0 || e < 0 || K < 1 || K > C || K > cluster_select_max_k())
-        return cudaErrorInvalidValue;
+    if (G < 0 || C <= 0 || r < 0 || e < 0 || K < 1 || K > C) return cudaErrorInvalidValue;
     if (G == 0) return cudaSuccess;
-    const int Kpad = next_pow2(K);
-    const size_t smem = sizeof(unsigned long long) * Kpad;
-    if (smem > 48 * 1024) {
-        // Raised once per size and device (not on every call: a decode step may be captured in a CUDA graph).
-        static std::atomic<unsigned long long> raised[64] = {};
-        int dev = 0;
-        const cudaError_t gerr = cudaGetDevice(&dev);
-        if (gerr != cudaSuccess) return gerr;
-        if (dev < 0 || dev >= 64 || raised[dev].load() < smem) {
-            const cudaError_t err = cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                         static_cast<int>(smem));
-            if (err != cudaSuccess) return err;
-            if (dev >= 0 && dev < 64) raised[dev].store(smem);
-        }
-    }
-    select_kernel<<<G, kSelThreads, smem, stream>>>(probs, C, r, K, Kpad, ret, est);
+    select_kernel<<<G, kSelThreads, 0, stream>>>(probs, C, r, K, ret, est);
     return cudaGetLastError();
 }
 

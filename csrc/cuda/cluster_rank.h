@@ -26,21 +26,18 @@ long long cluster_scores_workspace_floats(int G, int Hg, int C);
 //   scores f32 [G, Hg, C] = (q . c) * scale, -inf where size == 0, and
 //   probs  f32 [G, C]     = sum_h softmax_c(scores[g, h, :])  (0 where every cluster of g is empty).
 // The centroids are read once (16-byte loads when D * sizeof(dtype) % 16 == 0 and
-// the pointers are 16-byte aligned). Two launches on `stream`.
+// the pointers are 16-byte aligned; on sm_80+ bf16/fp16 with D in {64, 128}
+// and Hg <= 16 multiply on the tensor cores). Two launches on `stream`.
 cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, ScalarType dtype,
                                   int G, int Hg, int C, int D, float scale, float* scores, float* probs,
                                   float* workspace, cudaStream_t stream);
 
-// The most clusters (r + e) cluster_select_launch can return on the current
-// device (its shared memory holds them, padded to a power of two); 0 on error.
-int cluster_select_max_k();
-
 // probs f32 [G, C] -> ret int64 [G, r], est int64 [G, e]: the r + e largest
-// probs of each row in descending order, ties by lower id (exactly the order
-// of a stable descending argsort); ret gets the first r, est the next e.
-// One block per row: a radix select of the (r + e)-th largest value, the
-// selected keys compacted into shared memory and bitonic-sorted there.
-// Needs 1 <= r + e <= min(C, cluster_select_max_k()). One launch on `stream`.
+// probs of each row under the order "prob descending, lower id first on ties"
+// (the set a stable descending argsort puts first); ret gets the first r of
+// that order, est the next e, each zone in ascending id order. One block per
+// row: two radix selects (the r-th and the (r + e)-th key) and a compaction
+// in id order, no sort. Needs 1 <= r + e <= C. One launch on `stream`.
 cudaError_t cluster_select_launch(const float* probs, int G, int C, int r, int e, std::int64_t* ret,
                                   std::int64_t* est, cudaStream_t stream);
 

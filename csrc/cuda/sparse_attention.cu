@@ -11,9 +11,9 @@
 // used). The runs are located by a block-wide prefix scan of the slot's run
 // lengths, one tile of 128 runs at a time, so shared memory stays bounded
 // however many runs a slot has.
-// Estimation part (block (g, num_splits + e)): a warp takes one cluster per
-// step (UE per iteration): its f32 value sum (Dv / 32 floats a lane) and the
-// group's scores, size-weighted into the normaliser.
+// Estimation part (block (g, num_splits + e)): a warp takes 32 clusters at a
+// time (ids, sizes, scores loaded lane-parallel), then reads their f32 value
+// sums with the whole warp, several rows in flight.
 // Both end with the warps' states in shared memory, combined into one
 // normalised partial per head.
 #include "sparse_attention.h"
@@ -286,11 +286,14 @@ __device__ __forceinline__ bool kv_partial(const SparseAttentionArgs& a, int g, 
 }
 
 // Estimation clusters of slot g, the es-th of est_splits chunks of its E ids.
-// Leaves each warp's state in sm; returns true when an id is outside [0, C).
+// A warp takes 32 clusters at a time, one per lane for the id, size and scores (all loaded in parallel),
+// then walks them reading each cluster's f32 value sum with the whole warp (Dv / 32 floats a lane, kUE
+// rows in flight) while the weights come by shuffle. Leaves each warp's state in sm; returns true when
+// an id is outside [0, C).
 template <int DV, int HG>
 __device__ __forceinline__ bool est_partial(const SparseAttentionArgs& a, int g, int es, Smem<DV, HG>& sm) {
     constexpr int VPE = DV / 32;  // value-sum floats per lane
-    constexpr int UE = 4;         // clusters per warp per step
+    constexpr int kUE = 8;        // value-sum rows in flight per lane
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const long long E = a.E, C = a.C;
     const long long chunk = (E + a.est_splits - 1) / a.est_splits;
@@ -309,52 +312,60 @@ __device__ __forceinline__ bool est_partial(const SparseAttentionArgs& a, int g,
         for (int e = 0; e < VPE; ++e) acc[h][e] = 0.0f;
     }
     int bad = 0;
-    for (long long base = e0; base < e1; base += kWarps * UE) {
-        float sc[UE], sz[UE];
-        Raw<float, VPE> vr[UE];
-#pragma unroll
-        for (int u = 0; u < UE; ++u) {  // everything here is uniform across the warp except sc
-            const long long e = base + u * kWarps + warp;
-            bool ok = e < e1;
-            long long id = 0;
-            if (ok) {
-                id = ids[e];
-                if (id < 0 || id >= C) {
-                    bad = 1;
-                    ok = false;
-                }
+    for (long long base = e0 + 32LL * warp; base < e1; base += 32LL * kWarps) {
+        // lane i: cluster base + i
+        const long long e = base + lane;
+        bool ok = e < e1;
+        long long id = 0;
+        if (ok) {
+            id = ids[e];
+            if (id < 0 || id >= C) {
+                bad = 1;
+                ok = false;
+                id = 0;
             }
-            sz[u] = ok ? sizes[id] : 0.0f;
-            ok = ok && sz[u] > 0.0f;
-            sc[u] = (ok && lane < a.Hg) ? scores[lane * C + id] * kLog2e : neg_inf();
-            if (ok)
-                load_raw(vsum + id * DV + lane * VPE, vr[u]);
-            else
-                zero_raw(vr[u]);
         }
+        const float sz = ok ? sizes[id] : 0.0f;
+        float s[HG];
+#pragma unroll
+        for (int h = 0; h < HG; ++h) s[h] = (ok && h < a.Hg) ? scores[h * C + id] * kLog2e : neg_inf();
+        ok = ok && sz > 0.0f;
+        float w[HG];  // this lane's cluster weight per head, against the updated running max
 #pragma unroll
         for (int h = 0; h < HG; ++h) {
-            float s[UE];
-            float mx = m[h];
-#pragma unroll
-            for (int u = 0; u < UE; ++u) {
-                s[u] = __shfl_sync(kFullMask, sc[u], h);
-                mx = fmaxf(mx, s[u]);
-            }
+            if (!ok) s[h] = neg_inf();
+            const float mx = fmaxf(m[h], warp_max(s[h]));
             const float mu = safe_max(mx);
             const float corr = fast_exp2(m[h] - mu);
-            l[h] *= corr;
+            w[h] = fast_exp2(s[h] - mu);
+            l[h] = l[h] * corr + warp_sum(w[h] * sz);
 #pragma unroll
-            for (int e = 0; e < VPE; ++e) acc[h][e] *= corr;
+            for (int x = 0; x < VPE; ++x) acc[h][x] *= corr;
             m[h] = mx;
+        }
+        const unsigned live = __ballot_sync(kFullMask, ok);
+        const int n = 32 - __clz(live);  // clusters up to the last live one
+        for (int j0 = 0; j0 < n; j0 += kUE) {
+            Raw<float, VPE> vr[kUE];
 #pragma unroll
-            for (int u = 0; u < UE; ++u) {
-                const float p = fast_exp2(s[u] - mu);
-                l[h] = fmaf(p, sz[u], l[h]);
+            for (int u = 0; u < kUE; ++u) {
+                const int j = j0 + u;
+                const long long idj = __shfl_sync(kFullMask, id, j & 31);
+                if (j < n && ((live >> j) & 1u))
+                    load_raw(vsum + idj * DV + lane * VPE, vr[u]);
+                else
+                    zero_raw(vr[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < kUE; ++u) {
                 float vf[VPE];
                 raw_to_float(vr[u], vf);
 #pragma unroll
-                for (int e = 0; e < VPE; ++e) acc[h][e] = fmaf(p, vf[e], acc[h][e]);
+                for (int h = 0; h < HG; ++h) {
+                    const float p = __shfl_sync(kFullMask, w[h], (j0 + u) & 31);
+#pragma unroll
+                    for (int x = 0; x < VPE; ++x) acc[h][x] = fmaf(p, vf[x], acc[h][x]);
+                }
             }
         }
     }
@@ -362,7 +373,7 @@ __device__ __forceinline__ bool est_partial(const SparseAttentionArgs& a, int g,
 #pragma unroll
     for (int h = 0; h < HG; ++h) {
 #pragma unroll
-        for (int e = 0; e < VPE; ++e) sm.acc[warp][h][lane * VPE + e] = acc[h][e];
+        for (int x = 0; x < VPE; ++x) sm.acc[warp][h][lane * VPE + x] = acc[h][x];
         if (lane == 0) {
             sm.m[warp][h] = m[h];
             sm.l[warp][h] = l[h];
@@ -371,8 +382,16 @@ __device__ __forceinline__ bool est_partial(const SparseAttentionArgs& a, int g,
     return false;
 }
 
+// Resident blocks per SM the partial kernel is compiled for: 4 (registers capped at 128, no spills) where the
+// per-lane query and accumulator slices are small, else 2.
 template <typename T, int D, int DV, int HG>
-__global__ void __launch_bounds__(kAttnThreads) partial_kernel(const SparseAttentionArgs a) {
+constexpr int partial_min_blocks() {
+    return HG <= 4 && KvLayout<T, D, DV, HG>::VPL <= 8 ? 4 : 2;
+}
+
+template <typename T, int D, int DV, int HG>
+__global__ void __launch_bounds__(kAttnThreads, (partial_min_blocks<T, D, DV, HG>()))
+    partial_kernel(const SparseAttentionArgs a) {
     __shared__ Smem<DV, HG> sm;
     const int g = blockIdx.x, split = blockIdx.y;
     const bool bad = split < a.num_splits ? kv_partial<T, D, DV, HG>(a, g, split, sm)
@@ -484,7 +503,45 @@ cudaError_t launch_merge(const float* o_parts, const float* lse_parts, long long
 
 bool valid_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 
+template <typename T, int D, int DV, int HG>
+int occupancy() {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, partial_kernel<T, D, DV, HG>, kAttnThreads, 0) !=
+        cudaSuccess)
+        return 0;
+    return n;
+}
+
+template <typename T, int D, int DV>
+int occupancy_group(int Hg) {
+    if (Hg <= 1) return occupancy<T, D, DV, 1>();
+    if (Hg <= 2) return occupancy<T, D, DV, 2>();
+    if (Hg <= 4) return occupancy<T, D, DV, 4>();
+    if (Hg <= 8) return occupancy<T, D, DV, 8>();
+    return occupancy<T, D, DV, 16>();
+}
+
+template <typename T>
+int occupancy_dims(int D, int Dv, int Hg) {
+    if (D == 64 && Dv == 64) return occupancy_group<T, 64, 64>(Hg);
+    if (D == 64 && Dv == 128) return occupancy_group<T, 64, 128>(Hg);
+    if (D == 128 && Dv == 64) return occupancy_group<T, 128, 64>(Hg);
+    return occupancy_group<T, 128, 128>(Hg);
+}
+
 }  // namespace
+
+int sparse_attention_blocks_per_sm(DType dtype, int D, int Dv, int Hg) {
+    if (!valid_dtype(dtype) || !sparse_attention_supported(D, Dv, Hg)) return 0;
+    switch (dtype) {
+        case DType::F32:
+            return occupancy_dims<float>(D, Dv, Hg);
+        case DType::F16:
+            return occupancy_dims<__half>(D, Dv, Hg);
+        default:
+            return occupancy_dims<__nv_bfloat16>(D, Dv, Hg);
+    }
+}
 
 bool sparse_attention_supported(int D, int Dv, int Hg) {
     return (D == 64 || D == 128) && (Dv == 64 || Dv == 128) && Hg >= 1 && Hg <= kMaxGroup;

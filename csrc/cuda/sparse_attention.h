@@ -80,6 +80,10 @@ struct SparseAttentionArgs {
 // Whether the kernels are instantiated for these sizes.
 bool sparse_attention_supported(int D, int Dv, int Hg);
 
+// Partial-kernel blocks one SM holds at once for these sizes on the current device (0 if unsupported or on
+// error): the callers size the grid to one wave.
+int sparse_attention_blocks_per_sm(DType dtype, int D, int Dv, int Hg);
+
 // Floats of ws_o and of ws_lse for these arguments.
 int64_t sparse_attention_workspace_o(const SparseAttentionArgs& a);
 int64_t sparse_attention_workspace_lse(const SparseAttentionArgs& a);

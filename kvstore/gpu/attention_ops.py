@@ -69,8 +69,8 @@ class Estimation(NamedTuple):
 
 def sparse_decode_attention(q: torch.Tensor, sources: Sequence[KVSource], runs: RunTable,
                             estimation: Estimation | None = None, scale: float | None = None, backend: str = "auto",
-                            num_splits: int | None = None, check_bounds: bool = False
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            num_splits: int | None = None, check_bounds: bool = False,
+                            est_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over each slot's runs, merged with the estimation partial.
 
     q ``[G, Hg, D]`` (bfloat16 / float16 / float32); ``sources``: 1 to 4 :class:`KVSource` (``k [rows, D]``,
@@ -83,7 +83,9 @@ def sparse_decode_attention(q: torch.Tensor, sources: Sequence[KVSource], runs: 
     that saw nothing gets ``lse = -inf`` and ``o = 0``.
 
     ``num_splits``: kernel blocks per slot over its rows (default: enough to fill the GPU, see
-    :func:`default_num_splits`); ignored by the reference. ``check_bounds``: validate the run table and the
+    :func:`default_num_splits`; :func:`plan_splits` sizes both kinds of blocks from the expected rows);
+    ``est_splits``: kernel blocks per slot over its estimation clusters (default :func:`estimation_splits`); both
+    ignored by the reference. ``check_bounds``: validate the run table and the
     estimation ids against the sources on the host, which syncs with the device (the reference always does). The
     kernel never reads out of bounds without it: a run whose source, row or length is out of range, offsets that
     are not a CSR, or an estimation id outside ``[0, C)`` turn that slot's ``o`` and ``lse`` into NaN. Values are
@@ -93,11 +95,13 @@ def sparse_decode_attention(q: torch.Tensor, sources: Sequence[KVSource], runs: 
     scale = _check_scale(scale, D)
     if num_splits is not None:
         num_splits = _check_int(num_splits, "num_splits", 1, MAX_SPLITS)
+    if est_splits is not None:
+        est_splits = _check_int(est_splits, "est_splits", 1, MAX_EST_SPLITS)
     use_cuda = _use_cuda(backend, q, sources, runs, estimation, D, Dv, Hg)
     if check_bounds or not use_cuda:
         _check_bounds(sources, runs, estimation)
     if use_cuda:
-        return _cuda_attention(q, sources, runs, estimation, scale, num_splits)
+        return _cuda_attention(q, sources, runs, estimation, scale, num_splits, est_splits)
     return _torch_attention(q, sources, runs, estimation, scale)
 
 
@@ -161,6 +165,37 @@ def estimation_splits(E: int, G: int, sms: int = 132) -> int:
     if E == 0:
         return 0
     return max(1, min(MAX_EST_SPLITS, math.ceil(E / 64), math.ceil(2 * sms / max(G, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def _blocks_per_sm(index: int, dtype: torch.dtype, D: int, Dv: int, Hg: int) -> int:
+    from ._ext import cuda_ext
+
+    return int(cuda_ext().sparse_attention_blocks_per_sm(index, _DTYPE_CODE[dtype], D, Dv, Hg))
+
+
+def plan_splits(G: int, Hg: int, D: int, Dv: int, dtype: torch.dtype, rows: int, E: int,
+                device: torch.device | str | None = None) -> tuple[int, int]:
+    """(num_splits, est_splits) for a step whose slots read about ``rows`` exact rows and ``E`` estimation
+    clusters each: one wave of kernel blocks (the blocks an SM holds at once, from the kernel's occupancy, times
+    the SMs), shared between the exact and the estimation blocks in proportion to the bytes each reads, so that
+    they finish together. Without the extension: 4 blocks per SM, 132 SMs."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    sms, per_sm = 132, 4
+    if device.type == "cuda" and torch.cuda.is_available() and D in KERNEL_DIMS and Dv in KERNEL_DIMS:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        sms = _sm_count(index)
+        if _ext_ready():
+            per_sm = _blocks_per_sm(index, dtype, D, Dv, min(Hg, MAX_GROUP)) or per_sm
+    per_slot = max(2 if E else 1, (per_sm * sms) // max(G, 1))
+    if E == 0:
+        return max(1, min(MAX_SPLITS, per_slot)), 0
+    el = torch.empty(0, dtype=dtype).element_size()
+    exact_bytes = max(rows, 1) * (D + Dv) * el
+    est_bytes = E * (Dv * 4 + Hg * 32 + 16)             # value sum + the scores' sectors + id and size
+    est = round(per_slot * est_bytes / (exact_bytes + est_bytes))
+    est = max(1, min(MAX_EST_SPLITS, math.ceil(E / 128), per_slot - 1, est))
+    return max(1, min(MAX_SPLITS, per_slot - est)), est
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -332,7 +367,8 @@ def _use_cuda(backend: Any, q: torch.Tensor, sources: Sequence[KVSource], runs: 
 
 
 def _cuda_attention(q: torch.Tensor, sources: Sequence[KVSource], runs: RunTable, estimation: Estimation | None,
-                    scale: float, num_splits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, num_splits: int | None, est_splits: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     from ._ext import cuda_ext
 
     G = q.shape[0]
@@ -344,7 +380,7 @@ def _cuda_attention(q: torch.Tensor, sources: Sequence[KVSource], runs: RunTable
     return cuda_ext().sparse_decode_attention(
         _dense(q), [s[0] for s in sources], [s[1] for s in sources], runs.src.contiguous(),
         runs.row.contiguous(), runs.length.contiguous(), runs.offsets.contiguous(), *est, scale, num_splits,
-        estimation_splits(E, G, sms))
+        0 if E == 0 else (est_splits or estimation_splits(E, G, sms)))
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ the inputs are CUDA tensors and the extension loads, else torch).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -138,34 +137,22 @@ def _order_keys(probs: torch.Tensor) -> torch.Tensor:
     return ordered * (1 << 32) + ((1 << 32) - 1 - ids)
 
 
-@functools.lru_cache(maxsize=None)
-def _select_max_k(index: int) -> int:
-    from ._ext import cuda_ext
-
-    return int(cuda_ext().select_clusters_max_k(index))
-
-
-def select_max_k(device: torch.device) -> int:
-    """The most clusters (``r + e``) the selection kernel returns on a CUDA ``device``."""
-    d = torch.device(device)
-    return _select_max_k(d.index if d.index is not None else torch.cuda.current_device())
-
-
 def select_clusters(probs: torch.Tensor, r: int, e: int, backend: str = "auto"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``r`` best clusters and the next ``e`` of each group.
 
     probs ``[G, C]`` (float, finite; from :func:`cluster_scores`), ``r + e <= C``.
-    Returns retrieval ids int64 ``[G, r]`` and estimation ids int64 ``[G, e]``,
-    by descending probs, ties by lower id (like the CPU reference's
-    ``argsort(descending=True, stable=True)``).
+    Returns retrieval ids int64 ``[G, r]`` and estimation ids int64 ``[G, e]``:
+    under the order "probs descending, lower id first on ties" (the CPU
+    reference's ``argsort(descending=True, stable=True)``), the first ``r`` and
+    the next ``e`` clusters, each zone listed in **ascending id order** (the
+    zones are sets to the attention; ascending ids are ascending rows of the
+    sorted KV, and the kernel needs no sort).
 
-    The kernel (one block per row) radix-selects the ``(r + e)``-th largest
-    value, compacts the selected clusters into shared memory and sorts them
-    there; it handles ``r + e`` up to :func:`select_max_k` (16384 on an H100),
-    larger requests fall back to torch. The torch reference is one
-    ``torch.topk`` over int64 keys that pack (probs, -id), so its order is
-    exact on ties too.
+    The kernel (one block per row) radix-selects the ``r``-th and the
+    ``(r + e)``-th key side by side and compacts both zones in id order. The
+    torch reference is one ``torch.topk`` over int64 keys that pack
+    (probs, -id), so its cut is exact on ties too, then a sort of each zone.
     """
     check_tensor(probs, "probs", 2)
     if not probs.dtype.is_floating_point:
@@ -180,13 +167,13 @@ def select_clusters(probs: torch.Tensor, r: int, e: int, backend: str = "auto"
     if r + e == 0:
         z = torch.zeros(G, 0, dtype=torch.int64, device=probs.device)
         return z, z.clone()
-    if kernel and r + e <= select_max_k(probs.device):
+    if kernel:
         from ._ext import cuda_ext
 
         return cuda_ext().select_clusters(probs.float().contiguous(), r, e)
     top = torch.topk(_order_keys(probs), r + e, dim=1, sorted=True).values
     ids = ((1 << 32) - 1) - (top & 0xFFFFFFFF)
-    return ids[:, :r].contiguous(), ids[:, r:].contiguous()
+    return ids[:, :r].sort(dim=1).values, ids[:, r:].sort(dim=1).values
 
 
 def cluster_order(assign: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:

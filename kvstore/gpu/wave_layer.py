@@ -290,6 +290,13 @@ class GpuWaveLayer:
         ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
         return scores, ret, est
 
+    def _splits(self, Hg: int, r: int, e: int) -> tuple[int, int]:
+        """Kernel blocks per slot (exact, estimation) for r retrieved clusters of ~n / C rows and e estimated."""
+        from .attention_ops import plan_splits
+
+        rows = self.steady_used + (r * self.n) // max(self.C, 1)
+        return plan_splits(self.G, Hg, self.D, self.Dv, self.dtype, rows, e, self.device)
+
     def _decode_gpu_only(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from .attention_ops import Estimation, KVSource, RunTable, sparse_decode_attention
 
@@ -314,7 +321,10 @@ class GpuWaveLayer:
                         (torch.arange(G + 1, device=self.device, dtype=torch.int64) * (r + 1)).to(torch.int32))
         sources = [KVSource(self.kv_k, self.kv_v),
                    KVSource(self.steady_k.view(-1, self.D), self.steady_v.view(-1, self.Dv))]
-        o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend)
+        e = 0 if est_part is None else est_part.ids.shape[1]
+        ns, es = self._splits(Hg, r, e)
+        o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend,
+                                         num_splits=ns, est_splits=es or None)
         self._last = {"run_len": length, "r": r, "e": 0 if est_part is None else est_part.ids.shape[1], "Hg": Hg}
         return o.reshape(self.B, self.Hkv * Hg, self.Dv), lse.reshape(self.B, self.Hkv * Hg)
 
@@ -372,7 +382,10 @@ class GpuWaveLayer:
                             steady_len.to(dev), torch.arange(G + 1, dtype=torch.int32, device=dev))
         sources = [host, KVSource(self.cache_k, self.cache_v),
                    KVSource(self.steady_k.view(-1, self.D), self.steady_v.view(-1, self.Dv))]
-        o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend)
+        e = 0 if est_part is None else est_part.ids.shape[1]
+        ns, es = self._splits(Hg, r, e)
+        o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend,
+                                         num_splits=ns, est_splits=es or None)
         if plan is not None and plan.copy_len.numel():
             # admissions after the attention on the same stream: pages read this step are overwritten only after
             copy_rows(self.cache_k, self.cache_v, host.k, host.v, copy_src_row.to(dev, non_blocking=True),

@@ -205,6 +205,13 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_partials(const at::Tensor& o,
     return {out_o, out_lse};
 }
 
+int64_t sparse_attention_blocks_per_sm(int64_t device, int64_t dtype, int64_t D, int64_t Dv, int64_t Hg) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (f16) or 2 (bf16), got ", dtype);
+    return ka::sparse_attention_blocks_per_sm(static_cast<ka::DType>(dtype), static_cast<int>(D),
+                                              static_cast<int>(Dv), static_cast<int>(Hg));
+}
+
 }  // namespace
 
 void register_sparse_attention(pybind11::module_& m) {
@@ -214,6 +221,9 @@ void register_sparse_attention(pybind11::module_& m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("run_src"), py::arg("run_row"), py::arg("run_len"),
           py::arg("run_offsets"), py::arg("est_scores"), py::arg("est_sizes"), py::arg("est_value_sums"),
           py::arg("est_ids"), py::arg("scale"), py::arg("num_splits"), py::arg("est_splits"));
+    m.def("sparse_attention_blocks_per_sm", &sparse_attention_blocks_per_sm,
+          "partial-kernel blocks one SM holds at once (device, dtype code 0 f32 / 1 f16 / 2 bf16, D, Dv, Hg)",
+          py::arg("device"), py::arg("dtype"), py::arg("D"), py::arg("Dv"), py::arg("Hg"));
     m.def("merge_attention_partials", &merge_attention_partials,
           "Log-sum-exp merge of partials o [P, N, Dv], lse [P, N] (natural log) -> (o [N, Dv], lse [N])",
           py::arg("o"), py::arg("lse"), py::arg("out_dtype"));

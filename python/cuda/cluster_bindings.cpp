@@ -71,16 +71,14 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
     return {scores, probs};
 }
 
-// probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]), descending, ties by lower id.
+// probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r best and the next e, each in ascending id order.
 std::tuple<torch::Tensor, torch::Tensor> select_clusters(const torch::Tensor& probs, int64_t r, int64_t e) {
     check_cuda(probs, "probs");
     TORCH_CHECK(probs.dim() == 2 && probs.scalar_type() == torch::kFloat32, "probs must be float32 [G, C]");
     const int64_t G = probs.size(0), C = probs.size(1);
     const c10::cuda::CUDAGuard guard(probs.device());
-    TORCH_CHECK(r >= 0 && e >= 0 && r + e >= 1 && r + e <= C && C <= INT32_MAX &&
-                    r + e <= kvstore::cluster::cluster_select_max_k(),
-                "select_clusters: need 1 <= r + e <= min(C, ", kvstore::cluster::cluster_select_max_k(), "), got r=", r,
-                " e=", e, " C=", C);
+    TORCH_CHECK(r >= 0 && e >= 0 && r + e >= 1 && r + e <= C && C <= INT32_MAX,
+                "select_clusters: need 1 <= r + e <= C < 2**31, got r=", r, " e=", e, " C=", C);
     TORCH_CHECK(G <= INT32_MAX, "too many rows");
     auto i64 = probs.options().dtype(torch::kInt64);
     torch::Tensor ret = torch::empty({G, r}, i64);
@@ -91,11 +89,6 @@ std::tuple<torch::Tensor, torch::Tensor> select_clusters(const torch::Tensor& pr
                                                          c10::cuda::getCurrentCUDAStream()),
                  "select_clusters");
     return {ret, est};
-}
-
-int64_t select_clusters_max_k(int64_t device) {
-    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    return kvstore::cluster::cluster_select_max_k();
 }
 
 // dst_k [rows_d, Dk], src_k [rows_s, Dk] (and v likewise, optional): copies the M runs in one launch.
@@ -185,9 +178,7 @@ void register_cluster_ops(pybind11::module_& m) {
           pybind11::arg("scale"),
           "q [G, Hg, D], centroids [G, C, D], sizes f32 [G, C] -> (scores f32 [G, Hg, C], probs f32 [G, C])");
     m.def("select_clusters", &select_clusters, pybind11::arg("probs"), pybind11::arg("r"), pybind11::arg("e"),
-          "probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r + e best, descending, ties by lower id");
-    m.def("select_clusters_max_k", &select_clusters_max_k, pybind11::arg("device"),
-          "the most clusters (r + e) select_clusters returns on that CUDA device");
+          "probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r best, the next e, each zone by ascending id");
     m.def("copy_rows", &copy_rows, pybind11::arg("dst_k"), pybind11::arg("dst_v"), pybind11::arg("src_k"),
           pybind11::arg("src_v"), pybind11::arg("src_row"), pybind11::arg("dst_row"), pybind11::arg("length"),
           pybind11::arg("blocks_per_run") = 1, "Copy M runs of rows (k and optionally v) in one launch");
