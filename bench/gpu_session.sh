@@ -40,7 +40,10 @@ if has test; then
         2>&1 | tail -40 | tee "$OUT/tests.txt"
 fi
 if has profile; then
-    timeout 60 python3 bench/profile_decode.py --context 131072 --batch 8 2>&1 | tail -30 | tee "$OUT/profile.txt"
+    timeout 90 python3 bench/profile_decode.py --context 131072 --batch 8 --parts 2>&1 | grep -v Warn \
+        | tail -32 | tee "$OUT/profile.txt"
+    timeout 90 python3 bench/profile_decode.py --context 131072 --batch 8 --mode offload 2>&1 | grep -v Warn \
+        | tail -26 > "$OUT/profile_offload.txt"
 fi
 if has decode; then
     timeout ${DECODE_S:-420} python3 -m kvstore.cli bench decode --out "$OUT" ${DECODE_ARGS:-} 2>&1 \

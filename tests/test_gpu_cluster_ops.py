@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from kvstore.gpu.cluster_ops import cluster_order, cluster_scores, copy_rows, select_clusters
+from kvstore.gpu.cluster_ops import cluster_order, cluster_runs, cluster_scores, copy_rows, select_clusters
 
 
 def _cuda_ready() -> bool:
@@ -163,6 +163,56 @@ def copy_expected(dst_k, dst_v, src_k, src_v, src_row, dst_row, length):
         ek[d:d + n] = src_k[s:s + n]
         ev[d:d + n] = src_v[s:s + n]
     return ek, ev
+
+
+def runs_inputs(G, C, r, device="cpu", seed=0):
+    """Random cluster offsets (some empty clusters), ids (one out of range per slot when r > 1), steady runs."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 30, (G, C), generator=gen)
+    offsets = torch.cat([torch.zeros(G, 1, dtype=torch.int64), sizes.cumsum(1)], 1)
+    ids = torch.stack([torch.randperm(C, generator=gen)[:r] for _ in range(G)]) if r else torch.zeros(G, 0).long()
+    if r > 1:
+        ids[:, -1] = C + 3
+    base = torch.arange(G, dtype=torch.int64) * 100_000
+    head_row = torch.randint(0, 1000, (G,), generator=gen)
+    head_len = torch.randint(0, 90, (G,), generator=gen).int()
+    return [t.to(device) for t in (ids, offsets, base, head_row, head_len)]
+
+
+def expected_runs(ids, offsets, base, head_row, head_len):
+    G, r = ids.shape
+    C = offsets.shape[1] - 1
+    row = torch.zeros(G, r + 1, dtype=torch.int64)
+    length = torch.zeros(G, r + 1, dtype=torch.int32)
+    for g in range(G):
+        row[g, 0], length[g, 0] = head_row[g], head_len[g]
+        for j in range(r):
+            c = int(ids[g, j])
+            if 0 <= c < C:
+                row[g, j + 1] = base[g] + offsets[g, c]
+                length[g, j + 1] = int(offsets[g, c + 1] - offsets[g, c])
+    return row, length
+
+
+@pytest.mark.parametrize("G,C,r", [(3, 50, 7), (1, 5, 0), (4, 9, 9)])
+def test_cluster_runs_torch(G, C, r):
+    args = runs_inputs(G, C, r, seed=G + C + r)
+    row, length = cluster_runs(*args, backend="torch")
+    erow, elen = expected_runs(*args)
+    assert row.dtype == torch.int64 and length.dtype == torch.int32
+    assert torch.equal(row, erow) and torch.equal(length, elen)
+
+
+def test_cluster_runs_rejects_bad_input():
+    ids, offsets, base, head_row, head_len = runs_inputs(2, 10, 3)
+    with pytest.raises(TypeError, match="ids"):
+        cluster_runs(ids.int(), offsets, base, head_row, head_len)
+    with pytest.raises(ValueError, match="offsets"):
+        cluster_runs(ids, offsets[:1], base, head_row, head_len)
+    with pytest.raises(ValueError, match="head_len"):
+        cluster_runs(ids, offsets, base, head_row, head_len[:1])
+    with pytest.raises(TypeError, match="head_len"):
+        cluster_runs(ids, offsets, base, head_row, head_len.long())
 
 
 def test_copy_rows_torch():
@@ -318,3 +368,13 @@ def test_copy_rows_kernel_long_runs_split_over_blocks():
     dkc = dk.cuda()
     copy_rows(dkc, None, sk.cuda(), None, sr.cuda(), dr.cuda(), ln.cuda(), backend="cuda", max_length=50_000)
     assert torch.equal(dkc.cpu(), ek)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("G,C,r", [(64, 8192, 148), (3, 50, 7), (1, 5, 0), (5, 70_000, 1200)])
+def test_cluster_runs_kernel_matches_reference(G, C, r):
+    args = runs_inputs(G, C, r, seed=C + r)
+    erow, elen = expected_runs(*args)
+    row, length = cluster_runs(*[t.cuda() for t in args], backend="cuda")
+    assert torch.equal(row.cpu(), erow) and torch.equal(length.cpu(), elen)

@@ -336,23 +336,43 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
     }
 }
 
-// Whether the current device runs the tensor-core kernels (sm_80+); cached per device.
-bool device_has_mma() {
+// A device attribute of the current device, cached per device (0 on error).
+template <cudaDeviceAttr kAttr>
+int device_attribute() {
     constexpr int kMaxDevices = 64;
-    static std::atomic<int> cached[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    if (dev >= 0 && dev < kMaxDevices && cached[dev].load() != 0) return cached[dev].load() == 2;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-    if (dev >= 0 && dev < kMaxDevices) cached[dev].store(major >= 8 ? 2 : 1);
-    return major >= 8;
+    static std::atomic<int> cached[kMaxDevices] = {};  // 0: not known yet
+    int dev = 0, value = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    if (dev >= 0 && dev < kMaxDevices && cached[dev].load() != 0) return cached[dev].load();
+    if (cudaDeviceGetAttribute(&value, kAttr, dev) != cudaSuccess) return 0;
+    if (dev >= 0 && dev < kMaxDevices) cached[dev].store(value);
+    return value;
 }
 
+// Whether the current device runs the tensor-core kernels (sm_80+).
+bool device_has_mma() { return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8; }
+
+// Clusters per block of the tensor-core kernel: about two waves of two resident blocks an SM, whole block steps
+// (256 clusters), never fewer than `tile` (so the workspace sized from tile_clusters() suffices). Long-lived
+// blocks: a block of one 32-cluster step per warp spends most of its life starting and finishing.
+int mma_tile(int G, int C, int tile) {
+    const int sms = device_attribute<cudaDevAttrMultiProcessorCount>();
+    const long long blocks = 4LL * (sms > 0 ? sms : 132);
+    const long long per_slot = blocks / G > 1 ? blocks / G : 1;
+    long long t = (C + per_slot - 1) / per_slot;
+    constexpr int kBlockStep = (kThreads / 32) * 8 * kMmaU;
+    t = (t + kBlockStep - 1) / kBlockStep * kBlockStep;
+    return static_cast<int>(t > tile ? t : tile);
+}
+
+// Launches the tensor-core kernel when it fits (true), with its own tile, written to *tile.
 template <typename T>
 bool try_scores_mma(const void* q, const void* cen, const float* sizes, int G, int Hg, int C, int D, float scale,
-                    int tile, float* scores, float2* stats, cudaStream_t stream, cudaError_t* err) {
+                    int* tile_io, float* scores, float2* stats, cudaStream_t stream, cudaError_t* err) {
     if ((D != 64 && D != 128) || Hg > 16 || !aligned_to(q, 16) || !aligned_to(cen, 16) || !device_has_mma())
         return false;
+    const int tile = mma_tile(G, C, *tile_io);
+    *tile_io = tile;
     const dim3 grid((C + tile - 1) / tile, G);
     const T* qt = static_cast<const T*>(q);
     const T* ct = static_cast<const T*>(cen);
@@ -383,8 +403,7 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
         return cudaErrorInvalidValue;
     if (G == 0 || C == 0) return cudaSuccess;
     if (!aligned_to(workspace, 8)) return cudaErrorInvalidValue;
-    const int tile = tile_clusters(G, C);
-    const int ntiles = (C + tile - 1) / tile;
+    int tile = tile_clusters(G, C);
     float2* stats = reinterpret_cast<float2*>(workspace);
     cudaError_t err;
     switch (dtype) {
@@ -392,11 +411,11 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
             err = dispatch_layout<float>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
             break;
         case ScalarType::kFloat16:
-            if (!try_scores_mma<__half>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, &err))
+            if (!try_scores_mma<__half>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream, &err))
                 err = dispatch_layout<__half>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
             break;
         case ScalarType::kBFloat16:
-            if (!try_scores_mma<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream,
+            if (!try_scores_mma<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream,
                                                &err))
                 err = dispatch_layout<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats,
                                                      stream);
@@ -405,6 +424,7 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
             return cudaErrorInvalidValue;
     }
     if (err != cudaSuccess) return err;
+    const int ntiles = (C + tile - 1) / tile;
     const dim3 grid((C + kThreads - 1) / kThreads, G);
     probs_kernel<<<grid, kThreads, 0, stream>>>(scores, stats, Hg, C, ntiles, probs);
     return cudaGetLastError();
@@ -465,13 +485,57 @@ __device__ int block_exclusive_scan(int v, int* warp_sums, int* total) {
     return before + incl - v;
 }
 
-// Adds 1 to hist[bin] for every active lane, one atomic per distinct bin of the warp (probs crowd into few
-// bins: per-lane atomics on one address would serialise). Every lane of the warp calls it.
-__device__ __forceinline__ void warp_hist_add(unsigned* hist, bool active, unsigned bin) {
+// Adds cnt to hist[bin] for every active lane with one atomic per distinct bin of the warp (probs crowd into
+// few bins: per-lane atomics on one address serialise). Every lane of the warp calls it.
+__device__ __forceinline__ void warp_hist_add(unsigned* hist, bool active, unsigned bin, unsigned cnt) {
     const unsigned am = __ballot_sync(0xffffffffu, active);
     if (!active) return;
-    const unsigned peers = __match_any_sync(am, bin);
-    if ((threadIdx.x % 32) == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&hist[bin], __popc(peers));
+    const unsigned lead_bin = __shfl_sync(am, bin, __ffs(am) - 1);
+    const unsigned peers = __all_sync(am, bin == lead_bin) ? am : __match_any_sync(am, bin);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned total = __reduce_add_sync(peers, cnt);
+    if ((threadIdx.x % 32) == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&hist[bin], total);
+#else
+    atomicAdd(&hist[bin], cnt);
+#endif
+}
+
+// The histogram counts of one thread's kSelPer keys (the first n valid) matching prefix under mask: equal bins
+// in a row are counted locally first, so a warp issues about one atomic per pass in the common case.
+__device__ __forceinline__ void hist_add_keys(unsigned* hist, const unsigned (&u)[kSelPer], int n, unsigned mask,
+                                              unsigned prefix, int shift) {
+    unsigned run_bin = 0u, run_cnt = 0u;
+#pragma unroll
+    for (int i = 0; i < kSelPer; ++i) {
+        const bool act = i < n && (u[i] & mask) == prefix;
+        const unsigned bin = (u[i] >> shift) & 255u;
+        const bool flush = act && run_cnt > 0u && bin != run_bin;
+        warp_hist_add(hist, flush, run_bin, run_cnt);
+        if (act) {
+            run_cnt = flush ? 1u : run_cnt + 1u;
+            run_bin = bin;
+        }
+    }
+    warp_hist_add(hist, run_cnt > 0u, run_bin, run_cnt);
+}
+
+// Ordered keys of ids [cb, cb + kSelPer) of row p (0 past C); returns how many are valid.
+__device__ __forceinline__ int load_keys(const float* __restrict__ p, int cb, int C, unsigned (&u)[kSelPer]) {
+    const int n = C - cb < kSelPer ? (C - cb > 0 ? C - cb : 0) : kSelPer;
+    if (n == kSelPer && reinterpret_cast<std::uintptr_t>(p + cb) % 16 == 0) {
+#pragma unroll
+        for (int i = 0; i < kSelPer; i += 4) {
+            const float4 f = __ldg(reinterpret_cast<const float4*>(p + cb + i));
+            u[i] = ordered_bits(f.x);
+            u[i + 1] = ordered_bits(f.y);
+            u[i + 2] = ordered_bits(f.z);
+            u[i + 3] = ordered_bits(f.w);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < kSelPer; ++i) u[i] = i < n ? ordered_bits(p[cb + i]) : 0u;
+    }
+    return n;
 }
 
 // Warp 0: the bin of hist (256 counts, descending bins) holding rank k (1-based) and the rank inside it.
@@ -502,6 +566,8 @@ __device__ __forceinline__ void find_bin(const unsigned* hist, int k, unsigned* 
     }
 }
 
+// kCached: the row fits one chunk (C <= kSelThreads * kSelPer), its keys stay in registers for every pass.
+template <bool kCached>
 __global__ void __launch_bounds__(kSelThreads)
 select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t* __restrict__ ret,
               std::int64_t* __restrict__ est) {
@@ -513,6 +579,10 @@ select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t
     const float* p = probs + static_cast<long long>(g) * C;
     const int warp = threadIdx.x / 32;
     const int nsel = r > 0 ? 2 : 1;  // select 0: the K-th key; select 1: the r-th
+    constexpr int kChunk = kSelThreads * kSelPer;
+    unsigned uc[kSelPer];
+    int nc = 0;
+    if (kCached) nc = load_keys(p, threadIdx.x * kSelPer, C, uc);
 
     // 1. radix selects: prefix[s] = ordered value of the target key, k[s] = ties taken at that value
     unsigned prefix[2] = {0u, 0u}, mask = 0u;
@@ -520,20 +590,17 @@ select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 512; i += kSelThreads) hist[i / 256][i % 256] = 0u;
         __syncthreads();
-        for (int c0 = 0; c0 < C; c0 += kSelThreads * kSelPer) {  // uniform bound: the warp helpers need all lanes
+        for (int c0 = 0; c0 < C; c0 += kChunk) {  // uniform bound: the warp helpers need all lanes
             unsigned u[kSelPer];
+            int n = nc;
+            if (kCached) {
 #pragma unroll
-            for (int i = 0; i < kSelPer; ++i) {
-                const int c = c0 + i * kSelThreads + threadIdx.x;
-                u[i] = c < C ? ordered_bits(p[c]) : 0u;
+                for (int i = 0; i < kSelPer; ++i) u[i] = uc[i];
+            } else {
+                n = load_keys(p, c0 + threadIdx.x * kSelPer, C, u);
             }
-#pragma unroll
-            for (int i = 0; i < kSelPer; ++i) {
-                const bool in = c0 + i * kSelThreads + static_cast<int>(threadIdx.x) < C;
-                const unsigned bin = (u[i] >> shift) & 255u;
-                warp_hist_add(hist[0], in && (u[i] & mask) == prefix[0], bin);
-                if (nsel == 2) warp_hist_add(hist[1], in && (u[i] & mask) == prefix[1], bin);
-            }
+            hist_add_keys(hist[0], u, n, mask, prefix[0], shift);
+            if (nsel == 2) hist_add_keys(hist[1], u, n, mask, prefix[1], shift);
         }
         __syncthreads();
         if (warp == 0) find_bin(hist[0], k[0], &sel_bin[0], &sel_k[0]);
@@ -553,11 +620,15 @@ select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t
     //    to an int (low / high 16 bits; a chunk holds at most 8192 ids) so that one scan serves both.
     int ties_k_before = 0, ties_r_before = 0, ret_before = 0, est_before = 0;
     const int e = K - r;
-    for (int c0 = 0; c0 < C; c0 += kSelThreads * kSelPer) {
+    for (int c0 = 0; c0 < C; c0 += kChunk) {
         const int cb = c0 + threadIdx.x * kSelPer;
         unsigned u[kSelPer];
+        if (kCached) {
 #pragma unroll
-        for (int i = 0; i < kSelPer; ++i) u[i] = cb + i < C ? ordered_bits(p[cb + i]) : 0u;
+            for (int i = 0; i < kSelPer; ++i) u[i] = uc[i];
+        } else {
+            load_keys(p, cb, C, u);
+        }
         int tk = 0, tr = 0;
 #pragma unroll
         for (int i = 0; i < kSelPer; ++i) {
@@ -609,7 +680,10 @@ cudaError_t cluster_select_launch(const float* probs, int G, int C, int r, int e
     const int K = r + e;
     if (G < 0 || C <= 0 || r < 0 || e < 0 || K < 1 || K > C) return cudaErrorInvalidValue;
     if (G == 0) return cudaSuccess;
-    select_kernel<<<G, kSelThreads, 0, stream>>>(probs, C, r, K, ret, est);
+    if (C <= kSelThreads * kSelPer)
+        select_kernel<true><<<G, kSelThreads, 0, stream>>>(probs, C, r, K, ret, est);
+    else
+        select_kernel<false><<<G, kSelThreads, 0, stream>>>(probs, C, r, K, ret, est);
     return cudaGetLastError();
 }
 

@@ -176,6 +176,46 @@ def select_clusters(probs: torch.Tensor, r: int, e: int, backend: str = "auto"
     return ids[:, :r].sort(dim=1).values, ids[:, r:].sort(dim=1).values
 
 
+def cluster_runs(ids: torch.Tensor, offsets: torch.Tensor, base: torch.Tensor, head_row: torch.Tensor,
+                 head_len: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The run table of a wave decode step: the steady run of each slot, then its selected clusters.
+
+    ids int64 ``[G, r]`` (clusters, from :func:`select_clusters`), offsets int64 ``[G, C + 1]`` (cluster ``c`` of
+    slot ``g`` is rows ``offsets[g, c]:offsets[g, c + 1]`` of the slot), base int64 ``[G]`` (first row of each
+    slot in the sorted KV), head_row int64 ``[G]`` / head_len int32 ``[G]`` (the steady run). Returns row int64
+    ``[G, r + 1]`` and length int32 ``[G, r + 1]``: column 0 is the steady run, column ``1 + j`` cluster
+    ``ids[g, j]`` at rows ``base[g] + offsets[g, c]``. An id outside ``[0, C)`` gives an empty run. One kernel
+    launch on CUDA (instead of the gathers and concatenations of the torch reference).
+    """
+    check_tensor(ids, "ids", 2, (torch.int64,))
+    check_tensor(offsets, "offsets", 2, (torch.int64,))
+    G, r = ids.shape
+    if offsets.shape[0] != G or offsets.shape[1] < 1:
+        raise ValueError(f"offsets must be [G={G}, C + 1], got {tuple(offsets.shape)}")
+    for name, t, dt in (("base", base, torch.int64), ("head_row", head_row, torch.int64),
+                        ("head_len", head_len, torch.int32)):
+        check_tensor(t, name, 1, (dt,))
+        if t.shape[0] != G:
+            raise ValueError(f"{name} must be [G={G}], got {tuple(t.shape)}")
+        if t.device != ids.device:
+            raise ValueError(f"{name} is on {t.device}, ids on {ids.device}")
+    if offsets.device != ids.device:
+        raise ValueError(f"offsets is on {offsets.device}, ids on {ids.device}")
+    if use_cuda_kernel(backend, ids, offsets, base, head_row, head_len):
+        from ._ext import cuda_ext
+
+        return cuda_ext().cluster_runs(ids.contiguous(), offsets.contiguous(), base.contiguous(),
+                                       head_row.contiguous(), head_len.contiguous())
+    C = offsets.shape[1] - 1
+    ok = (ids >= 0) & (ids < C)
+    c = ids.clamp(0, max(C - 1, 0))
+    start = torch.gather(offsets, 1, c)
+    length = torch.where(ok, torch.gather(offsets, 1, c + 1) - start, 0).to(torch.int32)
+    row = torch.where(ok, start + base[:, None], 0)
+    return (torch.cat([head_row[:, None], row], 1),
+            torch.cat([head_len[:, None], length], 1))
+
+
 def cluster_order(assign: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens sorted by cluster: assign int ``[G, n]`` (cluster of each token, in ``[0, C)``) ->
     order int64 ``[G, n]`` (token ids, stable: input order within a cluster) and

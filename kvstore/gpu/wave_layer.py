@@ -244,6 +244,8 @@ class GpuWaveLayer:
         self.slot_base = torch.arange(G, device=dev, dtype=torch.int64) * self.n      # first row of each slot
         # read by the (graph-captured) decode step, updated in place by append()
         self._steady_len_dev = torch.full((G, 1), self.steady_used, dtype=torch.int32, device=dev)
+        self._steady_row = torch.arange(G, device=dev, dtype=torch.int64) * self.s_cap
+        self._layout_r = None
         if cfg.mode == "offload":
             from .wave_buffer import WaveBuffer
 
@@ -290,6 +292,17 @@ class GpuWaveLayer:
         ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
         return scores, ret, est
 
+    def _run_layout(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source ids and CSR offsets of the gpu_only run table (steady run, then r clusters a slot): constant
+        for a given r, so made once (not in every step, nor in every captured graph)."""
+        if getattr(self, "_layout_r", None) != r:
+            G, dev = self.G, self.device
+            src = torch.zeros(G, r + 1, dtype=torch.int32, device=dev)
+            src[:, 0] = 1
+            self._layout = (src.reshape(-1), (torch.arange(G + 1, device=dev, dtype=torch.int32) * (r + 1)))
+            self._layout_r = r
+        return self._layout
+
     def _splits(self, Hg: int, r: int, e: int) -> tuple[int, int]:
         """Kernel blocks per slot (exact, estimation) for r retrieved clusters of ~n / C rows and e estimated."""
         from .attention_ops import plan_splits
@@ -300,25 +313,20 @@ class GpuWaveLayer:
     def _decode_gpu_only(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from .attention_ops import Estimation, KVSource, RunTable, sparse_decode_attention
 
+        from .cluster_ops import cluster_runs
+
         G, Hg = self.G, q.shape[1] // self.Hkv
         qg = q.reshape(G, Hg, self.D)
-        steady_len = self._steady_len_dev
-        steady_row = (torch.arange(G, device=self.device, dtype=torch.int64) * self.s_cap)[:, None]
         if self.C > 0:
             scores, ret, est = self._rank(qg)
             r = ret.shape[1]
-            start = torch.gather(self.offsets, 1, ret)
-            length = (torch.gather(self.offsets, 1, ret + 1) - start).to(torch.int32)
-            row = torch.cat([steady_row, start + self.slot_base[:, None]], 1)
-            src = torch.cat([torch.ones(G, 1, dtype=torch.int32, device=self.device),
-                             torch.zeros(G, r, dtype=torch.int32, device=self.device)], 1)
-            length = torch.cat([steady_len, length], 1)
+            row, length = cluster_runs(ret, self.offsets, self.slot_base, self._steady_row,
+                                       self._steady_len_dev.view(G), backend=self.cfg.backend)
             est_part = Estimation(scores, self.sizes, self.value_sums, est) if est.shape[1] else None
         else:
-            r, row, length, est_part = 0, steady_row, steady_len, None
-            src = torch.ones(G, 1, dtype=torch.int32, device=self.device)
-        runs = RunTable(src.reshape(-1).contiguous(), row.reshape(-1).contiguous(), length.reshape(-1).contiguous(),
-                        (torch.arange(G + 1, device=self.device, dtype=torch.int64) * (r + 1)).to(torch.int32))
+            r, row, length, est_part = 0, self._steady_row[:, None], self._steady_len_dev, None
+        src, offsets = self._run_layout(r)
+        runs = RunTable(src, row.reshape(-1), length.reshape(-1), offsets)
         sources = [KVSource(self.kv_k, self.kv_v),
                    KVSource(self.steady_k.view(-1, self.D), self.steady_v.view(-1, self.Dv))]
         e = 0 if est_part is None else est_part.ids.shape[1]

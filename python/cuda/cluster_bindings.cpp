@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "cluster_rank.h"
+#include "cluster_runs.h"
 #include "copy_rows.h"
 #include "kmeans_update.h"
 #include "registry.h"
@@ -69,6 +70,38 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
                      c10::cuda::getCurrentCUDAStream()),
                  "cluster_scores");
     return {scores, probs};
+}
+
+// ids int64 [G, r], offsets int64 [G, C + 1], base / head_row int64 [G], head_len int32 [G]
+//   -> (row int64 [G, r + 1], len int32 [G, r + 1]): see cluster_runs.h.
+std::tuple<torch::Tensor, torch::Tensor> cluster_runs(const torch::Tensor& ids, const torch::Tensor& offsets,
+                                                      const torch::Tensor& base, const torch::Tensor& head_row,
+                                                      const torch::Tensor& head_len) {
+    const torch::Tensor* tensors[] = {&ids, &offsets, &base, &head_row, &head_len};
+    const char* names[] = {"ids", "offsets", "base", "head_row", "head_len"};
+    for (int i = 0; i < 5; ++i) {
+        check_cuda(*tensors[i], names[i]);
+        TORCH_CHECK(tensors[i]->device() == ids.device(), names[i], " must be on ids' device");
+    }
+    TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == torch::kInt64, "ids must be int64 [G, r]");
+    const int64_t G = ids.size(0), r = ids.size(1);
+    TORCH_CHECK(offsets.dim() == 2 && offsets.size(0) == G && offsets.size(1) >= 1 &&
+                    offsets.scalar_type() == torch::kInt64, "offsets must be int64 [G, C + 1]");
+    TORCH_CHECK(base.numel() == G && head_row.numel() == G && head_len.numel() == G &&
+                    base.scalar_type() == torch::kInt64 && head_row.scalar_type() == torch::kInt64 &&
+                    head_len.scalar_type() == torch::kInt32,
+                "base, head_row must be int64 [G], head_len int32 [G]");
+    TORCH_CHECK(G <= INT32_MAX && r < INT32_MAX, "ids is too large");
+    const c10::cuda::CUDAGuard guard(ids.device());
+    torch::Tensor row = torch::empty({G, r + 1}, ids.options());
+    torch::Tensor len = torch::empty({G, r + 1}, ids.options().dtype(torch::kInt32));
+    check_launch(kvstore::cluster::cluster_runs_launch(
+                     ids.data_ptr<int64_t>(), static_cast<int>(G), static_cast<int>(r), offsets.data_ptr<int64_t>(),
+                     offsets.size(1) - 1, base.data_ptr<int64_t>(), head_row.data_ptr<int64_t>(),
+                     head_len.data_ptr<int32_t>(), row.data_ptr<int64_t>(), len.data_ptr<int32_t>(),
+                     c10::cuda::getCurrentCUDAStream()),
+                 "cluster_runs");
+    return {row, len};
 }
 
 // probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r best and the next e, each in ascending id order.
@@ -179,6 +212,9 @@ void register_cluster_ops(pybind11::module_& m) {
           "q [G, Hg, D], centroids [G, C, D], sizes f32 [G, C] -> (scores f32 [G, Hg, C], probs f32 [G, C])");
     m.def("select_clusters", &select_clusters, pybind11::arg("probs"), pybind11::arg("r"), pybind11::arg("e"),
           "probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r best, the next e, each zone by ascending id");
+    m.def("cluster_runs", &cluster_runs, pybind11::arg("ids"), pybind11::arg("offsets"), pybind11::arg("base"),
+          pybind11::arg("head_row"), pybind11::arg("head_len"),
+          "the run table of a wave decode step: (row int64 [G, r + 1], len int32 [G, r + 1])");
     m.def("copy_rows", &copy_rows, pybind11::arg("dst_k"), pybind11::arg("dst_v"), pybind11::arg("src_k"),
           pybind11::arg("src_v"), pybind11::arg("src_row"), pybind11::arg("dst_row"), pybind11::arg("length"),
           pybind11::arg("blocks_per_run") = 1, "Copy M runs of rows (k and optionally v) in one launch");
