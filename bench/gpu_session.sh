@@ -10,7 +10,9 @@ STAGES=${STAGES:-"build test decode"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+# The device tool brings back only a few files: every text log goes to one file, session.txt.
+LOG="$OUT/session.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$LOG"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site
@@ -22,37 +24,37 @@ if has build; then
     if [ -f .gpu_build/hash ] && [ "$(cat .gpu_build/hash)" = "$h" ]; then
         cp .gpu_build/*.so kvstore/ && echo "build: reused carried extensions ($h)"
         # register the package without building anything
-        KVSTORE_NO_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+        KVSTORE_NO_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps -e . > /tmp/build.log 2>&1
         cp .gpu_build/*.so kvstore/
     else
         export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-        python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-            || { grep -n -i -B2 -A8 "error" "$OUT/build.log" | head -80; exit 1; }
-        mkdir -p "$OUT/gpu_build" && cp kvstore/*.so "$OUT/gpu_build/" && echo "$h" > "$OUT/gpu_build/hash"
-        grep -i "registers\|spill" "$OUT/build.log" | head -40 > "$OUT/ptxas.txt"
+        python3 -m pip install -v --no-build-isolation --no-deps -e . > /tmp/build.log 2>&1 \
+            || { cp /tmp/build.log "$OUT/"; grep -n -i -B2 -A8 "error" /tmp/build.log | head -80; exit 1; }
     fi
     echo "build: $(( $(date +%s) - t0 )) s"
 fi
-python3 -m kvstore.cli info 2>&1 | tee "$OUT/info.txt"
+python3 -m kvstore.cli info 2>&1 | tee -a "$LOG"
 if has test; then
     timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu_attention_ops.py \
         tests/test_gpu_cluster_ops.py tests/test_gpu_kmeans.py tests/test_gpu_wave_layer.py tests/test_graph_split.py} \
-        2>&1 | tail -40 | tee "$OUT/tests.txt"
+        2>&1 | tail -40 | tee -a "$LOG"
 fi
 if has profile; then
     timeout 90 python3 bench/profile_decode.py --context 131072 --batch 8 --parts 2>&1 | grep -v Warn \
-        | tail -32 | tee "$OUT/profile.txt"
+        | tail -32 | tee -a "$LOG"
+    timeout 90 python3 bench/profile_decode.py --context 1048576 --batch 1 --parts 2>&1 | grep -v Warn \
+        | tail -32 | tee -a "$LOG"
     timeout 90 python3 bench/profile_decode.py --context 131072 --batch 8 --mode offload 2>&1 | grep -v Warn \
-        | tail -26 > "$OUT/profile_offload.txt"
+        | tail -26 >> "$LOG"
 fi
 if has decode; then
     timeout ${DECODE_S:-420} python3 -m kvstore.cli bench decode --out "$OUT" ${DECODE_ARGS:-} 2>&1 \
-        | tee "$OUT/decode.log" | tail -60
+        | grep -v "^decode:" | tee -a "$LOG" | tail -60
 fi
 if has e2e; then
-    timeout ${E2E_S:-300} python3 -m kvstore.cli bench e2e --out "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -30
+    timeout ${E2E_S:-300} python3 -m kvstore.cli bench e2e --out "$OUT" ${E2E_ARGS:-} 2>&1 | grep -v "it/s\|s/it" | tee -a "$LOG" | tail -30
 fi
 if has recall; then
     timeout ${RECALL_S:-480} python3 -m kvstore.benchmarks.recall --data generated --n-keys 1000000 \
-        --n-train 200000 --max-test 200 --out "$OUT" --no-progress 2>&1 | tee "$OUT/generated.log"
+        --n-train 200000 --max-test 200 --out "$OUT" --no-progress 2>&1 | tee -a "$LOG"
 fi

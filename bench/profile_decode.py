@@ -15,13 +15,23 @@ from kvstore.gpu.wave_layer import GpuWaveLayer, WaveGpuConfig
 
 
 def _median_ms(fn, reps: int = 50) -> float:
-    for _ in range(5):
+    """Median CUDA-event time of fn captured in a CUDA graph (host overhead out of the number)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
         fn()
+    for _ in range(5):
+        g.replay()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        g.replay()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
@@ -85,6 +95,8 @@ def main() -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
     if a.parts and a.mode == "gpu_only":
         time_parts(layer, q)
+        print(f"{'whole step (graph replay of layer.decode)':60s} "
+              f"{_median_ms(lambda: layer._decode_gpu_only(q)) * 1000:8.1f} us")
 
 
 if __name__ == "__main__":
