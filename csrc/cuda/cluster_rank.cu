@@ -486,9 +486,10 @@ __device__ int block_exclusive_scan(int v, int* warp_sums, int* total) {
 }
 
 // The histogram counts of one thread's kSelPer keys (the first n valid) matching prefix under mask. Probs
-// crowd into few bins, so equal bins in a row are counted locally and added with one shared atomic: about
-// one atomic per thread and pass in the common case. (Warp aggregation with __match_any_sync measured slower
-// on the H200: 21 -> 43 us at 64 x 8192.)
+// crowd into few bins, so equal bins in a row are counted locally; the last run of every lane is added with
+// one atomic per warp when the warp's lanes agree on its bin (the common case of the first passes), else one
+// per lane. Every lane of the warp calls it. (Aggregation with __match_any_sync on every key measured slower
+// on the H200: 21 -> 43 us at 64 x 8192; one atomic per thread, 15 us, was bound by the hot bin.)
 __device__ __forceinline__ void hist_add_keys(unsigned* hist, const unsigned (&u)[kSelPer], int n, unsigned mask,
                                               unsigned prefix, int shift) {
     unsigned run_bin = 0u, run_cnt = 0u;
@@ -504,12 +505,25 @@ __device__ __forceinline__ void hist_add_keys(unsigned* hist, const unsigned (&u
             ++run_cnt;
         }
     }
-    if (run_cnt > 0u) atomicAdd(&hist[run_bin], run_cnt);
+    const unsigned bin0 = __shfl_sync(0xffffffffu, run_bin, 0);
+    if (__all_sync(0xffffffffu, run_cnt == 0u || run_bin == bin0)) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+        const unsigned total = __reduce_add_sync(0xffffffffu, run_cnt);
+#else
+        unsigned total = run_cnt;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+#endif
+        if (threadIdx.x % 32 == 0 && total > 0u) atomicAdd(&hist[bin0], total);
+    } else if (run_cnt > 0u) {
+        atomicAdd(&hist[run_bin], run_cnt);
+    }
 }
 
 // Ordered keys of ids [cb, cb + kSelPer) of row p (0 past C); returns how many are valid.
-__device__ __forceinline__ int load_keys(const float* __restrict__ p, int cb, int C, unsigned (&u)[kSelPer]) {
-    const int n = C - cb < kSelPer ? (C - cb > 0 ? C - cb : 0) : kSelPer;
+__device__ __forceinline__ int load_keys(const float* __restrict__ p, long long cb, int C, unsigned (&u)[kSelPer]) {
+    const long long left = C - cb;
+    const int n = left < kSelPer ? (left > 0 ? static_cast<int>(left) : 0) : kSelPer;
     if (n == kSelPer && reinterpret_cast<std::uintptr_t>(p + cb) % 16 == 0) {
 #pragma unroll
         for (int i = 0; i < kSelPer; i += 4) {
@@ -578,17 +592,21 @@ select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 512; i += kSelThreads) hist[i / 256][i % 256] = 0u;
         __syncthreads();
-        for (int c0 = 0; c0 < C; c0 += kChunk) {  // uniform bound: the warp helpers need all lanes
-            unsigned u[kSelPer];
-            int n = nc;
-            if (kCached) {
+        if (kCached) {
+            hist_add_keys(hist[0], uc, nc, mask, prefix[0], shift);
+            if (nsel == 2) hist_add_keys(hist[1], uc, nc, mask, prefix[1], shift);
+        } else {
+            // the next chunk's keys load while this one's are counted
+            unsigned u[kSelPer], un[kSelPer];
+            int n = load_keys(p, threadIdx.x * kSelPer, C, u);
+            for (int c0 = 0; c0 < C; c0 += kChunk) {  // uniform bound: hist_add_keys needs every lane
+                const int nn = load_keys(p, static_cast<long long>(c0) + kChunk + threadIdx.x * kSelPer, C, un);
+                hist_add_keys(hist[0], u, n, mask, prefix[0], shift);
+                if (nsel == 2) hist_add_keys(hist[1], u, n, mask, prefix[1], shift);
 #pragma unroll
-                for (int i = 0; i < kSelPer; ++i) u[i] = uc[i];
-            } else {
-                n = load_keys(p, c0 + threadIdx.x * kSelPer, C, u);
+                for (int i = 0; i < kSelPer; ++i) u[i] = un[i];
+                n = nn;
             }
-            hist_add_keys(hist[0], u, n, mask, prefix[0], shift);
-            if (nsel == 2) hist_add_keys(hist[1], u, n, mask, prefix[1], shift);
         }
         __syncthreads();
         if (warp == 0) find_bin(hist[0], k[0], &sel_bin[0], &sel_k[0]);

@@ -449,6 +449,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     const float inv = den > 0.0f ? 1.0f / den : 0.0f;
     for (int d0 = 0; d0 < Dv; d0 += 128) {
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 8  // independent loads in flight: one warp walks all P parts of its row
         for (int p = 0; p < P; ++p) {
             const float w = fast_exp2(lp[p * l_sp] * lse_to_log2 - mu);
             if (w == 0.0f) continue;  // empty part: its o is not read (the same for the whole warp)
