@@ -43,6 +43,14 @@ class StoreConfig:
             or ``"offload"`` (KV in pinned CPU memory, a GPU cache of clusters);
             see :class:`kvstore.gpu.wave_layer.GpuWaveLayer`.
         cache_ratio: offload: share of the indexed tokens the GPU cache holds.
+        check_finite: check every decode step's keys, values (``append``) and
+            queries (``attend``) for NaN/inf and raise ``ValueError`` naming
+            the argument. On a CUDA tensor the check makes the CPU wait for the
+            GPU (``torch.isfinite(x).all()`` is read back on the host) at every
+            layer of every step, which stalls the launch queue; ``False`` skips
+            it (then non-finite input is not detected and its output is
+            undefined). Shape, dtype and device checks always run (they read no
+            tensor data), and ``prefill`` always checks (once per sequence).
     """
 
     method: str = "wave"
@@ -63,6 +71,7 @@ class StoreConfig:
     num_threads: int = 0
     gpu_mode: str = "gpu_only"
     cache_ratio: float = 0.1
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -79,6 +88,8 @@ class StoreConfig:
             raise ValueError(f"gpu_mode must be 'gpu_only' or 'offload', got {self.gpu_mode!r}")
         if not (isinstance(self.cache_ratio, (int, float)) and 0 < self.cache_ratio <= 1):
             raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
+        if not isinstance(self.check_finite, bool):
+            raise ValueError(f"check_finite must be a bool, got {self.check_finite!r}")
         if self.graph_degree < 2:
             raise ValueError("graph_degree must be >= 2")
         for name in ("retrieval", "estimation", "pages"):
@@ -110,6 +121,8 @@ class StoreConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StoreConfig":
+        """Inverse of :meth:`to_dict`; fields missing from ``d`` (e.g. a file
+        saved before they existed) take their defaults."""
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:

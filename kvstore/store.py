@@ -26,7 +26,8 @@ class KVStore:
     Args:
         num_layers, num_kv_heads, head_dim: the model's attention layout.
         config: the decode method and its budgets (:class:`StoreConfig`).
-        device: where the KV and the attention live (CPU reference here).
+        device: where the KV and the attention live (``"cuda"``: the current
+            CUDA device). A CUDA store runs the wave method on GPU wave layers.
         value_dim: value head dim if it differs from ``head_dim``.
         fingerprint: what the KV belongs to (e.g. the model's name and
             layout); saved with the store and checked by :meth:`load`.
@@ -44,6 +45,8 @@ class KVStore:
         if not isinstance(self.config, StoreConfig):
             raise TypeError(f"config must be a StoreConfig, got {type(config).__name__}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the tensors say "cuda:<i>"
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.fingerprint = fingerprint
         self.batch_size: int | None = None
         self._heads: list[list[list[HeadCache]] | None] = [None] * num_layers  # [layer][b][h]
@@ -57,7 +60,8 @@ class KVStore:
             raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
         return layer
 
-    def _check_kv(self, k: Any, v: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_kv(self, k: Any, v: Any, what: str, finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Type, shape and device checks (host only); ``finite``: also NaN/inf (reads the data: a GPU sync)."""
         for name, x, dim in (("k", k, self.head_dim), ("v", v, self.value_dim)):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{what}: {name} must be a torch tensor, got {type(x).__name__}")
@@ -67,8 +71,9 @@ class KVStore:
                 raise ValueError(f"{what}: {name} must be [B, {self.num_kv_heads}, N, {dim}], got {tuple(x.shape)}")
             if x.device != self.device and not (x.device.type == self.device.type == "cpu"):
                 raise ValueError(f"{what}: {name} is on {x.device}, the store is on {self.device}")
-            if not torch.isfinite(x).all():
-                raise ValueError(f"{what}: {name} contains NaN or inf")
+        if finite:
+            _check_finite(what, k, "k")
+            _check_finite(what, v, "v")
         if k.shape[:3] != v.shape[:3]:
             raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} differ in [B, H, N]")
         if self.batch_size is not None and k.shape[0] != self.batch_size:
@@ -100,8 +105,7 @@ class KVStore:
             if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[0] != B or q.shape[2] != N \
                     or q.shape[3] != self.head_dim or q.shape[1] % H:
                 raise ValueError(f"prefill: q must be [B={B}, Hq (multiple of {H}), N={N}, {self.head_dim}]")
-            if not torch.isfinite(q).all():
-                raise ValueError("prefill: q contains NaN or inf")
+            _check_finite("prefill", q, "q")
         elif self.config.method == "graph":
             raise ValueError("prefill: the graph method needs q (the prompt's queries) to train its index")
         if self._gpu_wave(mask):
@@ -122,19 +126,29 @@ class KVStore:
         self.batch_size = B
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add decoded tokens: k ``[B, Hkv, T, D]``, v ``[B, Hkv, T, Dv]``, mask ``[B, T]``."""
+        """Add decoded tokens: k ``[B, Hkv, T, D]``, v ``[B, Hkv, T, Dv]``, mask ``[B, T]``.
+
+        Called at every layer of every decode step: with ``mask=None`` and
+        ``config.check_finite=False`` it makes no device->host synchronisation.
+        """
         layer = self._check_layer(layer)
         heads = self._layer(layer)
-        k, v = self._check_kv(k, v, "append")
+        k, v = self._check_kv(k, v, "append", finite=self.config.check_finite)
         B, H, T, _ = k.shape
-        mask = self._check_mask(mask, B, T, "append")
+        # mask=None (every token real, the decode case) selects no rows: no mask is built,
+        # and no row index is copied to the device (a blocking host->device copy waits for the GPU).
+        mask = None if mask is None else self._check_mask(mask, B, T, "append")
         if not isinstance(heads, list):  # a GpuWaveLayer: batch decoding without padding
-            if not bool(mask.all()):
+            if mask is not None and not bool(mask.all()):
                 raise ValueError("append: the GPU wave layer takes no padding in decoded tokens")
             for t in range(T):
                 heads.append(k[:, :, t], v[:, :, t])
             return
         for b in range(B):
+            if mask is None:
+                for h in range(H):
+                    heads[b][h].append(k[b, h], v[b, h])
+                continue
             rows = mask[b].nonzero().squeeze(1).to(k.device)
             if rows.numel() == 0:
                 continue
@@ -142,12 +156,21 @@ class KVStore:
                 heads[b][h].append(k[b, h].index_select(0, rows), v[b, h].index_select(0, rows))
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Decode attention: q ``[B, Hq, 1, D]`` -> out ``[B, Hq, 1, Dv]`` (q's dtype)."""
-        return self.attend_with_lse(layer, q)[0]
+        """Decode attention: q ``[B, Hq, 1, D]`` -> out ``[B, Hq, 1, Dv]`` (q's dtype).
+
+        Called at every layer of every decode step; unlike
+        :meth:`attend_with_lse` it does not copy the lse to the CPU (a
+        device->host synchronisation on a CUDA store).
+        """
+        return self._attend(layer, q, with_lse=False)[0]
 
     def attend_with_lse(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Like :meth:`attend`, also returning lse ``[B, Hq]`` (fp32) and the
+        """Like :meth:`attend`, also returning lse ``[B, Hq]`` (fp32, on the CPU) and the
         per-(sequence, KV head) :class:`Access` records of what was read."""
+        return self._attend(layer, q, with_lse=True)
+
+    def _attend(self, layer: int, q: torch.Tensor, with_lse: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None, list]:
         layer = self._check_layer(layer)
         heads = self._layer(layer)
         H = self.num_kv_heads
@@ -158,22 +181,23 @@ class KVStore:
                 or q.shape[1] % H:
             raise ValueError(f"attend: q must be [B={batch}, Hq (multiple of {H}), 1, {self.head_dim}], "
                              f"got {tuple(q.shape)}")
-        if not torch.isfinite(q).all():
-            raise ValueError("attend: q contains NaN or inf")
+        if self.config.check_finite:
+            _check_finite("attend", q, "q")
         G = q.shape[1] // H
         if not isinstance(heads, list):  # a GpuWaveLayer
             o, lse = heads.decode_with_lse(q[:, :, 0])
             self._last_access[layer] = None
-            return o[:, :, None], lse.float().cpu(), []
+            return o[:, :, None], lse.float().cpu() if with_lse else None, []
         out = torch.empty(q.shape[0], q.shape[1], 1, self.value_dim, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32)
+        lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32) if with_lse else None
         access: list[list[Access]] = []
         for b, row in enumerate(heads):
             acc_row = []
             for h, head in enumerate(row):
                 o, l, acc = head.decode(q[b, h * G:(h + 1) * G, 0])
                 out[b, h * G:(h + 1) * G, 0] = o.to(q.dtype)
-                lse[b, h * G:(h + 1) * G] = l.float().cpu()
+                if lse is not None:
+                    lse[b, h * G:(h + 1) * G] = l.float().cpu()
                 acc_row.append(acc)
             access.append(acc_row)
         self._last_access[layer] = access
@@ -263,6 +287,13 @@ class KVStore:
                 entry["read_fraction"] = read / full if full else math.nan
             layers.append(entry)
         return {"method": self.config.method, "layers": layers}
+
+
+def _check_finite(what: str, x: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or inf. Reads the data back on the host:
+    on a CUDA tensor it waits for the GPU (see ``StoreConfig.check_finite``)."""
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what}: {name} contains NaN or inf")
 
 
 STORE_KIND = "kvstore_store"

@@ -126,3 +126,21 @@ def test_killed_save_keeps_previous_copy(tmp_path):
     assert back.num_layers in (2, 4)
     if back.num_layers == 2:
         assert torch.equal(back.attend(0, q), small.attend(0, q))
+
+
+def test_check_finite_is_saved_and_old_files_load_with_the_default(tmp_path, monkeypatch):
+    store, q = filled_store("quest")
+    store.config.check_finite = False
+    path = tmp_path / "s.kvstore"
+    store.save(path)
+    assert KVStore.load(path).config.check_finite is False
+    # a file saved before check_finite existed: its config has no such key
+    to_dict = StoreConfig.to_dict
+    monkeypatch.setattr(StoreConfig, "to_dict",
+                        lambda self: {k: v for k, v in to_dict(self).items() if k != "check_finite"})
+    store.save(path)
+    monkeypatch.undo()
+    back = KVStore.load(path)
+    assert back.config.check_finite is True
+    assert back.config == StoreConfig(**{**store.config.to_dict(), "check_finite": True})
+    assert torch.equal(back.attend(0, q), store.attend(0, q))

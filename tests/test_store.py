@@ -161,6 +161,8 @@ def test_budgets_follow_context():
 @pytest.mark.parametrize("kwargs, word", [
     ({"method": "nope"}, "method"), ({"retrieval": 1.5}, "retrieval"), ({"window": -1}, "window"),
     ({"top_k": 0}, "top_k"), ({"estimation": float("nan")}, "estimation"), ({"pages": True}, "pages"),
+    ({"check_finite": 1}, "check_finite"), ({"check_finite": "no"}, "check_finite"),
+    ({"check_finite": None}, "check_finite"),
 ])
 def test_bad_config(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -197,3 +199,144 @@ def test_bad_inputs_leave_store_usable():
             call()
     assert torch.equal(store.attend(0, q), before)
     assert store.seq_lengths(0) == [300]
+
+
+# --- check_finite: the per-step NaN/inf check (a GPU sync) can be switched off --------------------------------------
+def _filled(method="wave", **kw):
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 2, 200, 32, generator=g), torch.randn(2, 2, 200, 32, generator=g)
+    store = KVStore(2, 2, 32, StoreConfig(method=method, window=16, update_interval=8, tokens_per_cluster=8, **kw))
+    for layer in (0, 1):
+        store.prefill(layer, k, v, q=torch.randn(2, 6, 200, 32, generator=g))
+    return store
+
+
+@pytest.mark.parametrize("method", ["wave", "quest"])
+def test_non_finite_step_input_raises_naming_the_argument_and_changes_nothing(method):
+    store = _filled(method)
+    q = torch.randn(2, 6, 1, 32)
+    before_out, before_lse, _ = store.attend_with_lse(0, q)
+    before_stats = store.stats()
+    k1, v1 = torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32)
+    for bad, name in ((math.nan, "k"), (math.inf, "v")):
+        kb, vb = k1.clone(), v1.clone()
+        (kb if name == "k" else vb)[1, 0, 0, 3] = bad
+        with pytest.raises(ValueError, match=f"append: {name} contains NaN or inf"):
+            store.append(0, kb, vb)
+    qb = q.clone()
+    qb[0, 5, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="attend: q contains NaN or inf"):
+        store.attend(0, qb)
+    with pytest.raises(ValueError, match="attend: q contains NaN or inf"):
+        store.attend_with_lse(0, qb)
+    assert store.seq_lengths(0) == [200, 200]
+    after_out, after_lse, _ = store.attend_with_lse(0, q)
+    assert torch.equal(after_out, before_out) and torch.equal(after_lse, before_lse)
+    assert store.stats()["layers"][0]["tokens"] == before_stats["layers"][0]["tokens"]
+    assert store.stats()["layers"][0]["tokens_stored"] == before_stats["layers"][0]["tokens_stored"]
+
+
+@pytest.mark.parametrize("method", ["wave", "graph", "quest", "streaming", "full"])
+def test_check_finite_off_gives_identical_results(method):
+    checked, unchecked = _filled(method), _filled(method, check_finite=False)
+    assert checked.config.check_finite is True and unchecked.config.check_finite is False
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):  # past update_interval: tokens move into the index on both
+        k1, v1, q = torch.randn(2, 2, 1, 32, generator=g), torch.randn(2, 2, 1, 32, generator=g), \
+            torch.randn(2, 6, 1, 32, generator=g)
+        for layer in (0, 1):
+            checked.append(layer, k1, v1)
+            unchecked.append(layer, k1, v1)
+            a, b = checked.attend_with_lse(layer, q), unchecked.attend_with_lse(layer, q)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            assert torch.equal(checked.attend(layer, q), unchecked.attend(layer, q))
+            assert torch.equal(unchecked.attend(layer, q), b[0])  # attend skips only the lse copy
+    assert checked.seq_lengths(1) == unchecked.seq_lengths(1) == [220, 220]
+    assert checked.stats() == unchecked.stats()
+
+
+def test_check_finite_off_skips_only_the_finiteness_check():
+    store = _filled(check_finite=False)
+    nan = torch.full((2, 2, 1, 32), math.nan)
+    store.append(0, nan, torch.randn(2, 2, 1, 32))  # no check: accepted (the output is then undefined)
+    store.attend(0, torch.full((2, 6, 1, 32), math.nan))
+    assert store.seq_lengths(0) == [201, 201]
+    # shape, dtype and device checks still run
+    with pytest.raises(ValueError, match="append: k must be"):
+        store.append(0, torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32))
+    with pytest.raises(TypeError, match="append: k must be float"):
+        store.append(0, torch.ones(2, 2, 1, 32, dtype=torch.int32), torch.randn(2, 2, 1, 32))
+    with pytest.raises(ValueError, match="multiple"):
+        store.attend(0, torch.randn(2, 5, 1, 32))
+    with pytest.raises(TypeError, match="attend: q"):
+        store.attend(0, torch.ones(2, 6, 1, 32, dtype=torch.int64))
+    # the prefill check stays (once per sequence)
+    with pytest.raises(ValueError, match="prefill: k contains NaN"):
+        store.prefill(1, torch.full((2, 2, 8, 32), math.nan), torch.randn(2, 2, 8, 32))
+    with pytest.raises(ValueError, match="prefill: q contains NaN"):
+        store.prefill(1, torch.randn(2, 2, 8, 32), torch.randn(2, 2, 8, 32), q=torch.full((2, 6, 8, 32), math.nan))
+    assert store.seq_lengths(1) == [200, 200]
+
+
+@pytest.mark.parametrize("method", ["wave", "quest", "full"])
+def test_append_without_mask_equals_all_true_mask(method):
+    """mask=None takes every token without building a row index; the same as an all-True mask."""
+    a, b = _filled(method), _filled(method)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(12):
+        k, v = torch.randn(2, 2, 2, 32, generator=g), torch.randn(2, 2, 2, 32, generator=g)
+        a.append(0, k, v)
+        b.append(0, k, v, mask=torch.ones(2, 2, dtype=torch.bool))
+    k[0, 1, 0] += 1  # the store copied what it took: changing the caller's tensor changes nothing
+    q = torch.randn(2, 6, 1, 32, generator=g)
+    assert torch.equal(a.attend(0, q), b.attend(0, q))
+    assert a.seq_lengths(0) == b.seq_lengths(0) == [224, 224]
+
+
+def _cuda_wave_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from kvstore.gpu import has_cuda_ext
+
+    return has_cuda_ext()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_wave_ready(), reason="needs a CUDA device and kvstore._cuda")
+@pytest.mark.parametrize("mode", ["gpu_only", "offload"])
+def test_cuda_store_check_finite_off_makes_no_sync_per_step(mode):
+    """A CUDA wave store: same results with and without the check; without it append/attend never sync
+    (gpu_only; offload keeps its one planned copy of the selected clusters, inside the GPU layer)."""
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 2, 4096, 64, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    stores = []
+    for check in (True, False):
+        s = KVStore(2, 2, 64, StoreConfig(method="wave", gpu_mode=mode, check_finite=check), device="cuda")
+        assert s.device == torch.device("cuda", torch.cuda.current_device())
+        s.prefill(0, k, v)
+        stores.append(s)
+    steps = [tuple(torch.randn(*shape, generator=g).to("cuda", torch.bfloat16)
+                   for shape in ((2, 2, 1, 64), (2, 2, 1, 64), (2, 8, 1, 64))) for _ in range(4)]
+    for k1, v1, q in steps[:2]:  # warm-up (CUDA graph capture of the decode step)
+        outs = []
+        for s in stores:
+            s.append(0, k1, v1)
+            outs.append(s.attend(0, q))
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    bad = torch.full((2, 8, 1, 64), math.nan, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="attend: q contains NaN"):
+        stores[0].attend(0, bad)
+    with pytest.raises(ValueError, match="append: k contains NaN"):
+        stores[0].append(0, bad[:, :2], steps[0][1])
+    torch.cuda.synchronize()
+    for k1, v1, q in steps[2:]:
+        ref = (stores[0].append(0, k1, v1), stores[0].attend(0, q))[1]
+        if mode == "gpu_only":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            stores[1].append(0, k1, v1)
+            out = stores[1].attend(0, q)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert stores[0].seq_lengths(0) == stores[1].seq_lengths(0) == [4100, 4100]

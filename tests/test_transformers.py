@@ -76,6 +76,27 @@ def test_sampled_generation_equals_full_attention():
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("method", ["wave", "quest"])
+def test_check_finite_off_generates_the_same_and_never_checks_a_step(method, monkeypatch):
+    """check_finite=False: the decode steps run no NaN/inf check (a GPU sync on CUDA) and give the same tokens."""
+    cfg, _, ours = tiny()
+    ids = torch.randint(1, 128, (2, 300))
+    mask = torch.ones_like(ids)
+    outs, checks = [], []
+    for check in (True, False):
+        cache = KVStoreCache(cfg, StoreConfig(method=method, window=16, update_interval=8, check_finite=check))
+        calls = []
+        isfinite = torch.isfinite
+        monkeypatch.setattr(torch, "isfinite", lambda x: calls.append(tuple(x.shape)) or isfinite(x))
+        outs.append(generate(ours, ids, mask, do_sample=False, past_key_values=cache))
+        monkeypatch.undo()
+        checks.append([c for c in calls if len(c) == 4 and c[2] == 1])  # per-step q/k/v: one token
+        assert cache.store.config.check_finite is check
+    assert torch.equal(outs[0], outs[1])
+    assert len(checks[0]) == 23 * cfg.num_hidden_layers * 3  # k, v, q at every layer of every decode step
+    assert checks[1] == []
+
+
 def test_prefill_is_chunked_and_exact(monkeypatch):
     import kvstore.integrations.transformers as integ
 

@@ -13,7 +13,11 @@ cache, with
 * ``kvstore`` / ``kvstore-offload``: ``attn_implementation="kvstore"``
   (:func:`kvstore.integrations.transformers.register`) and a
   :class:`~kvstore.integrations.transformers.KVStoreCache` with
-  ``StoreConfig(method="wave", gpu_mode="gpu_only" | "offload")`` on the GPU.
+  ``StoreConfig(method="wave", gpu_mode="gpu_only" | "offload", check_finite=False)``
+  on the GPU. ``check_finite=False`` (:data:`STORE_OPTIONS`) drops the NaN/inf
+  check of every step's keys, values and queries: on the GPU that check waits
+  for the device at every layer of every step. Each kvstore result records its
+  ``store_config``.
 
 Each method runs at the largest of ``--batches`` that fits (tried from the
 largest down; an out-of-memory error frees everything and tries the next).
@@ -40,6 +44,9 @@ import torch
 from .decode import GiB, environment, fmt_size, parse_size, require_cuda, write_section
 
 METHODS = ("full", "kvstore", "kvstore-offload")
+# StoreConfig fields the kvstore methods set beyond method/gpu_mode: no per-step NaN/inf check (a GPU sync
+# per layer per step); recorded in e2e.json and decode.md.
+STORE_OPTIONS = {"check_finite": False}
 
 
 def llama3_8b_config(layers: int = 32, max_positions: int = 131072):
@@ -73,7 +80,7 @@ def _new_cache(model: Any, method: str, device: torch.device):
 
     model.set_attn_implementation("kvstore")
     mode = "offload" if method == "kvstore-offload" else "gpu_only"
-    return KVStoreCache(model.config, StoreConfig(method="wave", gpu_mode=mode), device=device)
+    return KVStoreCache(model.config, StoreConfig(method="wave", gpu_mode=mode, **STORE_OPTIONS), device=device)
 
 
 def _cache_kw(model: Any) -> str:
@@ -101,7 +108,8 @@ def generate(model: Any, method: str, batch: int, context: int, new_tokens: int,
     """Prefill a random ``[batch, context]`` prompt, then ``warmup_steps + new_tokens`` greedy decode steps.
 
     Returns prefill seconds, timed decode seconds, tokens/s (``batch x
-    new_tokens / seconds``), ms per step and the peak GPU memory.
+    new_tokens / seconds``), ms per step, the peak GPU memory and, for the
+    kvstore methods, the ``store_config`` used.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -128,11 +136,13 @@ def generate(model: Any, method: str, batch: int, context: int, new_tokens: int,
     decode_s = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     length = cache.get_seq_length()
-    del cache, kw
+    store = getattr(cache, "store", None)
+    store_config = None if store is None else store.config.to_dict()
+    del cache, kw, store
     return {"method": method, "batch": batch, "context": context, "new_tokens": new_tokens,
             "final_length": int(length), "prefill_s": prefill_s, "decode_s": decode_s,
             "tokens_per_s": batch * new_tokens / decode_s, "ms_per_step": 1e3 * decode_s / new_tokens,
-            "peak_gpu_bytes": peak}
+            "peak_gpu_bytes": peak, "store_config": store_config}
 
 
 def largest_batch(model: Any, method: str, batches: Sequence[int], context: int, new_tokens: int,
@@ -182,6 +192,12 @@ def run(config: Any, methods: Sequence[str], batches: Sequence[int], context: in
         _free(device)
 
 
+def store_options_note() -> str:
+    """The kvstore methods' extra StoreConfig options, for the markdown report."""
+    opts = ", ".join(f"{k}={v!r}" for k, v in STORE_OPTIONS.items())
+    return f"StoreConfig({opts}) (no NaN/inf check of each step's q/k/v: it would sync the GPU at every layer)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvstore bench e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,11 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e.json").write_text(json.dumps({"title": title, "environment": env, "args": vars(a),
+                                              "store_options": STORE_OPTIONS,
                                               "seconds": time.perf_counter() - t0, "results": results},
                                              indent=1, default=str))
     md = table(results, title) + (
         "\nDecode tokens/s = batch x timed steps / seconds (manual loop of forward calls with the cache, after "
-        f"{a.warmup_steps} untimed steps); kvstore prefill includes building the index. Random weights: speed only.\n")
+        f"{a.warmup_steps} untimed steps); kvstore prefill includes building the index. Random weights: speed only. "
+        f"kvstore methods: {store_options_note()}.\n")
     write_section(out / "decode.md", "e2e", md)
     print(md)
     return 0

@@ -107,7 +107,9 @@ class KVStoreCache(Cache):
         config: the model's config (``num_hidden_layers``,
             ``num_key_value_heads``, ``head_dim`` or ``hidden_size /
             num_attention_heads``).
-        store_config: method and budgets.
+        store_config: method and budgets. On a GPU, ``check_finite=False``
+            leaves out the NaN/inf check of each decode step, which makes the
+            CPU wait for the GPU at every layer.
         device: where the store lives (default CPU).
     """
 
