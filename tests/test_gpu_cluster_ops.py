@@ -323,7 +323,8 @@ def test_cluster_scores_kernel_unaligned_and_all_empty(dtype):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("G,C,r,e", [(64, 8192, 150, 1900), (3, 1, 1, 0), (5, 1000, 0, 1000), (7, 777, 13, 0),
-                                     (2, 70_000, 1200, 16_000), (2, 70_000, 1200, 20_000), (1, 4097, 2048, 1)])
+                                     (2, 70_000, 1200, 16_000), (2, 70_000, 1200, 20_000), (1, 4097, 2048, 1),
+                                     (3, 16_000, 100, 3000)])
 def test_select_clusters_kernel_matches_stable_argsort(G, C, r, e):
     gen = torch.Generator().manual_seed(C + r)
     probs = torch.rand(G, C, generator=gen)

@@ -449,7 +449,7 @@ namespace cluster {
 namespace {
 
 constexpr int kSelThreads = 1024;
-constexpr int kSelPer = 8;  // ids per thread per chunk (independent loads in flight)
+// ids per thread per chunk (independent loads in flight): 8, or 16 for rows over 8192 clusters
 
 __device__ __forceinline__ unsigned ordered_bits(float f) {
     unsigned u = __float_as_uint(f);
@@ -490,6 +490,7 @@ __device__ int block_exclusive_scan(int v, int* warp_sums, int* total) {
 // one atomic per warp when the warp's lanes agree on its bin (the common case of the first passes), else one
 // per lane. Every lane of the warp calls it. (Aggregation with __match_any_sync on every key measured slower
 // on the H200: 21 -> 43 us at 64 x 8192; one atomic per thread, 15 us, was bound by the hot bin.)
+template <int kSelPer>
 __device__ __forceinline__ void hist_add_keys(unsigned* hist, const unsigned (&u)[kSelPer], int n, unsigned mask,
                                               unsigned prefix, int shift) {
     unsigned run_bin = 0u, run_cnt = 0u;
@@ -521,6 +522,7 @@ __device__ __forceinline__ void hist_add_keys(unsigned* hist, const unsigned (&u
 }
 
 // Ordered keys of ids [cb, cb + kSelPer) of row p (0 past C); returns how many are valid.
+template <int kSelPer>
 __device__ __forceinline__ int load_keys(const float* __restrict__ p, long long cb, int C, unsigned (&u)[kSelPer]) {
     const long long left = C - cb;
     const int n = left < kSelPer ? (left > 0 ? static_cast<int>(left) : 0) : kSelPer;
@@ -569,7 +571,7 @@ __device__ __forceinline__ void find_bin(const unsigned* hist, int k, unsigned* 
 }
 
 // kCached: the row fits one chunk (C <= kSelThreads * kSelPer), its keys stay in registers for every pass.
-template <bool kCached>
+template <int kSelPer, bool kCached>
 __global__ void __launch_bounds__(kSelThreads, 1)
 select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t* __restrict__ ret,
               std::int64_t* __restrict__ est) {
@@ -596,16 +598,11 @@ select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t
             hist_add_keys(hist[0], uc, nc, mask, prefix[0], shift);
             if (nsel == 2) hist_add_keys(hist[1], uc, nc, mask, prefix[1], shift);
         } else {
-            // the next chunk's keys load while this one's are counted
-            unsigned u[kSelPer], un[kSelPer];
-            int n = load_keys(p, threadIdx.x * kSelPer, C, u);
             for (int c0 = 0; c0 < C; c0 += kChunk) {  // uniform bound: hist_add_keys needs every lane
-                const int nn = load_keys(p, static_cast<long long>(c0) + kChunk + threadIdx.x * kSelPer, C, un);
+                unsigned u[kSelPer];
+                const int n = load_keys(p, static_cast<long long>(c0) + threadIdx.x * kSelPer, C, u);
                 hist_add_keys(hist[0], u, n, mask, prefix[0], shift);
                 if (nsel == 2) hist_add_keys(hist[1], u, n, mask, prefix[1], shift);
-#pragma unroll
-                for (int i = 0; i < kSelPer; ++i) u[i] = un[i];
-                n = nn;
             }
         }
         __syncthreads();
@@ -623,7 +620,7 @@ select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t
     }
 
     // 2. compaction in id order: thread i of a chunk owns ids [c0 + 8 i, c0 + 8 i + 8). Counts are packed two
-    //    to an int (low / high 16 bits; a chunk holds at most 8192 ids) so that one scan serves both.
+    //    to an int (low / high 16 bits; a chunk holds at most 16384 ids) so that one scan serves both.
     int ties_k_before = 0, ties_r_before = 0, ret_before = 0, est_before = 0;
     const int e = K - r;
     for (int c0 = 0; c0 < C; c0 += kChunk) {
@@ -686,10 +683,13 @@ cudaError_t cluster_select_launch(const float* probs, int G, int C, int r, int e
     const int K = r + e;
     if (G < 0 || C <= 0 || r < 0 || e < 0 || K < 1 || K > C) return cudaErrorInvalidValue;
     if (G == 0) return cudaSuccess;
-    if (C <= kSelThreads * kSelPer)
-        select_kernel<true><<<G, kSelThreads, 0, stream>>>(probs, C, r, K, ret, est);
+    // 16 keys a thread past 8192 clusters: half the L2 round trips of a 1M-token row (64K clusters); 32 spill
+    if (C <= kSelThreads * 8)
+        select_kernel<8, true><<<G, kSelThreads, 0, stream>>>(probs, C, r, K, ret, est);
+    else if (C <= kSelThreads * 16)
+        select_kernel<16, true><<<G, kSelThreads, 0, stream>>>(probs, C, r, K, ret, est);
     else
-        select_kernel<false><<<G, kSelThreads, 0, stream>>>(probs, C, r, K, ret, est);
+        select_kernel<16, false><<<G, kSelThreads, 0, stream>>>(probs, C, r, K, ret, est);
     return cudaGetLastError();
 }
 
