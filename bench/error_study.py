@@ -154,6 +154,11 @@ def default_variants() -> list[Variant]:
                 V(f"rank fs-iso + est fs-diag, {tag}", rank="fs_iso", est="fs_diag", **b),
                 V(f"est log-normal iso only, {tag}", est="iso", **b),
                 V(f"rank fs-iso + est log-normal iso + rest, {tag}", rank="fs_iso", est="iso", rest="fs_iso", **b)]
+    # F. FS with the isotropic correction everywhere (one scalar variance a cluster: no per-dimension table)
+    iso = dict(rank="fs_iso", est="fs_iso", rest="fs_iso")
+    for tpc, r, e in ((16, 0.018, 0.232), (16, 0.04, 0.116), (16, 0.05, 0.116), (24, 0.05, 0.116),
+                      (24, 0.06, 0.116), (16, 0.06, 0.116)):
+        out.append(V(f"FS-iso, tpc {tpc}, r {100 * r:g}%, e {100 * e:g}%", tpc=tpc, retrieval=r, estimation=e, **iso))
     seen, uniq = set(), []
     for vv in out:
         key = (vv.tpc, vv.iters, vv.retrieval, vv.estimation, vv.rank, vv.est, vv.rest, vv.rest_value)

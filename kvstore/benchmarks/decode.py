@@ -368,6 +368,9 @@ class Options:
     headroom: float = 0.95
     budget_seconds: float = 1800.0
     graph_train_queries: int = 256
+    estimator: str = "centroid"
+    retrieval: float = 0.018
+    estimation: float = 0.232
 
 
 @dataclass
@@ -429,7 +432,8 @@ def measure_prefill(data: PointData, spec: AttentionLikeSpec, opts: Options, dev
 def _wave_config(mode: str, opts: Options):
     from ..gpu.wave_layer import WaveGpuConfig
 
-    return WaveGpuConfig(mode=mode, cache_ratio=opts.cache_ratio, cuda_graph=opts.cuda_graph, backend=opts.backend)
+    return WaveGpuConfig(mode=mode, cache_ratio=opts.cache_ratio, cuda_graph=opts.cuda_graph, backend=opts.backend,
+                         estimator=opts.estimator, retrieval=opts.retrieval, estimation=opts.estimation)
 
 
 def graph_train_queries(data: PointData, spec: AttentionLikeSpec, opts: Options) -> torch.Tensor | None:
@@ -741,6 +745,8 @@ def report(rows: Sequence[dict[str, Any]], env: dict[str, Any], args: dict[str, 
     targets = check_targets(rows)
     title = (f"One-layer decode, Llama-3-8B layout (32 q / 8 KV heads, d=128, bf16), "
              f"{env.get('gpu', env['device'])}")
+    wave = (f"wave: estimator {args.get('estimator', 'centroid')}, retrieval {100 * args.get('retrieval', 0.018):g}%, "
+            f"estimation {100 * args.get('estimation', 0.232):g}%")
     (out / "decode.json").write_text(json.dumps({"title": title, "environment": env, "args": args,
                                                   "seconds": seconds, "targets": targets, "rows": list(rows)},
                                                  indent=1, default=str))
@@ -752,7 +758,7 @@ def report(rows: Sequence[dict[str, Any]], env: dict[str, Any], args: dict[str, 
         f"{args.get('query_sets')} query sets after {args.get('warmup')} warm-up calls; SDPA = the fastest correct "
         "torch SDPA variant at the same shapes; error = ||o - o_full|| / ||o_full|| per query head against fp32 "
         "attention over the same bf16 KV; prefill = causal SDPA of the whole context, measured at batch 1, times "
-        f"the batch. Run time {seconds / 60:.1f} min.", "",
+        f"the batch. Run time {seconds / 60:.1f} min. {wave}.", "",
         table(rows), "### Targets", "", targets_table(targets),
         "### Generated attention (median [p10, p90] over query heads)", "", attention_table(rows),
     ])
@@ -788,6 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda",
                    help="cuda (default) or cpu: a CPU run only smoke-tests the pipeline at tiny sizes, its timings "
                         "mean nothing")
+    p.add_argument("--estimator", choices=("centroid", "fs_iso"), default="centroid",
+                   help="wave estimation zone: centroid (RetroInfer) or fs_iso (finite-sample corrected, "
+                        "kvstore.gpu.estimation)")
+    p.add_argument("--retrieval", type=float, default=0.018, help="wave retrieval budget, fraction of the context")
+    p.add_argument("--estimation", type=float, default=0.232, help="wave estimation budget, fraction of the context")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs", help="output folder (default docs)")
     return p
@@ -806,7 +817,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = Options(reps=a.reps, warmup=a.warmup, query_sets=a.query_sets, cache_ratio=a.cache_ratio,
                    prefill_chunk=a.prefill_chunk, graph_max_tokens=a.graph_max_tokens, cuda_graph=not a.no_cuda_graph,
                    backend=a.backend, seed=a.seed, headroom=a.headroom, budget_seconds=a.budget_seconds,
-                   graph_train_queries=a.graph_train_queries)
+                   graph_train_queries=a.graph_train_queries, estimator=a.estimator, retrieval=a.retrieval,
+                   estimation=a.estimation)
     spec = AttentionLikeSpec()
     points = [(c, b) for c in sorted(a.contexts) for b in sorted(a.batches)]
     try:

@@ -41,7 +41,11 @@ class WaveGpuConfig:
     """Budgets and layout of :class:`GpuWaveLayer` (defaults: RetroInfer's published budgets).
 
     retrieval / estimation: fractions of the context (retrieval in tokens, attended exactly; estimation in
-    clusters' worth of tokens); cache_ratio: offload mode, share of the indexed tokens the GPU cache holds;
+    clusters' worth of tokens); estimator: ``"centroid"`` (RetroInfer: a cluster of ``n`` keys counts
+    ``n * exp(q.c)``, clusters ranked by ``q.c``) or ``"fs_iso"`` (:mod:`kvstore.gpu.estimation`: the
+    finite-sample correction ``exp(q.c + g_n(sigma))`` from each cluster's isotropic key variance, clusters ranked
+    by that estimated mass, and the clusters outside both zones estimated too, with the slot's mean value);
+    cache_ratio: offload mode, share of the indexed tokens the GPU cache holds;
     page_tokens: cache page size; update_interval: recent tokens beyond the window that are clustered and
     appended to the index at once; cuda_graph: capture the gpu_only decode step in a CUDA graph.
     """
@@ -52,6 +56,7 @@ class WaveGpuConfig:
     window: int = 64
     retrieval: float = 0.018
     estimation: float = 0.232
+    estimator: str = "centroid"
     tokens_per_cluster: int = 16
     segment_len: int = 8192
     kmeans_iters: int = 10
@@ -76,6 +81,10 @@ class WaveGpuConfig:
         for name in ("tokens_per_cluster", "segment_len", "page_tokens", "update_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from .estimation import ESTIMATORS
+
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.backend not in ("auto", "torch", "cuda"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {self.backend!r}")
 
@@ -207,6 +216,7 @@ class GpuWaveLayer:
         self.centroids = torch.zeros(G, C, self.D, dtype=dtype, device=dev)          # ranking copy, KV dtype
         self.sizes = torch.zeros(G, C, dtype=torch.float32, device=dev)
         self.value_sums = torch.zeros(G, C, self.Dv, dtype=torch.float32, device=dev)
+        self.key_var = torch.zeros(G, C, dtype=torch.float32, device=dev)            # isotropic, fs_iso only
         self.offsets = torch.zeros(G, C + 1, dtype=torch.int64, device=dev)           # rows within the slot
         if cfg.mode == "gpu_only":
             self.kv_k = torch.empty(G * n, self.D, dtype=dtype, device=dev)
@@ -233,6 +243,10 @@ class GpuWaveLayer:
         vs = torch.zeros(H, self.C, self.Dv, dtype=torch.float32, device=kb.device)
         vs.scatter_add_(1, assign[..., None].expand(H, n, self.Dv), vb.float())
         self.value_sums[sl] = vs
+        if self.cfg.estimator == "fs_iso":
+            from .estimation import isotropic_variance
+
+            self.key_var[sl] = isotropic_variance(kb, assign, self.C)
         ks = torch.gather(kb, 1, order[..., None].expand(H, n, self.D))
         vsrt = torch.gather(vb, 1, order[..., None].expand(H, n, self.Dv))
         rows = slice(b * H * n, (b + 1) * H * n)
@@ -246,6 +260,14 @@ class GpuWaveLayer:
         self._steady_len_dev = torch.full((G, 1), self.steady_used, dtype=torch.int32, device=dev)
         self._steady_row = torch.arange(G, device=dev, dtype=torch.int64) * self.s_cap
         self._layout_r = None
+        if cfg.estimator == "fs_iso":
+            from .estimation import fs_table
+
+            nmax = max(1, int(self.sizes.max())) if self.C else 1
+            self._fs_table, self._fs_slope = fs_table(nmax, dev)
+            self._key_sd = self.key_var.sqrt()
+            self._log_sizes = torch.log(self.sizes)                                  # -inf for empty clusters
+            self._value_mean = self.value_sums.sum(1) / self.sizes.sum(1, keepdim=True).clamp_min(1)
         if cfg.mode == "offload":
             from .wave_buffer import WaveBuffer
 
@@ -284,13 +306,47 @@ class GpuWaveLayer:
             return self._decode_graphed(q)
         return self._decode_gpu_only(q)
 
-    def _rank(self, qg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _rank(self, qg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(scores for the estimation zone [G, Hg, C], retrieval ids [G, r], estimation ids [G, e], lse of the
+        clusters outside both zones [G, Hg] or None)."""
         from .cluster_ops import cluster_scores, select_clusters
 
         scores, probs = cluster_scores(qg, self.centroids, self.sizes, self.scale, backend=self.cfg.backend)
         r, e = self.cfg.budgets(self.length, self.C)
+        if self.cfg.estimator == "centroid":
+            ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
+            return scores, ret, est, None
+        from .estimation import fs_correction
+
+        G, Hg = qg.shape[0], qg.shape[1]
+        sigma = (self.scale * qg.float().norm(dim=-1))[..., None] * self._key_sd[:, None, :]
+        scores = scores + fs_correction(self._fs_table, self._fs_slope, self.sizes[:, None, :], sigma)
+        logits = scores + self._log_sizes[:, None, :]                    # log of each cluster's estimated mass
+        lse_all = torch.logsumexp(logits, -1)                            # [G, Hg]; -inf: no live cluster
+        live = torch.isfinite(lse_all)
+        top = torch.where(live, lse_all, torch.zeros_like(lse_all))[..., None]
+        probs = torch.exp(logits - top).sum(1)
         ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
-        return scores, ret, est
+        picked = torch.gather(logits, 2, torch.cat([ret, est], 1)[:, None, :].expand(G, Hg, r + e))
+        left = 1 - torch.exp(torch.logsumexp(picked, -1) - top[..., 0])  # share of the mass outside both zones
+        lse_rest = torch.where(live & (left > 0), lse_all + torch.log(left.clamp_min(1e-30)),
+                               torch.full_like(left, -math.inf))
+        return scores, ret, est, lse_rest
+
+    def _add_rest(self, o: torch.Tensor, lse: torch.Tensor, lse_rest: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge o [G, Hg, Dv] / lse [G, Hg] with the clusters outside both zones (fs_iso): their estimated mass
+        with the slot's mean value."""
+        if lse_rest is None:
+            return o, lse
+        from .attention_ops import merge_attention_partials
+
+        G, Hg = lse.shape
+        o_rest = self._value_mean[:, None, :].expand(G, Hg, self.Dv)
+        mo, ml = merge_attention_partials(torch.stack([o.float(), o_rest]).reshape(2, G * Hg, self.Dv),
+                                          torch.stack([lse, lse_rest]).reshape(2, G * Hg), out_dtype=o.dtype,
+                                          backend=self.cfg.backend)
+        return mo.reshape(G, Hg, self.Dv), ml.reshape(G, Hg)
 
     def _run_layout(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Source ids and CSR offsets of the gpu_only run table (steady run, then r clusters a slot): constant
@@ -317,8 +373,9 @@ class GpuWaveLayer:
 
         G, Hg = self.G, q.shape[1] // self.Hkv
         qg = q.reshape(G, Hg, self.D)
+        rest = None
         if self.C > 0:
-            scores, ret, est = self._rank(qg)
+            scores, ret, est, rest = self._rank(qg)
             r = ret.shape[1]
             row, length = cluster_runs(ret, self.offsets, self.slot_base, self._steady_row,
                                        self._steady_len_dev.view(G), backend=self.cfg.backend)
@@ -333,6 +390,7 @@ class GpuWaveLayer:
         ns, es = self._splits(Hg, r, e)
         o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend,
                                          num_splits=ns, est_splits=es or None)
+        o, lse = self._add_rest(o, lse, rest)
         self._last = {"run_len": length, "r": r, "e": 0 if est_part is None else est_part.ids.shape[1], "Hg": Hg}
         return o.reshape(self.B, self.Hkv * Hg, self.Dv), lse.reshape(self.B, self.Hkv * Hg)
 
@@ -371,8 +429,9 @@ class GpuWaveLayer:
         dev = self.device
         steady_len = torch.full((G,), self.steady_used, dtype=torch.int32)
         host = KVSource(self.kv_k, self.kv_v)
+        rest = None
         if self.C > 0:
-            scores, ret, est = self._rank(qg)
+            scores, ret, est, rest = self._rank(qg)
             ret_host = ret.to("cpu")                      # the one sync of the step: the CPU plans the cache
             plan = self.buffer.plan(ret_host, self.steady_rows, steady_len)
             run_row, copy_src_row = plan.run_row, plan.copy_src_row
@@ -394,6 +453,7 @@ class GpuWaveLayer:
         ns, es = self._splits(Hg, r, e)
         o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend,
                                          num_splits=ns, est_splits=es or None)
+        o, lse = self._add_rest(o, lse, rest)
         if plan is not None and plan.copy_len.numel():
             # admissions after the attention on the same stream: pages read this step are overwritten only after
             copy_rows(self.cache_k, self.cache_v, host.k, host.v, copy_src_row.to(dev, non_blocking=True),
@@ -464,6 +524,12 @@ class GpuWaveLayer:
             self.pinned = p1 and p2
         vs = torch.zeros(G, C1, self.Dv, dtype=torch.float32, device=self.device)
         vs.scatter_add_(1, a[..., None].expand(G, m, self.Dv), v_new.float())
+        if cfg.estimator == "fs_iso":
+            from .estimation import isotropic_variance
+
+            self.key_var = torch.cat([self.key_var, isotropic_variance(k_new, a, C1)], 1)
+        else:
+            self.key_var = torch.zeros(G, self.C, dtype=torch.float32, device=self.device)
         self.centroids = torch.cat([old[4], cen.to(self.dtype)], 1)
         self.sizes = torch.cat([old[5], sizes.float()], 1)
         self.value_sums = torch.cat([old[6], vs], 1)
@@ -483,8 +549,9 @@ class GpuWaveLayer:
         clusters since reset_stats().
         """
         el = self.steady_k.element_size()
+        fs = self.cfg.estimator == "fs_iso"
         meta = (self.centroids.numel() * self.centroids.element_size() + self.sizes.numel() * 4
-                + self.value_sums.numel() * 4 + self.offsets.numel() * 8)
+                + self.value_sums.numel() * 4 + self.offsets.numel() * 8 + (self.key_var.numel() * 4 if fs else 0))
         steady = (self.steady_k.numel() + self.steady_v.numel()) * el
         kv_all = (self.kv_k.numel() + self.kv_v.numel()) * el
         if self.cfg.mode == "gpu_only":
@@ -499,7 +566,7 @@ class GpuWaveLayer:
         if self._last:
             tokens = int(self._last["run_len"].sum())
             e = self._last["e"]
-            read = (tokens * (self.D + self.Dv) * el + self.G * self.C * (self.D * el + 4)
+            read = (tokens * (self.D + self.Dv) * el + self.G * self.C * (self.D * el + 4 + (4 if fs else 0))
                     + self.G * e * self.Dv * 4)
             out["read_fraction"] = read / full
             out["tokens_exact"] = tokens / self.G
