@@ -125,3 +125,29 @@ def test_fs_iso_cuda_kernels_match_torch_backend(mode):
         assert float((o - r).norm() / r.norm()) < 2e-2
     errs = torch.cat([_errors(fast, k, v, q.cuda()).cpu() for q in qs])
     assert float(errs.median()) < 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G,Hg,C,D", [(8, 4, 1000, 128), (3, 12, 257, 64), (64, 4, 8192, 128), (2, 1, 33, 128)])
+def test_fs_cluster_scores_kernel_matches_torch(dtype, G, Hg, C, D):
+    from kvstore.gpu import has_cuda_ext
+    from kvstore.gpu.estimation import fs_cluster_scores
+
+    if not has_cuda_ext():
+        pytest.skip("kvstore._cuda not built")
+    gen = torch.Generator().manual_seed(G + C)
+    q = (torch.randn(G, Hg, D, generator=gen) * 2).to("cuda", dtype)
+    cen = (torch.randn(G, C, D, generator=gen) + torch.randn(G, 1, D, generator=gen)).to("cuda", dtype)
+    sizes = torch.randint(0, 60, (G, C), generator=gen).float().cuda()          # 0: empty clusters
+    sd = (torch.rand(G, C, generator=gen) * 3).cuda()
+    table, slope = fs_table(int(sizes.max()), "cuda")
+    scale = 1 / math.sqrt(D)
+    s, p, lse = fs_cluster_scores(q, cen, sizes, sd, table, slope, scale, backend="cuda")
+    rs, rp, rl = fs_cluster_scores(q, cen, sizes, sd, table, slope, scale, backend="torch")
+    fin = torch.isfinite(rs)
+    assert torch.equal(torch.isfinite(s), fin)
+    assert float((s[fin] - rs[fin]).abs().max()) < 1e-3 * (1 + float(rs[fin].abs().max()))
+    assert float((p - rp).norm() / rp.norm()) < 1e-3
+    assert float((lse - rl).abs().max()) < 1e-3

@@ -143,7 +143,7 @@ scores_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* _
 
 __global__ void __launch_bounds__(kThreads)
 probs_kernel(const float* __restrict__ scores, const float2* __restrict__ tile_stats, int Hg, int C, int ntiles,
-             float* __restrict__ probs) {
+             float* __restrict__ probs, const float* __restrict__ size_weights, float* __restrict__ lse_out) {
     __shared__ float m_s[kRankMaxHg];
     __shared__ float inv_s[kRankMaxHg];
     const int g = blockIdx.y;
@@ -161,6 +161,8 @@ probs_kernel(const float* __restrict__ scores, const float2* __restrict__ tile_s
         if (lane == 0) {
             m_s[h] = m;
             inv_s[h] = l > 0.0f ? 1.0f / l : 0.0f;
+            if (lse_out != nullptr && blockIdx.x == 0)
+                lse_out[static_cast<long long>(g) * Hg + h] = l > 0.0f ? m + __logf(l) : -INFINITY;
         }
     }
     __syncthreads();
@@ -171,6 +173,7 @@ probs_kernel(const float* __restrict__ scores, const float2* __restrict__ tile_s
         const float s = scores[(static_cast<long long>(g) * Hg + h) * C + c];
         if (s != -INFINITY) p += __expf(s - m_s[h]) * inv_s[h];
     }
+    if (size_weights != nullptr) p *= size_weights[static_cast<long long>(g) * C + c];
     probs[static_cast<long long>(g) * C + c] = p;
 }
 
@@ -245,10 +248,36 @@ __device__ __forceinline__ void maxsum_push(MaxSum& s, float v) {
     }
 }
 
+// a^2 + b^2 of the two 16-bit floats packed in w (low half first).
+template <typename T>
+__device__ __forceinline__ float pair_sq(unsigned w) {
+    float a, b;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        a = __uint_as_float(w << 16);
+        b = __uint_as_float(w & 0xffff0000u);
+    } else {
+        const __half2 h = *reinterpret_cast<const __half2*>(&w);
+        a = __low2float(h);
+        b = __high2float(h);
+    }
+    return a * a + b * b;
+}
+
+// g_n(sigma) of the finite-sample estimator, interpolated in its table (kvstore/gpu/estimation.py).
+__device__ __forceinline__ float fs_g(const FsArgs& fs, float size, float sigma) {
+    const int n = min(static_cast<int>(size + 0.5f), fs.nmax);
+    const float x = fmaxf(sigma * fs.inv_step, 0.0f);
+    const float x0 = fminf(floorf(x), static_cast<float>(fs.J - 2));
+    const float* row = fs.table + static_cast<long long>(n) * fs.J + static_cast<int>(x0);
+    const float g = row[0] + (row[1] - row[0]) * fminf(x - x0, 1.0f);
+    return g + fmaxf(x - static_cast<float>(fs.J - 1), 0.0f) * fs.step * fs.slope[n];
+}
+
 template <typename T, int D, bool kTwoRows>
 __global__ void __launch_bounds__(kThreads)
 scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* __restrict__ sizes, int Hg,
-                  int C, float scale, int tile, float* __restrict__ scores, float2* __restrict__ tile_stats) {
+                  int C, float scale, int tile, float* __restrict__ scores, float2* __restrict__ tile_stats,
+                  const FsArgs fs) {
     constexpr int NJ = D / 32;  // chunk steps: 4 lanes x 8 elements each
     __shared__ MaxSum st[kThreads / 32][16];
     const int g = blockIdx.y;
@@ -270,6 +299,23 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
                         : make_uint4(0u, 0u, 0u, 0u);
         }
     }
+    // fs: |q| of heads gr and gr + 8 (each lane holds a quarter of the row: sum over the quad)
+    float qn_a = 0.0f, qn_b = 0.0f;
+    if (fs.key_sd != nullptr) {
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            qn_a += pair_sq<T>(qa[j].x) + pair_sq<T>(qa[j].y) + pair_sq<T>(qa[j].z) + pair_sq<T>(qa[j].w);
+            qn_b += pair_sq<T>(qb[j].x) + pair_sq<T>(qb[j].y) + pair_sq<T>(qb[j].z) + pair_sq<T>(qb[j].w);
+        }
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            qn_a += __shfl_xor_sync(0xffffffffu, qn_a, o);
+            qn_b += __shfl_xor_sync(0xffffffffu, qn_b, o);
+        }
+        qn_a = sqrtf(qn_a) * scale;
+        qn_b = sqrtf(qn_b) * scale;
+    }
+    const float* sd = fs.key_sd == nullptr ? nullptr : fs.key_sd + static_cast<long long>(g) * C;
     const T* cg = cen + static_cast<long long>(g) * C * D;
     const float* sg = sizes + static_cast<long long>(g) * C;
     float* out_a = scores + (static_cast<long long>(g) * Hg + gr) * C;
@@ -302,16 +348,22 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 if (c + i >= c1) break;
-                const bool live = sg[c + i] > 0.0f;
+                const float sz = sg[c + i];
+                const bool live = sz > 0.0f;
+                // fs: the score gets the finite-sample correction, the statistics rank by log of the mass
+                const float s_d = (sd != nullptr && live) ? sd[c + i] : 0.0f;
+                const float logsz = (sd != nullptr && live) ? __logf(sz) : 0.0f;
                 if (gr < Hg) {
-                    const float v = live ? acc[i] * scale : -INFINITY;
+                    float v = live ? acc[i] * scale : -INFINITY;
+                    if (sd != nullptr && live) v += fs_g(fs, sz, qn_a * s_d);
                     out_a[c + i] = v;
-                    maxsum_push(sa, v);
+                    maxsum_push(sa, v + logsz);
                 }
                 if (kTwoRows && gr + 8 < Hg) {
-                    const float v = live ? acc[2 + i] * scale : -INFINITY;
+                    float v = live ? acc[2 + i] * scale : -INFINITY;
+                    if (sd != nullptr && live) v += fs_g(fs, sz, qn_b * s_d);
                     out_b[c + i] = v;
-                    maxsum_push(sb, v);
+                    maxsum_push(sb, v + logsz);
                 }
             }
         }
@@ -368,7 +420,8 @@ int mma_tile(int G, int C, int tile) {
 // Launches the tensor-core kernel when it fits (true), with its own tile, written to *tile.
 template <typename T>
 bool try_scores_mma(const void* q, const void* cen, const float* sizes, int G, int Hg, int C, int D, float scale,
-                    int* tile_io, float* scores, float2* stats, cudaStream_t stream, cudaError_t* err) {
+                    int* tile_io, float* scores, float2* stats, cudaStream_t stream, cudaError_t* err,
+                    const FsArgs& fs) {
     if ((D != 64 && D != 128) || Hg > 16 || !aligned_to(q, 16) || !aligned_to(cen, 16) || !device_has_mma())
         return false;
     const int tile = mma_tile(G, C, *tile_io);
@@ -377,13 +430,13 @@ bool try_scores_mma(const void* q, const void* cen, const float* sizes, int G, i
     const T* qt = static_cast<const T*>(q);
     const T* ct = static_cast<const T*>(cen);
     if (D == 128 && Hg > 8)
-        scores_mma_kernel<T, 128, true><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats);
+        scores_mma_kernel<T, 128, true><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
     else if (D == 128)
-        scores_mma_kernel<T, 128, false><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats);
+        scores_mma_kernel<T, 128, false><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
     else if (Hg > 8)
-        scores_mma_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats);
+        scores_mma_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
     else
-        scores_mma_kernel<T, 64, false><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats);
+        scores_mma_kernel<T, 64, false><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
     *err = cudaGetLastError();
     return true;
 }
@@ -398,7 +451,12 @@ long long cluster_scores_workspace_floats(int G, int Hg, int C) {
 
 cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, ScalarType dtype,
                                   int G, int Hg, int C, int D, float scale, float* scores, float* probs,
-                                  float* workspace, cudaStream_t stream) {
+                                  float* workspace, cudaStream_t stream, const FsArgs* fs, float* lse) {
+    const FsArgs no_fs{};
+    const FsArgs& f = fs == nullptr ? no_fs : *fs;
+    if (f.key_sd != nullptr && (f.table == nullptr || f.slope == nullptr || f.nmax < 1 || f.J < 2 ||
+                                dtype == ScalarType::kFloat32))
+        return cudaErrorInvalidValue;
     if (G < 0 || Hg <= 0 || C < 0 || D <= 0 || Hg > kRankMaxHg || Hg * D > kRankMaxHgTimesD || G > 65535)
         return cudaErrorInvalidValue;
     if (G == 0 || C == 0) return cudaSuccess;
@@ -411,14 +469,19 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
             err = dispatch_layout<float>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
             break;
         case ScalarType::kFloat16:
-            if (!try_scores_mma<__half>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream, &err))
+            if (!try_scores_mma<__half>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream, &err,
+                                        f)) {
+                if (f.key_sd != nullptr) return cudaErrorInvalidValue;  // the estimator rides the tensor-core kernel
                 err = dispatch_layout<__half>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
+            }
             break;
         case ScalarType::kBFloat16:
             if (!try_scores_mma<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream,
-                                               &err))
+                                               &err, f)) {
+                if (f.key_sd != nullptr) return cudaErrorInvalidValue;
                 err = dispatch_layout<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats,
                                                      stream);
+            }
             break;
         default:
             return cudaErrorInvalidValue;
@@ -426,7 +489,8 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
     if (err != cudaSuccess) return err;
     const int ntiles = (C + tile - 1) / tile;
     const dim3 grid((C + kThreads - 1) / kThreads, G);
-    probs_kernel<<<grid, kThreads, 0, stream>>>(scores, stats, Hg, C, ntiles, probs);
+    probs_kernel<<<grid, kThreads, 0, stream>>>(scores, stats, Hg, C, ntiles, probs,
+                                                f.key_sd != nullptr ? sizes : nullptr, lse);
     return cudaGetLastError();
 }
 

@@ -17,6 +17,21 @@ namespace cluster {
 constexpr int kRankMaxHg = 32;          // query heads per group
 constexpr int kRankMaxHgTimesD = 8192;  // Hg * D (the queries live in shared memory as float)
 
+// The finite-sample estimator (kvstore/gpu/estimation.py), fused into the scores: with key_sd set, the scores
+// become q.c * scale + g_n(sigma), sigma = scale * |q_h| * key_sd[g, c], n = round(size), g_n interpolated in
+// table [nmax + 1, J] (grid step `step`, inv_step = 1 / step; past the grid along slope[n]), and probs rank by
+// the estimated mass: sum_h size * exp(score) / sum_c size * exp(score). Only the tensor-core path takes it
+// (bf16 / fp16, D in {64, 128}, Hg <= 16, sm_80+); otherwise the launch returns cudaErrorInvalidValue.
+struct FsArgs {
+    const float* key_sd = nullptr;  // [G, C]; null: the plain centroid scores
+    const float* table = nullptr;
+    const float* slope = nullptr;
+    int nmax = 0;
+    int J = 0;
+    float step = 0.0f;
+    float inv_step = 0.0f;
+};
+
 // Floats of the workspace cluster_scores_launch needs: the per-tile softmax
 // statistics, 2 * G * tiles * Hg.
 long long cluster_scores_workspace_floats(int G, int Hg, int C);
@@ -24,13 +39,15 @@ long long cluster_scores_workspace_floats(int G, int Hg, int C);
 // q [G, Hg, D] and centroids [G, C, D] of `dtype` (contiguous), sizes f32 [G, C]
 // (0 = empty or padding cluster). Writes
 //   scores f32 [G, Hg, C] = (q . c) * scale, -inf where size == 0, and
-//   probs  f32 [G, C]     = sum_h softmax_c(scores[g, h, :])  (0 where every cluster of g is empty).
+//   probs  f32 [G, C]     = sum_h softmax_c(scores[g, h, :])  (0 where every cluster of g is empty),
+//   lse    f32 [G, Hg]    = log sum_c exp(scores[g, h, c]) (with fs: of size * exp), when lse is not null.
 // The centroids are read once (16-byte loads when D * sizeof(dtype) % 16 == 0 and
 // the pointers are 16-byte aligned; on sm_80+ bf16/fp16 with D in {64, 128}
 // and Hg <= 16 multiply on the tensor cores). Two launches on `stream`.
 cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, ScalarType dtype,
                                   int G, int Hg, int C, int D, float scale, float* scores, float* probs,
-                                  float* workspace, cudaStream_t stream);
+                                  float* workspace, cudaStream_t stream, const FsArgs* fs = nullptr,
+                                  float* lse = nullptr);
 
 // probs f32 [G, C] -> ret int64 [G, r], est int64 [G, e]: the r + e largest
 // probs of each row under the order "prob descending, lower id first on ties"

@@ -88,3 +88,40 @@ def isotropic_variance(k: torch.Tensor, assign: torch.Tensor, C: int) -> torch.T
     c = cnt.clamp_min(1)
     var = (sq / c - (ksum / c[..., None]).pow(2).sum(-1)) / D
     return torch.where(cnt > 0, var.clamp_min(0), torch.zeros_like(var))
+
+
+def fs_cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor, key_sd: torch.Tensor,
+                      table: torch.Tensor, slope: torch.Tensor, scale: float, backend: str = "auto"
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cluster scores with the finite-sample estimator, and the ranking by estimated mass.
+
+    q ``[G, Hg, D]``, centroids ``[G, C, D]`` (q's dtype), sizes / key_sd float32 ``[G, C]`` (cluster sizes and
+    isotropic key standard deviations), table / slope from :func:`fs_table`. Returns
+
+    * scores float32 ``[G, Hg, C]`` = ``q.c * scale + g_n(scale * |q| * key_sd)`` (``-inf`` for empty clusters):
+      ``size * exp(score)`` is the estimated attention mass of the cluster, as the estimation zone reads it;
+    * probs float32 ``[G, C]``: the group-summed share of each cluster in its head's estimated mass;
+    * lse float32 ``[G, Hg]``: log of each head's estimated mass over all clusters (``-inf``: none).
+
+    On CUDA (bf16 / fp16, D in {64, 128}, Hg <= 16, sm_80+) one fused pass of the tensor-core scores kernel;
+    otherwise (or ``backend="torch"``) the torch reference.
+    """
+    from .cluster_ops import cluster_scores, use_cuda_kernel
+
+    G, Hg, D = q.shape
+    kernel = (use_cuda_kernel(backend, q, centroids, sizes, key_sd) and q.dtype in (torch.bfloat16, torch.float16)
+              and D in (64, 128) and Hg <= 16 and torch.cuda.get_device_capability(q.device)[0] >= 8
+              and q.is_contiguous() and centroids.is_contiguous() and q.data_ptr() % 16 == 0
+              and centroids.data_ptr() % 16 == 0)
+    if kernel:
+        from ._ext import cuda_ext
+
+        return cuda_ext().cluster_scores_fs(q, centroids, sizes.contiguous(), key_sd.contiguous(),
+                                            table.contiguous(), slope.contiguous(), scale, SIGMA_STEP)
+    scores, _ = cluster_scores(q, centroids, sizes, scale, backend=backend)
+    sigma = (scale * q.float().norm(dim=-1))[..., None] * key_sd[:, None, :]
+    scores = scores + fs_correction(table, slope, sizes[:, None, :], sigma)
+    logits = scores + torch.log(sizes)[:, None, :]                  # log of each cluster's estimated mass
+    lse = torch.logsumexp(logits, -1)
+    top = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]
+    return scores, torch.exp(logits - top).sum(1), lse

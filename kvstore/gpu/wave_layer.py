@@ -311,24 +311,22 @@ class GpuWaveLayer:
         clusters outside both zones [G, Hg] or None)."""
         from .cluster_ops import cluster_scores, select_clusters
 
-        scores, probs = cluster_scores(qg, self.centroids, self.sizes, self.scale, backend=self.cfg.backend)
         r, e = self.cfg.budgets(self.length, self.C)
         if self.cfg.estimator == "centroid":
+            scores, probs = cluster_scores(qg, self.centroids, self.sizes, self.scale, backend=self.cfg.backend)
             ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
             return scores, ret, est, None
-        from .estimation import fs_correction
+        from .estimation import fs_cluster_scores
 
         G, Hg = qg.shape[0], qg.shape[1]
-        sigma = (self.scale * qg.float().norm(dim=-1))[..., None] * self._key_sd[:, None, :]
-        scores = scores + fs_correction(self._fs_table, self._fs_slope, self.sizes[:, None, :], sigma)
-        logits = scores + self._log_sizes[:, None, :]                    # log of each cluster's estimated mass
-        lse_all = torch.logsumexp(logits, -1)                            # [G, Hg]; -inf: no live cluster
-        live = torch.isfinite(lse_all)
-        top = torch.where(live, lse_all, torch.zeros_like(lse_all))[..., None]
-        probs = torch.exp(logits - top).sum(1)
+        scores, probs, lse_all = fs_cluster_scores(qg, self.centroids, self.sizes, self._key_sd, self._fs_table,
+                                                   self._fs_slope, self.scale, backend=self.cfg.backend)
         ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
-        picked = torch.gather(logits, 2, torch.cat([ret, est], 1)[:, None, :].expand(G, Hg, r + e))
-        left = 1 - torch.exp(torch.logsumexp(picked, -1) - top[..., 0])  # share of the mass outside both zones
+        live = torch.isfinite(lse_all)                                   # [G, Hg]; False: no live cluster
+        top = torch.where(live, lse_all, torch.zeros_like(lse_all))
+        ids = torch.cat([ret, est], 1)[:, None, :].expand(G, Hg, r + e)
+        picked = torch.gather(scores, 2, ids) + torch.gather(self._log_sizes[:, None, :].expand(G, Hg, -1), 2, ids)
+        left = 1 - torch.exp(torch.logsumexp(picked, -1) - top)          # share of the mass outside both zones
         lse_rest = torch.where(live & (left > 0), lse_all + torch.log(left.clamp_min(1e-30)),
                                torch.full_like(left, -math.inf))
         return scores, ret, est, lse_rest

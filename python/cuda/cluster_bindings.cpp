@@ -72,6 +72,61 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
     return {scores, probs};
 }
 
+// The same with the finite-sample estimator fused (cluster_rank.h FsArgs): key_sd f32 [G, C], table f32
+// [nmax + 1, J], slope f32 [nmax + 1] -> (scores f32 [G, Hg, C], probs f32 [G, C], lse f32 [G, Hg]).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> cluster_scores_fs(
+    const torch::Tensor& q, const torch::Tensor& centroids, const torch::Tensor& sizes, const torch::Tensor& key_sd,
+    const torch::Tensor& table, const torch::Tensor& slope, double scale, double step) {
+    check_cuda(q, "q");
+    check_cuda(centroids, "centroids");
+    check_cuda(sizes, "sizes");
+    check_cuda(key_sd, "key_sd");
+    check_cuda(table, "table");
+    check_cuda(slope, "slope");
+    TORCH_CHECK(q.dim() == 3 && centroids.dim() == 3 && sizes.dim() == 2,
+                "q must be [G, Hg, D], centroids [G, C, D], sizes [G, C]");
+    const int64_t G = q.size(0), Hg = q.size(1), D = q.size(2), C = centroids.size(1);
+    TORCH_CHECK(centroids.size(0) == G && centroids.size(2) == D && centroids.scalar_type() == q.scalar_type(),
+                "centroids must be [G, C, D] of q's G, D and dtype");
+    TORCH_CHECK(sizes.size(0) == G && sizes.size(1) == C && sizes.scalar_type() == torch::kFloat32,
+                "sizes must be float32 [G, C]");
+    TORCH_CHECK(key_sd.dim() == 2 && key_sd.size(0) == G && key_sd.size(1) == C &&
+                    key_sd.scalar_type() == torch::kFloat32, "key_sd must be float32 [G, C]");
+    TORCH_CHECK(table.dim() == 2 && table.size(0) >= 2 && table.size(1) >= 2 && table.scalar_type() == torch::kFloat32,
+                "table must be float32 [nmax + 1, J]");
+    TORCH_CHECK(slope.dim() == 1 && slope.size(0) == table.size(0) && slope.scalar_type() == torch::kFloat32,
+                "slope must be float32 [nmax + 1]");
+    TORCH_CHECK(step > 0, "step must be > 0");
+    TORCH_CHECK(G <= 65535 && Hg >= 1 && Hg <= 16 && (D == 64 || D == 128) && C <= INT32_MAX,
+                "unsupported sizes G=", G, " Hg=", Hg, " C=", C, " D=", D);
+    for (const torch::Tensor* t : {&centroids, &sizes, &key_sd, &table, &slope})
+        TORCH_CHECK(t->device() == q.device(), "every tensor must be on q's device");
+    const ScalarType dt = scalar_type_of(q, "q");
+    const c10::cuda::CUDAGuard guard(q.device());
+    auto f32 = q.options().dtype(torch::kFloat32);
+    torch::Tensor scores = torch::empty({G, Hg, C}, f32);
+    torch::Tensor probs = torch::empty({G, C}, f32);
+    torch::Tensor lse = torch::empty({G, Hg}, f32);
+    const long long ws = kvstore::cluster::cluster_scores_workspace_floats(static_cast<int>(G), static_cast<int>(Hg),
+                                                                           static_cast<int>(C));
+    torch::Tensor work = torch::empty({std::max<long long>(ws, 2)}, f32);
+    kvstore::cluster::FsArgs fs;
+    fs.key_sd = key_sd.data_ptr<float>();
+    fs.table = table.data_ptr<float>();
+    fs.slope = slope.data_ptr<float>();
+    fs.nmax = static_cast<int>(table.size(0) - 1);
+    fs.J = static_cast<int>(table.size(1));
+    fs.step = static_cast<float>(step);
+    fs.inv_step = static_cast<float>(1.0 / step);
+    check_launch(kvstore::cluster::cluster_scores_launch(
+                     q.data_ptr(), centroids.data_ptr(), sizes.data_ptr<float>(), dt, static_cast<int>(G),
+                     static_cast<int>(Hg), static_cast<int>(C), static_cast<int>(D), static_cast<float>(scale),
+                     scores.data_ptr<float>(), probs.data_ptr<float>(), work.data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream(), &fs, lse.data_ptr<float>()),
+                 "cluster_scores_fs");
+    return {scores, probs, lse};
+}
+
 // ids int64 [G, r], offsets int64 [G, C + 1], base / head_row int64 [G], head_len int32 [G]
 //   -> (row int64 [G, r + 1], len int32 [G, r + 1]): see cluster_runs.h.
 std::tuple<torch::Tensor, torch::Tensor> cluster_runs(const torch::Tensor& ids, const torch::Tensor& offsets,
@@ -212,6 +267,10 @@ void register_cluster_ops(pybind11::module_& m) {
           "q [G, Hg, D], centroids [G, C, D], sizes f32 [G, C] -> (scores f32 [G, Hg, C], probs f32 [G, C])");
     m.def("select_clusters", &select_clusters, pybind11::arg("probs"), pybind11::arg("r"), pybind11::arg("e"),
           "probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r best, the next e, each zone by ascending id");
+    m.def("cluster_scores_fs", &cluster_scores_fs, pybind11::arg("q"), pybind11::arg("centroids"),
+          pybind11::arg("sizes"), pybind11::arg("key_sd"), pybind11::arg("table"), pybind11::arg("slope"),
+          pybind11::arg("scale"), pybind11::arg("step"),
+          "cluster scores with the finite-sample estimator -> (scores [G, Hg, C], probs [G, C], lse [G, Hg])");
     m.def("cluster_runs", &cluster_runs, pybind11::arg("ids"), pybind11::arg("offsets"), pybind11::arg("base"),
           pybind11::arg("head_row"), pybind11::arg("head_len"),
           "the run table of a wave decode step: (row int64 [G, r + 1], len int32 [G, r + 1])");
