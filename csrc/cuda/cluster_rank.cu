@@ -263,14 +263,20 @@ __device__ __forceinline__ float pair_sq(unsigned w) {
     return a * a + b * b;
 }
 
-// g_n(sigma) of the finite-sample estimator, interpolated in its table (kvstore/gpu/estimation.py).
-__device__ __forceinline__ float fs_g(const FsArgs& fs, float size, float sigma) {
+// g_n(sigma) of the finite-sample estimator, interpolated in its table (kvstore/gpu/estimation.py), which
+// the block holds in shared memory: tab [nmax + 1, J], then slope [nmax + 1].
+__device__ __forceinline__ float fs_g(const FsArgs& fs, const float* tab, float size, float sigma) {
     const int n = min(static_cast<int>(size + 0.5f), fs.nmax);
     const float x = fmaxf(sigma * fs.inv_step, 0.0f);
     const float x0 = fminf(floorf(x), static_cast<float>(fs.J - 2));
-    const float* row = fs.table + static_cast<long long>(n) * fs.J + static_cast<int>(x0);
+    const float* row = tab + n * fs.J + static_cast<int>(x0);
     const float g = row[0] + (row[1] - row[0]) * fminf(x - x0, 1.0f);
-    return g + fmaxf(x - static_cast<float>(fs.J - 1), 0.0f) * fs.step * fs.slope[n];
+    return g + fmaxf(x - static_cast<float>(fs.J - 1), 0.0f) * fs.step * tab[(fs.nmax + 1) * fs.J + n];
+}
+
+// Bytes of shared memory the fs table takes in a block.
+inline size_t fs_smem_bytes(const FsArgs& fs) {
+    return fs.key_sd == nullptr ? 0 : sizeof(float) * static_cast<size_t>(fs.nmax + 1) * (fs.J + 1);
 }
 
 template <typename T, int D, bool kTwoRows>
@@ -280,6 +286,13 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
                   const FsArgs fs) {
     constexpr int NJ = D / 32;  // chunk steps: 4 lanes x 8 elements each
     __shared__ MaxSum st[kThreads / 32][16];
+    extern __shared__ float fs_tab[];  // fs only: table [nmax + 1, J], slope [nmax + 1]
+    if (fs.key_sd != nullptr) {
+        const int nt = (fs.nmax + 1) * fs.J;
+        for (int i = threadIdx.x; i < nt; i += kThreads) fs_tab[i] = fs.table[i];
+        for (int i = threadIdx.x; i <= fs.nmax; i += kThreads) fs_tab[nt + i] = fs.slope[i];
+        __syncthreads();
+    }
     const int g = blockIdx.y;
     const int c0 = blockIdx.x * tile;
     const int c1 = min(C, c0 + tile);
@@ -355,13 +368,13 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
                 const float logsz = (sd != nullptr && live) ? __logf(sz) : 0.0f;
                 if (gr < Hg) {
                     float v = live ? acc[i] * scale : -INFINITY;
-                    if (sd != nullptr && live) v += fs_g(fs, sz, qn_a * s_d);
+                    if (sd != nullptr && live) v += fs_g(fs, fs_tab, sz, qn_a * s_d);
                     out_a[c + i] = v;
                     maxsum_push(sa, v + logsz);
                 }
                 if (kTwoRows && gr + 8 < Hg) {
                     float v = live ? acc[2 + i] * scale : -INFINITY;
-                    if (sd != nullptr && live) v += fs_g(fs, sz, qn_b * s_d);
+                    if (sd != nullptr && live) v += fs_g(fs, fs_tab, sz, qn_b * s_d);
                     out_b[c + i] = v;
                     maxsum_push(sb, v + logsz);
                 }
@@ -424,19 +437,21 @@ bool try_scores_mma(const void* q, const void* cen, const float* sizes, int G, i
                     const FsArgs& fs) {
     if ((D != 64 && D != 128) || Hg > 16 || !aligned_to(q, 16) || !aligned_to(cen, 16) || !device_has_mma())
         return false;
+    const size_t smem = fs_smem_bytes(fs);
+    if (smem > 48 * 1024) return false;  // the caller reports an fs request it cannot serve
     const int tile = mma_tile(G, C, *tile_io);
     *tile_io = tile;
     const dim3 grid((C + tile - 1) / tile, G);
     const T* qt = static_cast<const T*>(q);
     const T* ct = static_cast<const T*>(cen);
     if (D == 128 && Hg > 8)
-        scores_mma_kernel<T, 128, true><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
+        scores_mma_kernel<T, 128, true><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
     else if (D == 128)
-        scores_mma_kernel<T, 128, false><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
+        scores_mma_kernel<T, 128, false><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
     else if (Hg > 8)
-        scores_mma_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
+        scores_mma_kernel<T, 64, true><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
     else
-        scores_mma_kernel<T, 64, false><<<grid, kThreads, 0, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
+        scores_mma_kernel<T, 64, false><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
     *err = cudaGetLastError();
     return true;
 }

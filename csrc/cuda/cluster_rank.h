@@ -21,7 +21,8 @@ constexpr int kRankMaxHgTimesD = 8192;  // Hg * D (the queries live in shared me
 // become q.c * scale + g_n(sigma), sigma = scale * |q_h| * key_sd[g, c], n = round(size), g_n interpolated in
 // table [nmax + 1, J] (grid step `step`, inv_step = 1 / step; past the grid along slope[n]), and probs rank by
 // the estimated mass: sum_h size * exp(score) / sum_c size * exp(score). Only the tensor-core path takes it
-// (bf16 / fp16, D in {64, 128}, Hg <= 16, sm_80+); otherwise the launch returns cudaErrorInvalidValue.
+// (bf16 / fp16, D in {64, 128}, Hg <= 16, sm_80+, table + slope within 48 KB of shared memory); otherwise the
+// launch returns cudaErrorInvalidValue.
 struct FsArgs {
     const float* key_sd = nullptr;  // [G, C]; null: the plain centroid scores
     const float* table = nullptr;

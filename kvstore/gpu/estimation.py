@@ -22,8 +22,9 @@ import math
 
 import torch
 
-SIGMA_STEP = 1.0 / 16      # grid of the table in sigma
-SIGMA_MAX = 24.0           # beyond it: the linear asymptote sigma * max(z)
+SIGMA_STEP = 0.25          # grid of the table in sigma (linear interpolation error <= step^2 / 8 in log mass)
+SIGMA_MAX = 16.0           # beyond it: the linear asymptote sigma * max(z)
+NMAX = 128                 # larger clusters use the n = NMAX row (the table fits a block's shared memory)
 ESTIMATORS = ("centroid", "fs_iso")
 
 
@@ -39,13 +40,15 @@ def blom_scores(n: int) -> torch.Tensor:
 
 
 def fs_table(nmax: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """``g_n(sigma)`` for ``n = 0..nmax`` on the grid ``sigma = j * SIGMA_STEP``, ``j = 0..SIGMA_MAX / SIGMA_STEP``.
+    """``g_n(sigma)`` for ``n = 0..min(nmax, NMAX)`` on the grid ``sigma = j * SIGMA_STEP``,
+    ``j = 0..SIGMA_MAX / SIGMA_STEP`` (larger clusters read the last row: the kernel keeps the table in shared memory).
 
     Returns the table float32 ``[nmax + 1, J]`` (row 0 = row 1 = zeros: no spread in one key) and the slope of
     the asymptote per row, float32 ``[nmax + 1]`` (``max z``), used past ``SIGMA_MAX``.
     """
     if not isinstance(nmax, int) or nmax < 1:
         raise ValueError(f"nmax must be an int >= 1, got {nmax!r}")
+    nmax = min(nmax, NMAX)
     J = int(round(SIGMA_MAX / SIGMA_STEP)) + 1
     sigma = torch.arange(J, dtype=torch.float64) * SIGMA_STEP
     tab = torch.zeros(nmax + 1, J, dtype=torch.float64)
