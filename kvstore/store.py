@@ -219,7 +219,8 @@ class KVStore:
         c = self.config
         if not (isinstance(c.retrieval, float) and isinstance(c.estimation, float)):
             raise ValueError("the GPU wave layer takes retrieval and estimation as fractions of the context")
-        cfg = WaveGpuConfig(mode=c.gpu_mode, cache_ratio=c.cache_ratio, sink=c.sink, window=c.window,
+        cfg = WaveGpuConfig(mode=c.gpu_mode, cache_ratio=c.cache_ratio, estimator=c.gpu_estimator, sink=c.sink,
+                            window=c.window,
                             retrieval=c.retrieval, estimation=c.estimation, tokens_per_cluster=c.tokens_per_cluster,
                             segment_len=c.segment_len, kmeans_iters=c.kmeans_iters,
                             update_interval=c.update_interval, num_threads=c.num_threads or None, seed=c.seed)

@@ -151,3 +151,16 @@ def test_fs_cluster_scores_kernel_matches_torch(dtype, G, Hg, C, D):
     assert float((s[fin] - rs[fin]).abs().max()) < 1e-3 * (1 + float(rs[fin].abs().max()))
     assert float((p - rp).norm() / rp.norm()) < 1e-3
     assert float((lse - rl).abs().max()) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_store_passes_the_estimator_to_the_gpu_layer():
+    from kvstore import KVStore, StoreConfig
+
+    k, v, qs = _attention_like(4096, seed=6)
+    store = KVStore(1, k.shape[1], k.shape[-1], StoreConfig(gpu_estimator="fs_iso", check_finite=False),
+                    device="cuda")
+    store.prefill(0, k.cuda(), v.cuda())
+    assert store._heads[0].cfg.estimator == "fs_iso"
+    assert bool(torch.isfinite(store.attend(0, qs[0].cuda()[:, :, None])).all())

@@ -162,7 +162,7 @@ def test_budgets_follow_context():
     ({"method": "nope"}, "method"), ({"retrieval": 1.5}, "retrieval"), ({"window": -1}, "window"),
     ({"top_k": 0}, "top_k"), ({"estimation": float("nan")}, "estimation"), ({"pages": True}, "pages"),
     ({"check_finite": 1}, "check_finite"), ({"check_finite": "no"}, "check_finite"),
-    ({"check_finite": None}, "check_finite"),
+    ({"check_finite": None}, "check_finite"), ({"gpu_estimator": "magic"}, "gpu_estimator"),
 ])
 def test_bad_config(kwargs, word):
     with pytest.raises(ValueError, match=word):
