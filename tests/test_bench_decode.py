@@ -398,3 +398,16 @@ def test_decode_benchmark_on_gpu(tmp_path):
         assert r["gpu_bytes"] > 0
     off = next(r for r in rows if r["mode"] == "offload")
     assert off["gpu_kv_fraction"] < 0.2 and off["hit_ratio"] is not None
+
+
+def test_wave_options_reach_the_layer_config_and_the_report(tmp_path):
+    a = bd.build_parser().parse_args(["--estimator", "fs_iso", "--retrieval", "0.05", "--estimation", "0.116"])
+    assert (a.estimator, a.retrieval, a.estimation) == ("fs_iso", 0.05, 0.116)
+    cfg = bd._wave_config("gpu_only", bd.Options(estimator="fs_iso", retrieval=0.05, estimation=0.116))
+    assert (cfg.estimator, cfg.retrieval, cfg.estimation) == ("fs_iso", 0.05, 0.116)
+    env = {"torch": torch.__version__, "python": "3", "device": "cuda:0", "gpu": "NVIDIA H100"}
+    bd.report(FAKE, env, {"reps": 50, "query_sets": 8, "warmup": 10, "estimator": "fs_iso", "retrieval": 0.05,
+                          "estimation": 0.116}, tmp_path, 1.0)
+    assert "wave: estimator fs_iso, retrieval 5%, estimation 11.6%" in (tmp_path / "decode.md").read_text()
+    with pytest.raises(SystemExit):
+        bd.build_parser().parse_args(["--estimator", "magic"])
