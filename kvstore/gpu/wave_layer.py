@@ -366,7 +366,6 @@ class GpuWaveLayer:
 
     def _decode_gpu_only(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from .attention_ops import Estimation, KVSource, RunTable, sparse_decode_attention
-
         from .cluster_ops import cluster_runs
 
         G, Hg = self.G, q.shape[1] // self.Hkv
