@@ -56,14 +56,16 @@ def use_cuda_kernel(backend: str, *tensors: torch.Tensor) -> bool:
     return has_cuda_ext()
 
 
-def check_tensor(x: Any, name: str, ndim: int, dtypes: tuple[torch.dtype, ...] | None = None) -> torch.Tensor:
-    """``x`` must be a torch.Tensor of rank ``ndim`` (and one of ``dtypes``); TypeError/ValueError naming it."""
+def check_tensor(x: Any, name: str, ndim: int, dtypes: tuple[torch.dtype, ...] | None = None,
+                 layout: str | None = None) -> torch.Tensor:
+    """``x`` must be a torch.Tensor of rank ``ndim`` (and one of ``dtypes``); TypeError/ValueError naming it
+    (and the expected ``layout``, e.g. ``"[B, Hkv, N, D]"``, when given)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be {layout or f'{ndim}-D'}, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
-        raise TypeError(f"{name} must be one of {[str(d) for d in dtypes]}, got {x.dtype}")
+        raise TypeError(f"{name} must be {' or '.join(str(d).replace('torch.', '') for d in dtypes)}, got {x.dtype}")
     return x
 
 

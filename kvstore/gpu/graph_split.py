@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..attention.core import attention_with_lse, merge_partials
+from .cluster_ops import check_tensor
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -78,15 +79,6 @@ def _check_group_k(group_k: Any, top_k: int) -> None:
     _check_int(group_k, "group_k", 1)
     if group_k < top_k:
         raise ValueError(f"group_k must be >= top_k ({top_k}), got {group_k}")
-
-
-def _check_tensor(x: Any, name: str, ndim: int, layout: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
@@ -161,8 +153,8 @@ class GraphSplitLayer:
         cfg = GraphSplitConfig() if config is None else config
         if not isinstance(cfg, GraphSplitConfig):
             raise TypeError(f"config must be a GraphSplitConfig, got {type(cfg).__name__}")
-        _check_tensor(k, "k", 4, "[B, Hkv, N, D]")
-        _check_tensor(v, "v", 4, "[B, Hkv, N, Dv]")
+        check_tensor(k, "k", 4, _DTYPES, layout="[B, Hkv, N, D]")
+        check_tensor(v, "v", 4, _DTYPES, layout="[B, Hkv, N, Dv]")
         if k.shape[:3] != v.shape[:3]:
             raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in [B, Hkv, N]")
         if min(k.shape) == 0 or v.shape[3] == 0:
@@ -171,7 +163,7 @@ class GraphSplitLayer:
             raise ValueError(f"k ({k.dtype}, {k.device}) and v ({v.dtype}, {v.device}) must share dtype and device")
         B, Hkv, N, D = k.shape
         if q_train is not None:
-            _check_tensor(q_train, "q_train", 4, "[B, Hq, Nq, D]")
+            check_tensor(q_train, "q_train", 4, _DTYPES, layout="[B, Hq, Nq, D]")
             if q_train.shape[0] != B or q_train.shape[3] != D or q_train.shape[2] == 0 \
                     or q_train.shape[1] == 0 or q_train.shape[1] % Hkv:
                 raise ValueError(f"q_train must be [B={B}, Hq (a multiple of Hkv={Hkv}), Nq > 0, D={D}], "
@@ -241,7 +233,7 @@ class GraphSplitLayer:
         q ``[B, Hq, D]`` on the layer's device (``Hq`` a multiple of ``Hkv``). Returns o ``[B, Hq, Dv]`` in
         ``q.dtype``, and with ``return_lse`` also lse ``[B, Hq]`` float32 (natural log, of ``scale * q.k``).
         """
-        _check_tensor(q, "q", 3, "[B, Hq, D]")
+        check_tensor(q, "q", 3, _DTYPES, layout="[B, Hq, D]")
         if q.shape[0] != self.B or q.shape[2] != self.D or q.shape[1] == 0 or q.shape[1] % self.Hkv:
             raise ValueError(f"q must be [B={self.B}, Hq (a multiple of Hkv={self.Hkv}), D={self.D}], "
                              f"got {tuple(q.shape)}")
@@ -292,7 +284,7 @@ class GraphSplitLayer:
         """Add one decoded token per sequence to the GPU window: k1 ``[B, Hkv, D]``, v1 ``[B, Hkv, Dv]``
         (on the layer's device; cast to its dtype). The middle tokens and their graphs do not change."""
         for name, x, dim in (("k1", k1, self.D), ("v1", v1, self.Dv)):
-            _check_tensor(x, name, 3, f"[B, Hkv, {dim}]")
+            check_tensor(x, name, 3, _DTYPES, layout=f"[B, Hkv, {dim}]")
             if tuple(x.shape) != (self.B, self.Hkv, dim):
                 raise ValueError(f"{name} must be [B={self.B}, Hkv={self.Hkv}, {dim}], got {tuple(x.shape)}")
             if x.device != self.device:
