@@ -109,6 +109,20 @@ def test_prefill_is_chunked_and_exact(monkeypatch):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_one_call_causal_prefill_matches_the_chunks(monkeypatch):
+    import kvstore.integrations.transformers as integ
+
+    monkeypatch.setattr(integ, "PREFILL_CHUNK", 16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 70, 32, generator=g, dtype=torch.float64) for h in (6, 2, 2))
+    one = integ._causal_sdpa(q, k, v, 0.2)                       # the CUDA path, here on the CPU
+    chunks = integ._chunked_exact(q, k, v, None, 0.2)
+    assert one.shape == chunks.shape == (2, 70, 6, 32)
+    torch.testing.assert_close(one, chunks, rtol=1e-10, atol=1e-10)
+    # on the CPU, and with a padding mask anywhere, the chunks run
+    assert torch.equal(integ._exact_prefill(q, k, v, None, 0.2), chunks)
+
+
 def test_without_cache_attention_is_exact():
     cfg, ref, ours = tiny()
     ids = torch.randint(1, 128, (2, 50))
