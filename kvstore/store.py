@@ -310,9 +310,11 @@ def _save(store: "KVStore", path: str | os.PathLike) -> None:
         if heads is None:
             layers_meta.append(None)
             continue
-        if not isinstance(heads, list):
-            raise NotImplementedError("saving a store whose layers are GPU wave layers is not supported: "
-                                      "build the store on the CPU to save it")
+        if not isinstance(heads, list):  # a GpuWaveLayer
+            m, a = heads.state()
+            layers_meta.append({"gpu_wave": m})
+            arrays.update({f"L{li}.W.{k}": v for k, v in a.items()})
+            continue
         rows = []
         for b, row in enumerate(heads):
             metas = []
@@ -348,6 +350,16 @@ def _load(path: str | os.PathLike, device: str | torch.device, fingerprint: dict
             raise ValueError("layer count does not match the layout")
         for li, rows in enumerate(meta["layers"]):
             if rows is None:
+                continue
+            if isinstance(rows, dict):  # a GpuWaveLayer
+                from .gpu.wave_layer import GpuWaveLayer
+
+                prefix = f"L{li}.W."
+                a = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+                layer = GpuWaveLayer.from_state(rows["gpu_wave"], a, store.device)
+                if (layer.Hkv, layer.D, layer.Dv) != (store.num_kv_heads, store.head_dim, store.value_dim):
+                    raise ValueError(f"layer {li} does not match the layout")
+                store._heads[li] = layer
                 continue
             heads = []
             for b, metas in enumerate(rows):

@@ -177,3 +177,75 @@ def test_cuda_kernels_match_torch_backend(mode, dtype):
         ref.append(k[:, :, -1], v[:, :, -1])
     if mode == "offload":
         assert fast.stats()["hit_ratio"] is not None
+
+
+# --- persistence (KVStore.save / load of GPU-layer stores; the layer runs on the CPU here) --------------------------
+@pytest.mark.parametrize("mode", ["gpu_only", "offload"])
+@pytest.mark.parametrize("estimator", ["centroid", "fs_iso"])
+def test_state_round_trip_decodes_the_same(mode, estimator):
+    B, H, Hg, N, D = 2, 2, 3, 900, 32
+    k, v = _kv(B, H, N, D, seed=11)
+    cfg = WaveGpuConfig(mode=mode, estimator=estimator, segment_len=256, update_interval=16, window=8,
+                        backend="torch", cuda_graph=False, cache_ratio=0.3)
+    layer = GpuWaveLayer.build(k, v, cfg, device="cpu")
+    for t in range(20):                                            # past update_interval: the index grew
+        layer.append(k[:, :, t], v[:, :, t])
+    meta, arrays = layer.state()
+    again = GpuWaveLayer.from_state(meta, arrays, "cpu")
+    assert (again.C, again.n, again.length, again.steady_used) == (layer.C, layer.n, layer.length, layer.steady_used)
+    q = torch.randn(B, H * Hg, D, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again.decode(q), layer.decode(q))
+    again.append(k[:, :, 30], v[:, :, 30])                           # and it keeps going
+    assert bool(torch.isfinite(again.decode(q)).all())
+
+
+def test_from_state_rejects_inconsistent_state():
+    k, v = _kv(1, 2, 600, 16, seed=12)
+    layer = GpuWaveLayer.build(k, v, WaveGpuConfig(segment_len=256, backend="torch", cuda_graph=False), device="cpu")
+    meta, arrays = layer.state()
+    with pytest.raises(ValueError, match="offsets"):
+        bad = dict(arrays, offsets=arrays["offsets"][:, ::-1].copy())
+        GpuWaveLayer.from_state(meta, bad, "cpu")
+    with pytest.raises(ValueError, match="kv_k"):
+        GpuWaveLayer.from_state(meta, dict(arrays, kv_k=arrays["kv_k"][1:]), "cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        GpuWaveLayer.from_state(dict(meta, dtype="int8"), arrays, "cpu")
+    with pytest.raises(ValueError, match="missing"):
+        GpuWaveLayer.from_state(meta, {n: a for n, a in arrays.items() if n != "sizes"}, "cpu")
+
+
+def test_store_with_a_gpu_layer_saves_and_loads(tmp_path):
+    from kvstore import KVStore, StoreConfig
+    from kvstore._fileformat import CorruptFileError
+
+    B, H, Hg, N, D = 1, 2, 2, 700, 16
+    k, v = _kv(B, H, N, D, seed=13)
+    store = KVStore(2, H, D, StoreConfig(method="wave", segment_len=256))
+    store._heads[1] = GpuWaveLayer.build(k, v, WaveGpuConfig(segment_len=256, backend="torch", cuda_graph=False),
+                                         device="cpu")                # what a CUDA store builds, here on the CPU
+    store.batch_size = B
+    store.save(tmp_path / "s.kvs")
+    loaded = KVStore.load(tmp_path / "s.kvs")
+    assert isinstance(loaded._heads[1], GpuWaveLayer) and loaded._heads[0] is None
+    q = torch.randn(B, H * Hg, 1, D)
+    assert torch.equal(loaded.attend(1, q), store.attend(1, q))
+    raw = bytearray((tmp_path / "s.kvs").read_bytes())
+    raw[-100] ^= 0xFF
+    (tmp_path / "bad.kvs").write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError):
+        KVStore.load(tmp_path / "bad.kvs")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_store_saves_and_loads(tmp_path):
+    from kvstore import KVStore, StoreConfig
+
+    B, H, Hg, N, D = 2, 2, 2, 5000, 64
+    k, v = _kv(B, H, N, D, torch.bfloat16, "cuda", seed=14)
+    store = KVStore(1, H, D, StoreConfig(method="wave"), device="cuda")
+    store.prefill(0, k, v)
+    store.save(tmp_path / "s.kvs")
+    loaded = KVStore.load(tmp_path / "s.kvs", device="cuda")
+    q = torch.randn(B, H * Hg, 1, D, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(loaded.attend(0, q), store.attend(0, q))

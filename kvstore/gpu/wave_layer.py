@@ -533,6 +533,82 @@ class GpuWaveLayer:
         self.offsets = torch.cat([old[7][:, :-1], offs.to(torch.int64) + n0], 1)
         self._finish_build()
 
+    # ------------------------------------------------------------------ persistence
+    _STATE_TENSORS = ("steady_k", "steady_v", "kv_k", "kv_v", "centroids", "sizes", "value_sums", "key_var",
+                      "offsets")
+    _STATE_INTS = ("B", "Hkv", "D", "Dv", "n", "length", "C", "sink_used", "steady_used", "s_cap")
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Everything the layer holds, for :meth:`KVStore.save`: ``(meta, arrays)``, arrays as numpy (bfloat16
+        widened to float32, losslessly)."""
+        from ..attention.heads import to_numpy
+
+        meta = {"config": self.cfg.to_dict(), "dtype": str(self.dtype), **{k: int(getattr(self, k))
+                                                                           for k in self._STATE_INTS}}
+        return meta, {name: to_numpy(getattr(self, name)) for name in self._STATE_TENSORS}
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, Any], device: str | torch.device
+                   ) -> "GpuWaveLayer":
+        """Rebuild a layer saved by :meth:`state` on ``device``; ``ValueError`` naming what is inconsistent."""
+        import numpy as np
+
+        from ..attention.heads import _DTYPES
+
+        dtype = _DTYPES.get(meta.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"unknown dtype {meta.get('dtype')!r}")
+        cfg = WaveGpuConfig(**meta["config"])
+        ints = {k: meta[k] for k in cls._STATE_INTS}
+        for k, v in ints.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{k} must be an int >= 0, got {v!r}")
+        B, H, D, Dv, n, C, s_cap = (ints[k] for k in ("B", "Hkv", "D", "Dv", "n", "C", "s_cap"))
+        G = B * H
+        shapes = {"steady_k": (G, s_cap, D), "steady_v": (G, s_cap, Dv), "kv_k": (G * n, D), "kv_v": (G * n, Dv),
+                  "centroids": (G, C, D), "sizes": (G, C), "value_sums": (G, C, Dv), "key_var": (G, C),
+                  "offsets": (G, C + 1)}
+        for name, shape in shapes.items():
+            if name not in arrays:
+                raise ValueError(f"missing array {name}")
+            if tuple(arrays[name].shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(arrays[name].shape)}, expected {shape}")
+        if not ints["sink_used"] <= ints["steady_used"] <= s_cap or G == 0:
+            raise ValueError("inconsistent steady zone")
+        offsets = np.asarray(arrays["offsets"])
+        if offsets.dtype.kind != "i" or (C and ((offsets[:, 0] != 0).any() or (offsets[:, -1] != n).any()
+                                               or (np.diff(offsets, axis=1) < 0).any())):
+            raise ValueError("offsets are not a CSR of the slot rows")
+        self = cls()
+        self.cfg = cfg
+        self.device, self.dtype = torch.device(device), dtype
+        for k, v in ints.items():
+            setattr(self, k, v)
+        self.G, self.scale = G, 1.0 / math.sqrt(D)
+
+        def tensor(name: str, dt: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.array(arrays[name])).to(self.device, dt)
+
+        self.steady_k, self.steady_v = tensor("steady_k", dtype), tensor("steady_v", dtype)
+        self.centroids = tensor("centroids", dtype)
+        self.sizes, self.value_sums = tensor("sizes", torch.float32), tensor("value_sums", torch.float32)
+        self.key_var, self.offsets = tensor("key_var", torch.float32), tensor("offsets", torch.int64)
+        if cfg.mode == "gpu_only":
+            self.kv_k, self.kv_v, self.pinned = tensor("kv_k", dtype), tensor("kv_v", dtype), False
+        else:
+            from .wave_buffer import pinned_empty
+
+            self.kv_k, p1 = pinned_empty((G * n, D), dtype)
+            self.kv_v, p2 = pinned_empty((G * n, Dv), dtype)
+            self.kv_k.copy_(torch.from_numpy(np.array(arrays["kv_k"])).to(dtype))
+            self.kv_v.copy_(torch.from_numpy(np.array(arrays["kv_v"])).to(dtype))
+            self.pinned = p1 and p2
+        self._finish_build()
+        self.build_seconds = 0.0
+        self._last = {}
+        self.reset_stats()
+        return self
+
     # ------------------------------------------------------------------ stats
     def reset_stats(self) -> None:
         self._hits = [0, 0, 0, 0]   # clusters hit, missed; tokens hit, missed (offload)
