@@ -324,8 +324,9 @@ class GpuWaveLayer:
         ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
         live = torch.isfinite(lse_all)                                   # [G, Hg]; False: no live cluster
         top = torch.where(live, lse_all, torch.zeros_like(lse_all))
-        ids = torch.cat([ret, est], 1)[:, None, :].expand(G, Hg, r + e)
-        picked = torch.gather(scores, 2, ids) + torch.gather(self._log_sizes[:, None, :].expand(G, Hg, -1), 2, ids)
+        ids = torch.cat([ret, est], 1)                                   # [G, r + e]
+        picked = (torch.gather(scores, 2, ids[:, None, :].expand(G, Hg, r + e))
+                  + torch.gather(self._log_sizes, 1, ids)[:, None, :])
         left = 1 - torch.exp(torch.logsumexp(picked, -1) - top)          # share of the mass outside both zones
         lse_rest = torch.where(live & (left > 0), lse_all + torch.log(left.clamp_min(1e-30)),
                                torch.full_like(left, -math.inf))
