@@ -92,6 +92,17 @@ struct MaxSum {
     float l;
 };
 
+// Adds one value v to the statistics (-inf: nothing).
+__device__ __forceinline__ void maxsum_push(MaxSum& s, float v) {
+    if (v == -INFINITY) return;
+    if (v > s.m) {
+        s.l = s.l * __expf(s.m - v) + 1.0f;
+        s.m = v;
+    } else {
+        s.l += __expf(v - s.m);
+    }
+}
+
 __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
     const float m = fmaxf(a.m, b.m);
     if (m == -INFINITY) return {m, 0.0f};

@@ -121,13 +121,7 @@ scores_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* _
                     if (c >= c1) break;
                     const float v = sg[c] > 0.0f ? acc[u][h] * scale : -INFINITY;
                     out[c] = v;
-                    if (v == -INFINITY) continue;
-                    if (v > s.m) {
-                        s.l = s.l * __expf(s.m - v) + 1.0f;
-                        s.m = v;
-                    } else {
-                        s.l += __expf(v - s.m);
-                    }
+                    maxsum_push(s, v);
                 }
                 st[gi * Hg + hh] = s;
             }
@@ -236,16 +230,6 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4],
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
 #endif
-}
-
-__device__ __forceinline__ void maxsum_push(MaxSum& s, float v) {
-    if (v == -INFINITY) return;
-    if (v > s.m) {
-        s.l = s.l * __expf(s.m - v) + 1.0f;
-        s.m = v;
-    } else {
-        s.l += __expf(v - s.m);
-    }
 }
 
 // a^2 + b^2 of the two 16-bit floats packed in w (low half first).

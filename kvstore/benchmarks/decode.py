@@ -51,6 +51,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..datasets.attention_like import AttentionLikeSpec, attention_stats, decode_queries, generate_kv
+from ..gpu.estimation import ESTIMATORS
+from ..gpu.wave_layer import WaveGpuConfig
+
+_WAVE = WaveGpuConfig()  # the layer's defaults are the benchmark's
 
 GiB = 1 << 30
 DEFAULT_CONTEXTS = (32768, 131072, 524288, 1048576)
@@ -359,7 +363,7 @@ class Options:
     reps: int = 50
     warmup: int = 10
     query_sets: int = 8
-    cache_ratio: float = 0.1
+    cache_ratio: float = _WAVE.cache_ratio
     prefill_chunk: int = 8192
     graph_max_tokens: int = 32768
     cuda_graph: bool = True
@@ -368,9 +372,9 @@ class Options:
     headroom: float = 0.95
     budget_seconds: float = 1800.0
     graph_train_queries: int = 256
-    estimator: str = "centroid"
-    retrieval: float = 0.018
-    estimation: float = 0.232
+    estimator: str = _WAVE.estimator
+    retrieval: float = _WAVE.retrieval
+    estimation: float = _WAVE.estimation
 
 
 @dataclass
@@ -430,8 +434,6 @@ def measure_prefill(data: PointData, spec: AttentionLikeSpec, opts: Options, dev
 
 
 def _wave_config(mode: str, opts: Options):
-    from ..gpu.wave_layer import WaveGpuConfig
-
     return WaveGpuConfig(mode=mode, cache_ratio=opts.cache_ratio, cuda_graph=opts.cuda_graph, backend=opts.backend,
                          estimator=opts.estimator, retrieval=opts.retrieval, estimation=opts.estimation)
 
@@ -745,8 +747,9 @@ def report(rows: Sequence[dict[str, Any]], env: dict[str, Any], args: dict[str, 
     targets = check_targets(rows)
     title = (f"One-layer decode, Llama-3-8B layout (32 q / 8 KV heads, d=128, bf16), "
              f"{env.get('gpu', env['device'])}")
-    wave = (f"wave: estimator {args.get('estimator', 'centroid')}, retrieval {100 * args.get('retrieval', 0.018):g}%, "
-            f"estimation {100 * args.get('estimation', 0.232):g}%")
+    wave = (f"wave: estimator {args.get('estimator', _WAVE.estimator)}, "
+            f"retrieval {100 * args.get('retrieval', _WAVE.retrieval):g}%, "
+            f"estimation {100 * args.get('estimation', _WAVE.estimation):g}%")
     (out / "decode.json").write_text(json.dumps({"title": title, "environment": env, "args": args,
                                                   "seconds": seconds, "targets": targets, "rows": list(rows)},
                                                  indent=1, default=str))
@@ -780,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=50, help="timed calls per measurement (default 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
     p.add_argument("--query-sets", type=int, default=8, help="decode query sets rotated through (default 8)")
-    p.add_argument("--cache-ratio", type=float, default=0.1, help="offload: fraction of the KV cached on the GPU")
+    p.add_argument("--cache-ratio", type=float, default=_WAVE.cache_ratio, help="offload: fraction of the KV cached on the GPU")
     p.add_argument("--prefill-chunk", type=int, default=8192, help="query chunk of the prefill timing (8192)")
     p.add_argument("--graph-max-tokens", type=parse_size, default=32768,
                    help="graph split only where batch x context <= this (default 32K)")
@@ -794,11 +797,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda",
                    help="cuda (default) or cpu: a CPU run only smoke-tests the pipeline at tiny sizes, its timings "
                         "mean nothing")
-    p.add_argument("--estimator", choices=("centroid", "fs_iso"), default="centroid",
+    p.add_argument("--estimator", choices=ESTIMATORS, default=_WAVE.estimator,
                    help="wave estimation zone: centroid (RetroInfer) or fs_iso (finite-sample corrected, "
                         "kvstore.gpu.estimation)")
-    p.add_argument("--retrieval", type=float, default=0.018, help="wave retrieval budget, fraction of the context")
-    p.add_argument("--estimation", type=float, default=0.232, help="wave estimation budget, fraction of the context")
+    p.add_argument("--retrieval", type=float, default=_WAVE.retrieval,
+                   help="wave retrieval budget, fraction of the context")
+    p.add_argument("--estimation", type=float, default=_WAVE.estimation,
+                   help="wave estimation budget, fraction of the context")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs", help="output folder (default docs)")
     return p

@@ -223,11 +223,26 @@ class GpuWaveLayer:
             self.kv_v = torch.empty(G * n, self.Dv, dtype=dtype, device=dev)
             self.pinned = False
         else:
-            from .wave_buffer import pinned_empty
+            self._alloc_pinned_kv(G * n)
 
-            self.kv_k, p1 = pinned_empty((G * n, self.D), dtype)
-            self.kv_v, p2 = pinned_empty((G * n, self.Dv), dtype)
-            self.pinned = p1 and p2
+    def _alloc_pinned_kv(self, rows: int) -> None:
+        """Offload: kv_k / kv_v of ``rows`` rows in pinned host memory (pageable, with a warning, if pinning
+        fails)."""
+        from .wave_buffer import pinned_empty
+
+        self.kv_k, p1 = pinned_empty((rows, self.D), self.dtype)
+        self.kv_v, p2 = pinned_empty((rows, self.Dv), self.dtype)
+        self.pinned = p1 and p2
+
+    def _set_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The sorted KV becomes k [rows, D], v [rows, Dv]: taken as they are on the device (gpu_only) or copied
+        into pinned host memory (offload)."""
+        if self.cfg.mode == "gpu_only":
+            self.kv_k, self.kv_v, self.pinned = k.to(self.device, self.dtype), v.to(self.device, self.dtype), False
+        else:
+            self._alloc_pinned_kv(k.shape[0])
+            self.kv_k.copy_(k)
+            self.kv_v.copy_(v)
 
     def _store_sequence(self, b: int, kb: torch.Tensor, vb: torch.Tensor, assign: torch.Tensor,
                         cen: torch.Tensor, sizes: torch.Tensor) -> None:
@@ -350,7 +365,7 @@ class GpuWaveLayer:
     def _run_layout(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Source ids and CSR offsets of the gpu_only run table (steady run, then r clusters a slot): constant
         for a given r, so made once (not in every step, nor in every captured graph)."""
-        if getattr(self, "_layout_r", None) != r:
+        if self._layout_r != r:
             G, dev = self.G, self.device
             src = torch.zeros(G, r + 1, dtype=torch.int32, device=dev)
             src[:, 0] = 1
@@ -510,16 +525,7 @@ class GpuWaveLayer:
         vsrt = torch.gather(v_new, 1, order[..., None].expand(G, m, self.Dv))
         kk = torch.cat([old[2].to(self.device), ks], 1).reshape(G * self.n, self.D)
         vv = torch.cat([old[3].to(self.device), vsrt], 1).reshape(G * self.n, self.Dv)
-        if cfg.mode == "gpu_only":
-            self.kv_k, self.kv_v = kk, vv
-        else:
-            from .wave_buffer import pinned_empty
-
-            self.kv_k, p1 = pinned_empty(tuple(kk.shape), self.dtype)
-            self.kv_v, p2 = pinned_empty(tuple(vv.shape), self.dtype)
-            self.kv_k.copy_(kk)
-            self.kv_v.copy_(vv)
-            self.pinned = p1 and p2
+        self._set_kv(kk, vv)
         vs = torch.zeros(G, C1, self.Dv, dtype=torch.float32, device=self.device)
         vs.scatter_add_(1, a[..., None].expand(G, m, self.Dv), v_new.float())
         if cfg.estimator == "fs_iso":
@@ -594,16 +600,7 @@ class GpuWaveLayer:
         self.centroids = tensor("centroids", dtype)
         self.sizes, self.value_sums = tensor("sizes", torch.float32), tensor("value_sums", torch.float32)
         self.key_var, self.offsets = tensor("key_var", torch.float32), tensor("offsets", torch.int64)
-        if cfg.mode == "gpu_only":
-            self.kv_k, self.kv_v, self.pinned = tensor("kv_k", dtype), tensor("kv_v", dtype), False
-        else:
-            from .wave_buffer import pinned_empty
-
-            self.kv_k, p1 = pinned_empty((G * n, D), dtype)
-            self.kv_v, p2 = pinned_empty((G * n, Dv), dtype)
-            self.kv_k.copy_(torch.from_numpy(np.array(arrays["kv_k"])).to(dtype))
-            self.kv_v.copy_(torch.from_numpy(np.array(arrays["kv_v"])).to(dtype))
-            self.pinned = p1 and p2
+        self._set_kv(*(torch.from_numpy(np.array(arrays[name])).to(dtype) for name in ("kv_k", "kv_v")))
         self._finish_build()
         self.build_seconds = 0.0
         self._last = {}
