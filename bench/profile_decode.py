@@ -45,7 +45,7 @@ def time_parts(layer: GpuWaveLayer, q: torch.Tensor) -> None:
 
     G, Hg = layer.G, q.shape[1] // layer.Hkv
     qg = q.reshape(G, Hg, layer.D)
-    scores, ret, est = layer._rank(qg)
+    scores, ret, est, _ = layer._rank(qg)
     r, e = ret.shape[1], est.shape[1]
     row, length = cluster_runs(ret, layer.offsets, layer.slot_base, layer._steady_row, layer._steady_len_dev.view(G))
     src, offsets = layer._run_layout(r)

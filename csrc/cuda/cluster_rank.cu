@@ -264,7 +264,7 @@ inline size_t fs_smem_bytes(const FsArgs& fs) {
 }
 
 template <typename T, int D, bool kTwoRows>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)  // two blocks an SM: 16 warps of centroid loads in flight
 scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* __restrict__ sizes, int Hg,
                   int C, float scale, int tile, float* __restrict__ scores, float2* __restrict__ tile_stats,
                   const FsArgs fs) {
@@ -331,6 +331,18 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
                                                                        (4 * j + t) * 8))
                                  : make_uint4(0u, 0u, 0u, 0u);
         }
+        // Sizes (and fs key spreads) of this lane's output clusters, loaded beside the centroids so that the
+        // epilogue does not wait for a second round trip.
+        float szv[kMmaU][2], sdv[kMmaU][2];
+#pragma unroll
+        for (int u = 0; u < kMmaU; ++u) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int c = cw + 8 * u + 2 * t + i;
+                szv[u][i] = c < c1 ? sg[c] : 0.0f;
+                sdv[u][i] = (sd != nullptr && c < c1) ? sd[c] : 0.0f;
+            }
+        }
 #pragma unroll
         for (int u = 0; u < kMmaU; ++u) {
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -345,10 +357,10 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 if (c + i >= c1) break;
-                const float sz = sg[c + i];
+                const float sz = szv[u][i];
                 const bool live = sz > 0.0f;
                 // fs: the score gets the finite-sample correction, the statistics rank by log of the mass
-                const float s_d = (sd != nullptr && live) ? sd[c + i] : 0.0f;
+                const float s_d = live ? sdv[u][i] : 0.0f;
                 const float logsz = (sd != nullptr && live) ? __logf(sz) : 0.0f;
                 if (gr < Hg) {
                     float v = live ? acc[i] * scale : -INFINITY;

@@ -15,7 +15,8 @@
 // time (ids, sizes, scores loaded lane-parallel), then reads their f32 value
 // sums with the whole warp, several rows in flight.
 // Both end with the warps' states in shared memory, combined into one
-// normalised partial per head.
+// normalised partial per head; the last block of a slot to finish (a counter
+// per slot) merges the slot's partials.
 #include "sparse_attention.h"
 
 namespace kvstore {
@@ -286,14 +287,14 @@ __device__ __forceinline__ bool kv_partial(const SparseAttentionArgs& a, int g, 
 }
 
 // Estimation clusters of slot g, the es-th of est_splits chunks of its E ids.
-// A warp takes 32 clusters at a time, one per lane for the id, size and scores (all loaded in parallel),
-// then walks them reading each cluster's f32 value sum with the whole warp (Dv / 32 floats a lane, kUE
-// rows in flight) while the weights come by shuffle. Leaves each warp's state in sm; returns true when
-// an id is outside [0, C).
+// A warp takes 32 clusters at a time, one per lane for the id, size and scores (all loaded in parallel, the
+// next 32 while the current ones are summed), then walks them reading each cluster's f32 value sum with the
+// whole warp (Dv / 32 floats a lane, kUE rows in flight) while the weights come by shuffle. Leaves each
+// warp's state in sm; returns true when an id is outside [0, C).
 template <int DV, int HG>
 __device__ __forceinline__ bool est_partial(const SparseAttentionArgs& a, int g, int es, Smem<DV, HG>& sm) {
     constexpr int VPE = DV / 32;  // value-sum floats per lane
-    constexpr int kUE = 8;        // value-sum rows in flight per lane
+    constexpr int kUE = 16;       // value-sum rows in flight per lane
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const long long E = a.E, C = a.C;
     const long long chunk = (E + a.est_splits - 1) / a.est_splits;
@@ -312,23 +313,33 @@ __device__ __forceinline__ bool est_partial(const SparseAttentionArgs& a, int g,
         for (int e = 0; e < VPE; ++e) acc[h][e] = 0.0f;
     }
     int bad = 0;
-    for (long long base = e0 + 32LL * warp; base < e1; base += 32LL * kWarps) {
-        // lane i: cluster base + i
+    // Lane i's cluster of the batch at `base`: its id (ok = in the chunk and in range), then size and scores.
+    auto load_id = [&](long long base, long long& id, bool& ok) {
         const long long e = base + lane;
-        bool ok = e < e1;
-        long long id = 0;
-        if (ok) {
-            id = ids[e];
-            if (id < 0 || id >= C) {
-                bad = 1;
-                ok = false;
-                id = 0;
-            }
+        ok = e < e1;
+        id = ok ? ids[e] : 0;
+    };
+    auto load_meta = [&](long long& id, bool& ok, float& sz, float (&s)[HG]) {
+        if (ok && (id < 0 || id >= C)) {
+            bad = 1;
+            ok = false;
         }
-        const float sz = ok ? sizes[id] : 0.0f;
-        float s[HG];
+        if (!ok) id = 0;
+        sz = ok ? sizes[id] : 0.0f;
 #pragma unroll
         for (int h = 0; h < HG; ++h) s[h] = (ok && h < a.Hg) ? scores[h * C + id] * kLog2e : neg_inf();
+    };
+    const long long stride = 32LL * kWarps;
+    long long id;
+    bool ok;
+    float sz, s[HG];
+    load_id(e0 + 32LL * warp, id, ok);
+    load_meta(id, ok, sz, s);
+    for (long long base = e0 + 32LL * warp; base < e1; base += stride) {
+        long long id_n;
+        bool ok_n;
+        float sz_n, s_n[HG];
+        load_id(base + stride, id_n, ok_n);  // the next batch, in flight during this one
         ok = ok && sz > 0.0f;
         float w[HG];  // this lane's cluster weight per head, against the updated running max
 #pragma unroll
@@ -356,6 +367,7 @@ __device__ __forceinline__ bool est_partial(const SparseAttentionArgs& a, int g,
                 else
                     zero_raw(vr[u]);
             }
+            if (j0 == 0) load_meta(id_n, ok_n, sz_n, s_n);  // behind the first value sums
 #pragma unroll
             for (int u = 0; u < kUE; ++u) {
                 float vf[VPE];
@@ -368,6 +380,12 @@ __device__ __forceinline__ bool est_partial(const SparseAttentionArgs& a, int g,
                 }
             }
         }
+        if (n == 0) load_meta(id_n, ok_n, sz_n, s_n);
+        id = id_n;
+        ok = ok_n;
+        sz = sz_n;
+#pragma unroll
+        for (int h = 0; h < HG; ++h) s[h] = s_n[h];
     }
     if (__syncthreads_or(bad)) return true;
 #pragma unroll
@@ -380,6 +398,57 @@ __device__ __forceinline__ bool est_partial(const SparseAttentionArgs& a, int g,
         }
     }
     return false;
+}
+
+// Log-sum-exp merge of row n's P partials by one warp (see merge_partials_launch). The parts' weights are
+// computed 32 at a time, one a lane, and passed by shuffle, so the loads of o do not wait on the loads of
+// lse; reads go to L2 (__ldcg): in the fused path the parts were written by other blocks of the same launch.
+template <typename TO>
+__device__ __forceinline__ void merge_row(const float* o_parts, const float* lse_parts, long long n, int P, int Dv,
+                                          long long o_sn, long long o_sp, long long l_sn, long long l_sp,
+                                          float lse_to_log2, TO* out_o, float* out_lse) {
+    const int lane = threadIdx.x % 32;
+    const float* lp = lse_parts + n * l_sn;
+    const float* op = o_parts + n * o_sn;
+    float mx = neg_inf();
+    int nan = 0;
+    for (int p = lane; p < P; p += 32) {
+        const float x = __ldcg(lp + p * l_sp) * lse_to_log2;
+        nan |= isnan(x);
+        mx = fmaxf(mx, x);
+    }
+    mx = warp_max(mx);
+    nan = __any_sync(kFullMask, nan);
+    const float mu = safe_max(mx);
+    float den = 0.0f;
+    for (int p = lane; p < P; p += 32) den += fast_exp2(__ldcg(lp + p * l_sp) * lse_to_log2 - mu);
+    den = warp_sum(den);
+    const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+    for (int d0 = 0; d0 < Dv; d0 += 128) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int p0 = 0; p0 < P; p0 += 32) {
+            const int pl = p0 + lane;
+            const float wl = pl < P ? fast_exp2(__ldcg(lp + pl * l_sp) * lse_to_log2 - mu) : 0.0f;
+            const int np = min(32, P - p0);
+#pragma unroll 8  // independent loads in flight
+            for (int i = 0; i < np; ++i) {
+                const float w = __shfl_sync(kFullMask, wl, i);
+                const float* o = op + (p0 + i) * o_sp;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int d = d0 + 32 * j + lane;
+                    const float x = d < Dv ? __ldcg(o + d) : 0.0f;
+                    acc[j] = fmaf(w, w == 0.0f ? 0.0f : x, acc[j]);  // an empty part's o is ignored
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int d = d0 + 32 * j + lane;
+            if (d < Dv) out_o[n * Dv + d] = from_float<TO>(nan ? quiet_nan() : acc[j] * inv);
+        }
+    }
+    if (lane == 0) out_lse[n] = nan ? quiet_nan() : (den > 0.0f ? (mu + fast_log2(den)) * kLn2 : neg_inf());
 }
 
 // Resident blocks per SM the partial kernel is compiled for: 4 (registers capped at 128, no spills) where the
@@ -420,6 +489,20 @@ __global__ void __launch_bounds__(kAttnThreads, (partial_min_blocks<T, D, DV, HG
         a.ws_o[part * DV + d] = o;
         if (d == 0) a.ws_lse[part] = lse;
     }
+    // The slot's last block to finish merges its S partials (no merge launch).
+    __shared__ int last;
+    __threadfence();  // this block's partial is visible before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&a.counters[g], 1) == S - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int h = threadIdx.x / 32; h < a.Hg; h += kWarps) {
+        const long long n = static_cast<long long>(g) * a.Hg + h;
+        merge_row<T>(a.ws_o, a.ws_lse, n, S, DV, static_cast<long long>(S) * DV, DV, S, 1, 1.0f,
+                     static_cast<T*>(a.out_o), a.out_lse);
+    }
+    if (threadIdx.x == 0) a.counters[g] = 0;  // ready for the next launch (and graph replay)
 }
 
 // One warp per row n: merge its P partials.
@@ -428,44 +511,9 @@ __global__ void __launch_bounds__(kAttnThreads)
     merge_kernel(const float* __restrict__ o_parts, const float* __restrict__ lse_parts, long long N, int P, int Dv,
                  long long o_sn, long long o_sp, long long l_sn, long long l_sp, float lse_to_log2,
                  TO* __restrict__ out_o, float* __restrict__ out_lse) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const long long n = static_cast<long long>(blockIdx.x) * kWarps + warp;
+    const long long n = static_cast<long long>(blockIdx.x) * kWarps + threadIdx.x / 32;
     if (n >= N) return;  // whole warps
-    const float* lp = lse_parts + n * l_sn;
-    const float* op = o_parts + n * o_sn;
-    float mx = neg_inf();
-    int nan = 0;
-    for (int p = lane; p < P; p += 32) {
-        const float x = lp[p * l_sp] * lse_to_log2;
-        nan |= isnan(x);
-        mx = fmaxf(mx, x);
-    }
-    mx = warp_max(mx);
-    nan = __any_sync(kFullMask, nan);
-    const float mu = safe_max(mx);
-    float den = 0.0f;
-    for (int p = lane; p < P; p += 32) den += fast_exp2(lp[p * l_sp] * lse_to_log2 - mu);
-    den = warp_sum(den);
-    const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-    for (int d0 = 0; d0 < Dv; d0 += 128) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 8  // independent loads in flight: one warp walks all P parts of its row
-        for (int p = 0; p < P; ++p) {
-            const float w = fast_exp2(lp[p * l_sp] * lse_to_log2 - mu);
-            if (w == 0.0f) continue;  // empty part: its o is not read (the same for the whole warp)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int d = d0 + 32 * j + lane;
-                if (d < Dv) acc[j] = fmaf(w, op[p * o_sp + d], acc[j]);
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int d = d0 + 32 * j + lane;
-            if (d < Dv) out_o[n * Dv + d] = from_float<TO>(nan ? quiet_nan() : acc[j] * inv);
-        }
-    }
-    if (lane == 0) out_lse[n] = nan ? quiet_nan() : (den > 0.0f ? (mu + fast_log2(den)) * kLn2 : neg_inf());
+    merge_row<TO>(o_parts, lse_parts, n, P, Dv, o_sn, o_sp, l_sn, l_sp, lse_to_log2, out_o, out_lse);
 }
 
 template <typename T, int D, int DV>
@@ -598,7 +646,8 @@ cudaError_t sparse_decode_attention_launch(const SparseAttentionArgs& a, cudaStr
             a.est_value_sums == nullptr || !is_aligned(a.est_value_sums, 16))
             return cudaErrorInvalidValue;
     }
-    if (a.ws_o == nullptr || a.ws_lse == nullptr || a.out_o == nullptr || a.out_lse == nullptr)
+    if (a.ws_o == nullptr || a.ws_lse == nullptr || a.counters == nullptr || a.out_o == nullptr ||
+        a.out_lse == nullptr)
         return cudaErrorInvalidValue;
 
     const dim3 grid(static_cast<unsigned>(a.G), static_cast<unsigned>(a.num_splits + a.est_splits));
@@ -614,11 +663,7 @@ cudaError_t sparse_decode_attention_launch(const SparseAttentionArgs& a, cudaStr
             err = launch_partials_dims<__nv_bfloat16>(a, grid, stream);
             break;
     }
-    if (err != cudaSuccess) return err;
-    const int S = a.num_splits + a.est_splits;
-    return merge_partials_launch(a.ws_o, a.ws_lse, static_cast<int64_t>(a.G) * a.Hg, S, a.Dv,
-                                 static_cast<int64_t>(S) * a.Dv, a.Dv, S, 1, 1.0f, a.dtype, a.out_o, a.out_lse,
-                                 stream);
+    return err;
 }
 
 }  // namespace attn

@@ -3,15 +3,16 @@
 // attentions"). Plain C++ interface (raw pointers, cudaStream_t), so the torch
 // bindings compile it with the host compiler.
 //
-// Two launches on the stream:
-//  1. partials, grid (G, num_splits + est_splits), 128 threads: block (g, s)
+// One launch on the stream:
+//     partials, grid (G, num_splits + est_splits), 128 threads: block (g, s)
 //     with s < num_splits attends exactly over the s-th of num_splits equal
 //     chunks of slot g's rows (its runs, concatenated in order); block
 //     (g, num_splits + e) attends over the e-th chunk of slot g's estimation
 //     clusters. Each writes a normalised partial (o, log2-sum-exp) per query
 //     head to the workspace.
-//  2. merge, one warp per (g, h): log-sum-exp merge of the partials into o
-//     (output dtype) and lse (natural log).
+//     The last block of slot g to finish (counted in counters[g]) merges the
+//     slot's partials by log-sum-exp into o (output dtype) and lse (natural
+//     log), one warp a head, and resets counters[g] to zero.
 //
 // Guards instead of host checks (the run table lives on the device): a run
 // whose source, row or length is out of range, offsets that are not a valid
@@ -72,6 +73,7 @@ struct SparseAttentionArgs {
     // Workspace, S = num_splits + est_splits (see sparse_attention_workspace).
     float* ws_o = nullptr;    // [G, Hg, S, Dv]
     float* ws_lse = nullptr;  // [G, Hg, S], log2 units
+    int* counters = nullptr;  // [G], zero before the launch; the kernel leaves them zero
 
     void* out_o = nullptr;     // [G, Hg, Dv] of dtype
     float* out_lse = nullptr;  // [G, Hg], natural log; -inf (and o = 0) for a head that saw nothing
@@ -88,7 +90,7 @@ int sparse_attention_blocks_per_sm(DType dtype, int D, int Dv, int Hg);
 int64_t sparse_attention_workspace_o(const SparseAttentionArgs& a);
 int64_t sparse_attention_workspace_lse(const SparseAttentionArgs& a);
 
-// Launches both kernels on `stream`; cudaErrorInvalidValue for unsupported or
+// Launches the kernel on `stream`; cudaErrorInvalidValue for unsupported or
 // inconsistent arguments (nothing launched). G = 0 launches nothing.
 cudaError_t sparse_decode_attention_launch(const SparseAttentionArgs& a, cudaStream_t stream);
 
@@ -97,7 +99,7 @@ cudaError_t sparse_decode_attention_launch(const SparseAttentionArgs& a, cudaStr
 //   lse_parts[n * l_sn + p * l_sp] (f32; multiplied by lse_to_log2 to get log2
 //   units: 1 for log2 inputs, log2(e) for natural-log inputs).
 // Writes out_o [N, Dv] of out_dtype and out_lse [N] (natural log). Parts with
-// lse = -inf contribute nothing (their o is not read); all empty gives o = 0,
+// lse = -inf contribute nothing (their o is ignored); all empty gives o = 0,
 // lse = -inf; a NaN lse gives NaN.
 cudaError_t merge_partials_launch(const float* o_parts, const float* lse_parts, int64_t N, int P, int Dv,
                                   int64_t o_sn, int64_t o_sp, int64_t l_sn, int64_t l_sp, float lse_to_log2,

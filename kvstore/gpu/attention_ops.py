@@ -6,10 +6,11 @@ sources: GPU KV, GPU cache pages, pinned host KV read zero-copy by the kernel), 
 log-sum-exp with the estimation partial of RetroInfer's estimation zone (DESIGN.md "Wave index", "Merging partial
 attentions").
 
-``backend="torch"`` is the reference (float32 maths, any device); ``"cuda"`` runs the kernels of
-``csrc/cuda/sparse_attention.cu`` (split-K over each slot's rows, then one merge launch); ``"auto"`` takes the
-kernels when ``q`` is a CUDA tensor, the extension is built and the inputs suit them (sources on ``q``'s device or
-pinned, contiguous, 16-byte aligned; ``D``, ``Dv`` in {64, 128}; ``Hg <= 16``), else the reference.
+``backend="torch"`` is the reference (float32 maths, any device); ``"cuda"`` runs the kernel of
+``csrc/cuda/sparse_attention.cu`` (split-K over each slot's rows; the last block of a slot to finish merges its
+partials); ``"auto"`` takes the kernel when ``q`` is a CUDA tensor, the extension is built and the inputs suit
+it (sources on ``q``'s device or pinned, contiguous, 16-byte aligned; ``D``, ``Dv`` in {64, 128}; ``Hg <= 16``),
+else the reference.
 """
 from __future__ import annotations
 

@@ -170,11 +170,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_attention(
     const auto f32 = q.options().dtype(at::kFloat);
     at::Tensor ws_o = at::empty({a.G, a.Hg, S, a.Dv}, f32);
     at::Tensor ws_lse = at::empty({a.G, a.Hg, S}, f32);
+    at::Tensor counters = at::zeros({a.G}, q.options().dtype(at::kInt));  // the kernel leaves them zero
     at::Tensor o = at::empty({a.G, a.Hg, a.Dv}, q.options());
     at::Tensor lse = at::empty({a.G, a.Hg}, f32);
     a.q = q.data_ptr();
     a.ws_o = ws_o.data_ptr<float>();
     a.ws_lse = ws_lse.data_ptr<float>();
+    a.counters = counters.data_ptr<int>();
     a.out_o = o.data_ptr();
     a.out_lse = lse.data_ptr<float>();
     const cudaError_t err = ka::sparse_decode_attention_launch(a, c10::cuda::getCurrentCUDAStream(dev.index()));
