@@ -15,6 +15,8 @@
 // the centroid bytes at D = 128 in bf16, mostly from L2).
 #include "cluster_rank.h"
 
+#include <cooperative_groups.h>
+
 #include <atomic>
 #include <cmath>
 #include <type_traits>
@@ -511,7 +513,8 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
 // --------------------------------------------------------------------------- selection
 //
 // Keys: the total order "prob descending, lower id first on ties". One block
-// per row finds, by two radix selects run side by side (8 bits a pass, warp-
+// per row (or, on sm_90, a thread-block cluster per row: select_cluster_kernel)
+// finds, by two radix selects run side by side (8 bits a pass, warp-
 // aggregated shared-memory histograms), the 32-bit ordered value P_K of the
 // K-th key (K = r + e) and P_r of the r-th, with how many ties at each value
 // are taken. A compaction in id order then writes the ids above the r-th key
@@ -751,6 +754,141 @@ select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t
     }
 }
 
+// Long rows on a thread-block cluster (sm_90): the nb blocks of row g's cluster each hold kSelThreads * kSelPer
+// ids in registers, build their own histograms, and read each other's through distributed shared memory, so a
+// row is spread over nb SMs instead of walking 4 passes of L2 loads on one. The same selection as
+// select_kernel: every block sums the nb histograms itself (the same result, no broadcast); the compaction
+// offsets of a block are the totals of the lower ranks.
+template <int kSelPer>
+__global__ void __launch_bounds__(kSelThreads, 1)
+select_cluster_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t* __restrict__ ret,
+                      std::int64_t* __restrict__ est) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    __shared__ unsigned hist[2][2][256];  // [pass parity][select][bin]: a pass never clears what others read
+    __shared__ unsigned tot[2][256];
+    __shared__ int warp_sums[32];
+    __shared__ unsigned sel_bin[2];
+    __shared__ int sel_k[2];
+    __shared__ int blk_total[2];  // packed (low, high 16 bits): 0 ties at the cuts, 1 ids written
+    const int nb = static_cast<int>(cluster.num_blocks());
+    const int rank = static_cast<int>(cluster.block_rank());
+    const int g = blockIdx.x / nb;
+    const float* p = probs + static_cast<long long>(g) * C;
+    const int warp = threadIdx.x / 32;
+    const int nsel = r > 0 ? 2 : 1;
+    const long long cb = static_cast<long long>(rank) * kSelThreads * kSelPer + threadIdx.x * kSelPer;
+    unsigned u[kSelPer];
+    const int n = load_keys(p, cb, C, u);
+
+    unsigned prefix[2] = {0u, 0u}, mask = 0u;
+    int k[2] = {K, r};
+    int par = 0;
+    for (int shift = 24; shift >= 0; shift -= 8, par ^= 1) {
+        for (int i = threadIdx.x; i < 512; i += kSelThreads) hist[par][i / 256][i % 256] = 0u;
+        __syncthreads();
+        hist_add_keys(hist[par][0], u, n, mask, prefix[0], shift);
+        if (nsel == 2) hist_add_keys(hist[par][1], u, n, mask, prefix[1], shift);
+        cluster.sync();  // every block's histograms are complete
+        for (int i = threadIdx.x; i < 512; i += kSelThreads) {
+            unsigned sum = 0u;
+            for (int b = 0; b < nb; ++b) sum += cluster.map_shared_rank(&hist[par][0][0], b)[i];
+            tot[i / 256][i % 256] = sum;
+        }
+        __syncthreads();
+        if (warp == 0) find_bin(tot[0], k[0], &sel_bin[0], &sel_k[0]);
+        if (warp == 1 && nsel == 2) find_bin(tot[1], k[1], &sel_bin[1], &sel_k[1]);
+        __syncthreads();
+        prefix[0] |= sel_bin[0] << shift;
+        k[0] = sel_k[0];
+        if (nsel == 2) {
+            prefix[1] |= sel_bin[1] << shift;
+            k[1] = sel_k[1];
+        }
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+
+    // Compaction in id order; a block's counts fit 16 bits (at most 16384 ids), the sums over ranks do not.
+    auto lower_ranks = [&](int which, int& lo, int& hi) {
+        lo = 0;
+        hi = 0;
+        for (int b = 0; b < rank; ++b) {
+            const int t = *cluster.map_shared_rank(&blk_total[which], b);
+            lo += t & 0xffff;
+            hi += t >> 16;
+        }
+    };
+    int tk = 0, tr = 0;
+#pragma unroll
+    for (int i = 0; i < kSelPer; ++i) {
+        if (i < n) {
+            tk += u[i] == prefix[0];
+            tr += nsel == 2 && u[i] == prefix[1];
+        }
+    }
+    int total;
+    const int tie_base = block_exclusive_scan(tk | (tr << 16), warp_sums, &total);
+    if (threadIdx.x == 0) blk_total[0] = total;
+    cluster.sync();
+    int ties_k_before, ties_r_before;
+    lower_ranks(0, ties_k_before, ties_r_before);
+    int rk = ties_k_before + (tie_base & 0xffff), rr = ties_r_before + (tie_base >> 16);
+    unsigned is_ret = 0u, is_est = 0u;
+    int nr = 0, ne = 0;
+#pragma unroll
+    for (int i = 0; i < kSelPer; ++i) {
+        if (i >= n) break;
+        bool in_k = u[i] > prefix[0];
+        if (u[i] == prefix[0]) in_k = rk++ < k[0];
+        bool in_r = false;
+        if (nsel == 2) {
+            in_r = u[i] > prefix[1];
+            if (u[i] == prefix[1]) in_r = rr++ < k[1];
+        }
+        if (in_r) {
+            is_ret |= 1u << i;
+            ++nr;
+        } else if (in_k) {
+            is_est |= 1u << i;
+            ++ne;
+        }
+    }
+    const int out_base = block_exclusive_scan(nr | (ne << 16), warp_sums, &total);
+    if (threadIdx.x == 0) blk_total[1] = total;
+    cluster.sync();
+    int ret_before, est_before;
+    lower_ranks(1, ret_before, est_before);
+    int pr = ret_before + (out_base & 0xffff), pe = est_before + (out_base >> 16);
+    const int e = K - r;
+#pragma unroll
+    for (int i = 0; i < kSelPer; ++i) {
+        if (is_ret & (1u << i)) ret[static_cast<long long>(g) * r + pr++] = cb + i;
+        if (is_est & (1u << i)) est[static_cast<long long>(g) * e + pe++] = cb + i;
+    }
+    cluster.sync();  // no block leaves while another may still read its shared memory
+#endif
+}
+
+// Launches select_cluster_kernel with a cluster of nb blocks a row (sm_90).
+template <int kSelPer>
+cudaError_t launch_select_cluster(const float* probs, int G, int C, int r, int K, std::int64_t* ret,
+                                  std::int64_t* est, int nb, cudaStream_t stream) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(G) * nb);
+    cfg.blockDim = dim3(kSelThreads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = nb;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, select_cluster_kernel<kSelPer>, probs, C, r, K, ret, est);
+}
+
 }  // namespace
 
 cudaError_t cluster_select_launch(const float* probs, int G, int C, int r, int e, std::int64_t* ret,
@@ -758,6 +896,18 @@ cudaError_t cluster_select_launch(const float* probs, int G, int C, int r, int e
     const int K = r + e;
     if (G < 0 || C <= 0 || r < 0 || e < 0 || K < 1 || K > C) return cudaErrorInvalidValue;
     if (G == 0) return cudaSuccess;
+    // Rows that one block would walk alone while SMs idle go to a cluster of up to 8 blocks (the portable
+    // cluster size): long rows always (up to 8 x 16384 ids, keys in registers), short ones when G is small.
+    if (device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 && C > 2048 && C <= 8 * kSelThreads * 16) {
+        const int per = C <= kSelThreads * 8 ? 2 : (C <= 8 * kSelThreads * 8 ? 8 : 16);
+        const int nb = (C + kSelThreads * per - 1) / (kSelThreads * per);
+        const int sms = device_attribute<cudaDevAttrMultiProcessorCount>();
+        if (C > kSelThreads * 8 || static_cast<long long>(G) * nb <= sms) {
+            if (per == 2) return launch_select_cluster<2>(probs, G, C, r, K, ret, est, nb, stream);
+            if (per == 8) return launch_select_cluster<8>(probs, G, C, r, K, ret, est, nb, stream);
+            return launch_select_cluster<16>(probs, G, C, r, K, ret, est, nb, stream);
+        }
+    }
     // 16 keys a thread past 8192 clusters: half the L2 round trips of a 1M-token row (64K clusters); 32 spill
     if (C <= kSelThreads * 8)
         select_kernel<8, true><<<G, kSelThreads, 0, stream>>>(probs, C, r, K, ret, est);
