@@ -325,9 +325,10 @@ def test_cluster_scores_kernel_unaligned_and_all_empty(dtype):
 @pytest.mark.parametrize("G,C,r,e", [(64, 8192, 150, 1900), (3, 1, 1, 0), (5, 1000, 0, 1000), (7, 777, 13, 0),
                                      (2, 70_000, 1200, 16_000), (2, 70_000, 1200, 20_000), (1, 4097, 2048, 1),
                                      (3, 16_000, 100, 3000),
-                                     # thread-block clusters (sm_90): 2 / 8 / 16 keys a thread, a tail block, and
+                                     # thread-block clusters (sm_90): 2 / 4 / 8 / 16 keys a thread, a tail block, and
                                      # past 8 x 16384 ids the one-block kernel again
-                                     (8, 8192, 150, 1900), (3, 3000, 50, 500), (1, 65_536, 1200, 15_000),
+                                     (8, 8192, 150, 1900), (3, 3000, 50, 500), (64, 8192, 148, 1900),
+                                     (40, 5000, 60, 1200), (1, 65_536, 1200, 15_000),
                                      (2, 131_072, 2400, 30_000), (1, 131_073, 10, 100)])
 def test_select_clusters_kernel_matches_stable_argsort(G, C, r, e):
     gen = torch.Generator().manual_seed(C + r)

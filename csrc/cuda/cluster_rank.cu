@@ -899,14 +899,16 @@ cudaError_t cluster_select_launch(const float* probs, int G, int C, int r, int e
     // Rows that one block would walk alone while SMs idle go to a cluster of up to 8 blocks (the portable
     // cluster size): long rows always (up to 8 x 16384 ids, keys in registers), short ones when G is small.
     if (device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 && C > 2048 && C <= 8 * kSelThreads * 16) {
-        const int per = C <= kSelThreads * 8 ? 2 : (C <= 8 * kSelThreads * 8 ? 8 : 16);
-        const int nb = (C + kSelThreads * per - 1) / (kSelThreads * per);
-        const int sms = device_attribute<cudaDevAttrMultiProcessorCount>();
-        if (C > kSelThreads * 8 || static_cast<long long>(G) * nb <= sms) {
-            if (per == 2) return launch_select_cluster<2>(probs, G, C, r, K, ret, est, nb, stream);
-            if (per == 8) return launch_select_cluster<8>(probs, G, C, r, K, ret, est, nb, stream);
-            return launch_select_cluster<16>(probs, G, C, r, K, ret, est, nb, stream);
-        }
+        const long long sms = device_attribute<cudaDevAttrMultiProcessorCount>();
+        auto blocks = [&](int per) { return (C + kSelThreads * per - 1) / (kSelThreads * per); };
+        // short rows: the most blocks a row that the SMs hold in one wave (at least 2), else one block a row
+        int per = C <= kSelThreads * 8 ? (G * blocks(2) <= sms ? 2 : (G * blocks(4) <= sms ? 4 : 0))
+                                       : (C <= 8 * kSelThreads * 8 ? 8 : 16);
+        if (per != 0 && blocks(per) < 2) per = 0;
+        if (per == 2) return launch_select_cluster<2>(probs, G, C, r, K, ret, est, blocks(2), stream);
+        if (per == 4) return launch_select_cluster<4>(probs, G, C, r, K, ret, est, blocks(4), stream);
+        if (per == 8) return launch_select_cluster<8>(probs, G, C, r, K, ret, est, blocks(8), stream);
+        if (per == 16) return launch_select_cluster<16>(probs, G, C, r, K, ret, est, blocks(16), stream);
     }
     // 16 keys a thread past 8192 clusters: half the L2 round trips of a 1M-token row (64K clusters); 32 spill
     if (C <= kSelThreads * 8)
