@@ -599,11 +599,16 @@ __device__ __forceinline__ void hist_add_keys(unsigned* hist, const unsigned (&u
     }
 }
 
+// Valid keys of a thread whose ids start at cb.
+__device__ __forceinline__ int keys_left(long long cb, int C, int per) {
+    const long long left = C - cb;
+    return left < per ? (left > 0 ? static_cast<int>(left) : 0) : per;
+}
+
 // Ordered keys of ids [cb, cb + kSelPer) of row p (0 past C); returns how many are valid.
 template <int kSelPer>
 __device__ __forceinline__ int load_keys(const float* __restrict__ p, long long cb, int C, unsigned (&u)[kSelPer]) {
-    const long long left = C - cb;
-    const int n = left < kSelPer ? (left > 0 ? static_cast<int>(left) : 0) : kSelPer;
+    const int n = keys_left(cb, C, kSelPer);
     if (n == kSelPer && reinterpret_cast<std::uintptr_t>(p + cb) % 16 == 0) {
 #pragma unroll
         for (int i = 0; i < kSelPer; i += 4) {
@@ -648,6 +653,89 @@ __device__ __forceinline__ void find_bin(const unsigned* hist, int k, unsigned* 
     }
 }
 
+// The two radix selects run side by side: select 0 finds the K-th key, select 1 (nsel = 2, r > 0) the r-th.
+// prefix[s]: the ordered value of select s's key, known down to the digits in mask; k[s]: its rank (1-based)
+// among the keys that match that prefix, i.e. how many ties at the final value are taken.
+struct RadixTargets {
+    unsigned prefix[2] = {0u, 0u};
+    unsigned mask = 0u;
+    int k[2];
+    int nsel;
+    __device__ RadixTargets(int K, int r) : k{K, r}, nsel(r > 0 ? 2 : 1) {}
+};
+
+// One digit of both selects from the row's histograms hist[s] (complete, visible to the block): warps 0 and 1
+// find the bins, every thread moves its targets down to the next digit.
+__device__ __forceinline__ void radix_step(const unsigned (*hist)[256], int shift, RadixTargets& t,
+                                           unsigned* sel_bin, int* sel_k) {
+    const int warp = threadIdx.x / 32;
+    if (warp == 0) find_bin(hist[0], t.k[0], &sel_bin[0], &sel_k[0]);
+    if (warp == 1 && t.nsel == 2) find_bin(hist[1], t.k[1], &sel_bin[1], &sel_k[1]);
+    __syncthreads();
+    for (int s = 0; s < t.nsel; ++s) {
+        t.prefix[s] |= sel_bin[s] << shift;
+        t.k[s] = sel_k[s];
+    }
+    t.mask |= 255u << shift;
+    __syncthreads();  // sel_bin / sel_k are rewritten by the next digit
+}
+
+// Keys of this thread (the first n valid) at the final value of each select, packed (low: select 0, high:
+// select 1) so that one block scan serves both.
+template <int kSelPer>
+__device__ __forceinline__ int count_ties(const unsigned (&u)[kSelPer], int n, const RadixTargets& t) {
+    int tk = 0, tr = 0;
+#pragma unroll
+    for (int i = 0; i < kSelPer; ++i) {
+        if (i < n) {
+            tk += u[i] == t.prefix[0];
+            tr += t.nsel == 2 && u[i] == t.prefix[1];
+        }
+    }
+    return tk | (tr << 16);
+}
+
+// Which of this thread's first n keys are in the retrieval zone (above the r-th key) and which in the
+// estimation zone (the others above the K-th), as bit masks; rk / rr: ties at each final value taken before
+// this thread's keys. Returns the counts packed (low: retrieval, high: estimation).
+template <int kSelPer>
+__device__ __forceinline__ int mark_zones(const unsigned (&u)[kSelPer], int n, const RadixTargets& t, int rk,
+                                          int rr, unsigned& is_ret, unsigned& is_est) {
+    int nr = 0, ne = 0;
+    is_ret = 0u;
+    is_est = 0u;
+#pragma unroll
+    for (int i = 0; i < kSelPer; ++i) {
+        if (i >= n) break;
+        bool in_k = u[i] > t.prefix[0];
+        if (u[i] == t.prefix[0]) in_k = rk++ < t.k[0];
+        bool in_r = false;
+        if (t.nsel == 2) {
+            in_r = u[i] > t.prefix[1];
+            if (u[i] == t.prefix[1]) in_r = rr++ < t.k[1];
+        }
+        if (in_r) {
+            is_ret |= 1u << i;
+            ++nr;
+        } else if (in_k) {
+            is_est |= 1u << i;
+            ++ne;
+        }
+    }
+    return nr | (ne << 16);
+}
+
+// Writes ids cb + i of the marked keys: retrieval ones from ret_row[pr], estimation ones from est_row[pe].
+template <int kSelPer>
+__device__ __forceinline__ void write_zones(unsigned is_ret, unsigned is_est, long long cb, int pr, int pe,
+                                            std::int64_t* ret_row, std::int64_t* est_row) {
+#pragma unroll
+    for (int i = 0; i < kSelPer; ++i) {
+        if (is_ret & (1u << i)) ret_row[pr++] = cb + i;
+        if (is_est & (1u << i)) est_row[pe++] = cb + i;
+    }
+}
+
 // kCached: the row fits one chunk (C <= kSelThreads * kSelPer), its keys stay in registers for every pass.
 template <int kSelPer, bool kCached>
 __global__ void __launch_bounds__(kSelThreads, 1)
@@ -659,50 +747,39 @@ select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t
     __shared__ int sel_k[2];
     const int g = blockIdx.x;
     const float* p = probs + static_cast<long long>(g) * C;
-    const int warp = threadIdx.x / 32;
-    const int nsel = r > 0 ? 2 : 1;  // select 0: the K-th key; select 1: the r-th
     constexpr int kChunk = kSelThreads * kSelPer;
     unsigned uc[kSelPer];
     int nc = 0;
     if (kCached) nc = load_keys(p, threadIdx.x * kSelPer, C, uc);
 
-    // 1. radix selects: prefix[s] = ordered value of the target key, k[s] = ties taken at that value
-    unsigned prefix[2] = {0u, 0u}, mask = 0u;
-    int k[2] = {K, r};
+    // 1. radix selects, 8 bits a pass
+    RadixTargets t(K, r);
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 512; i += kSelThreads) hist[i / 256][i % 256] = 0u;
         __syncthreads();
         if (kCached) {
-            hist_add_keys(hist[0], uc, nc, mask, prefix[0], shift);
-            if (nsel == 2) hist_add_keys(hist[1], uc, nc, mask, prefix[1], shift);
+            hist_add_keys(hist[0], uc, nc, t.mask, t.prefix[0], shift);
+            if (t.nsel == 2) hist_add_keys(hist[1], uc, nc, t.mask, t.prefix[1], shift);
         } else {
             for (int c0 = 0; c0 < C; c0 += kChunk) {  // uniform bound: hist_add_keys needs every lane
                 unsigned u[kSelPer];
                 const int n = load_keys(p, static_cast<long long>(c0) + threadIdx.x * kSelPer, C, u);
-                hist_add_keys(hist[0], u, n, mask, prefix[0], shift);
-                if (nsel == 2) hist_add_keys(hist[1], u, n, mask, prefix[1], shift);
+                hist_add_keys(hist[0], u, n, t.mask, t.prefix[0], shift);
+                if (t.nsel == 2) hist_add_keys(hist[1], u, n, t.mask, t.prefix[1], shift);
             }
         }
         __syncthreads();
-        if (warp == 0) find_bin(hist[0], k[0], &sel_bin[0], &sel_k[0]);
-        if (warp == 1 && nsel == 2) find_bin(hist[1], k[1], &sel_bin[1], &sel_k[1]);
-        __syncthreads();
-        prefix[0] |= sel_bin[0] << shift;
-        k[0] = sel_k[0];
-        if (nsel == 2) {
-            prefix[1] |= sel_bin[1] << shift;
-            k[1] = sel_k[1];
-        }
-        mask |= 255u << shift;
-        __syncthreads();  // sel_bin / sel_k are rewritten by the next pass
+        radix_step(hist, shift, t, sel_bin, sel_k);
     }
 
-    // 2. compaction in id order: thread i of a chunk owns ids [c0 + 8 i, c0 + 8 i + 8). Counts are packed two
-    //    to an int (low / high 16 bits; a chunk holds at most 16384 ids) so that one scan serves both.
+    // 2. compaction in id order: thread i of a chunk owns ids [c0 + kSelPer i, c0 + kSelPer (i + 1)). Counts are
+    //    packed two to an int (a chunk holds at most 16384 ids) so that one scan serves both.
     int ties_k_before = 0, ties_r_before = 0, ret_before = 0, est_before = 0;
-    const int e = K - r;
+    std::int64_t* ret_row = ret + static_cast<long long>(g) * r;
+    std::int64_t* est_row = est + static_cast<long long>(g) * (K - r);
     for (int c0 = 0; c0 < C; c0 += kChunk) {
         const int cb = c0 + threadIdx.x * kSelPer;
+        const int n = keys_left(cb, C, kSelPer);
         unsigned u[kSelPer];
         if (kCached) {
 #pragma unroll
@@ -710,47 +787,17 @@ select_kernel(const float* __restrict__ probs, int C, int r, int K, std::int64_t
         } else {
             load_keys(p, cb, C, u);
         }
-        int tk = 0, tr = 0;
-#pragma unroll
-        for (int i = 0; i < kSelPer; ++i) {
-            if (cb + i >= C) break;
-            tk += u[i] == prefix[0];
-            tr += nsel == 2 && u[i] == prefix[1];
-        }
         int total;
-        const int tie_base = block_exclusive_scan(tk | (tr << 16), warp_sums, &total);
-        int rk = ties_k_before + (tie_base & 0xffff), rr = ties_r_before + (tie_base >> 16);
+        const int tie_base = block_exclusive_scan(count_ties(u, n, t), warp_sums, &total);
+        const int rk = ties_k_before + (tie_base & 0xffff), rr = ties_r_before + (tie_base >> 16);
         ties_k_before += total & 0xffff;
         ties_r_before += total >> 16;
-        unsigned is_ret = 0u, is_est = 0u;  // bit i: id cb + i
-        int nr = 0, ne = 0;
-#pragma unroll
-        for (int i = 0; i < kSelPer; ++i) {
-            if (cb + i >= C) break;
-            bool in_k = u[i] > prefix[0];
-            if (u[i] == prefix[0]) in_k = rk++ < k[0];
-            bool in_r = false;
-            if (nsel == 2) {
-                in_r = u[i] > prefix[1];
-                if (u[i] == prefix[1]) in_r = rr++ < k[1];
-            }
-            if (in_r) {
-                is_ret |= 1u << i;
-                ++nr;
-            } else if (in_k) {
-                is_est |= 1u << i;
-                ++ne;
-            }
-        }
-        const int out_base = block_exclusive_scan(nr | (ne << 16), warp_sums, &total);
-        int pr = ret_before + (out_base & 0xffff), pe = est_before + (out_base >> 16);
+        unsigned is_ret, is_est;
+        const int out_base = block_exclusive_scan(mark_zones(u, n, t, rk, rr, is_ret, is_est), warp_sums, &total);
+        write_zones<kSelPer>(is_ret, is_est, cb, ret_before + (out_base & 0xffff), est_before + (out_base >> 16),
+                             ret_row, est_row);
         ret_before += total & 0xffff;
         est_before += total >> 16;
-#pragma unroll
-        for (int i = 0; i < kSelPer; ++i) {
-            if (is_ret & (1u << i)) ret[static_cast<long long>(g) * r + pr++] = cb + i;
-            if (is_est & (1u << i)) est[static_cast<long long>(g) * e + pe++] = cb + i;
-        }
     }
 }
 
@@ -776,20 +823,17 @@ select_cluster_kernel(const float* __restrict__ probs, int C, int r, int K, std:
     const int rank = static_cast<int>(cluster.block_rank());
     const int g = blockIdx.x / nb;
     const float* p = probs + static_cast<long long>(g) * C;
-    const int warp = threadIdx.x / 32;
-    const int nsel = r > 0 ? 2 : 1;
     const long long cb = static_cast<long long>(rank) * kSelThreads * kSelPer + threadIdx.x * kSelPer;
     unsigned u[kSelPer];
     const int n = load_keys(p, cb, C, u);
 
-    unsigned prefix[2] = {0u, 0u}, mask = 0u;
-    int k[2] = {K, r};
+    RadixTargets t(K, r);
     int par = 0;
     for (int shift = 24; shift >= 0; shift -= 8, par ^= 1) {
         for (int i = threadIdx.x; i < 512; i += kSelThreads) hist[par][i / 256][i % 256] = 0u;
         __syncthreads();
-        hist_add_keys(hist[par][0], u, n, mask, prefix[0], shift);
-        if (nsel == 2) hist_add_keys(hist[par][1], u, n, mask, prefix[1], shift);
+        hist_add_keys(hist[par][0], u, n, t.mask, t.prefix[0], shift);
+        if (t.nsel == 2) hist_add_keys(hist[par][1], u, n, t.mask, t.prefix[1], shift);
         cluster.sync();  // every block's histograms are complete
         for (int i = threadIdx.x; i < 512; i += kSelThreads) {
             unsigned sum = 0u;
@@ -797,17 +841,7 @@ select_cluster_kernel(const float* __restrict__ probs, int C, int r, int K, std:
             tot[i / 256][i % 256] = sum;
         }
         __syncthreads();
-        if (warp == 0) find_bin(tot[0], k[0], &sel_bin[0], &sel_k[0]);
-        if (warp == 1 && nsel == 2) find_bin(tot[1], k[1], &sel_bin[1], &sel_k[1]);
-        __syncthreads();
-        prefix[0] |= sel_bin[0] << shift;
-        k[0] = sel_k[0];
-        if (nsel == 2) {
-            prefix[1] |= sel_bin[1] << shift;
-            k[1] = sel_k[1];
-        }
-        mask |= 255u << shift;
-        __syncthreads();
+        radix_step(tot, shift, t, sel_bin, sel_k);
     }
 
     // Compaction in id order; a block's counts fit 16 bits (at most 16384 ids), the sums over ranks do not.
@@ -815,58 +849,27 @@ select_cluster_kernel(const float* __restrict__ probs, int C, int r, int K, std:
         lo = 0;
         hi = 0;
         for (int b = 0; b < rank; ++b) {
-            const int t = *cluster.map_shared_rank(&blk_total[which], b);
-            lo += t & 0xffff;
-            hi += t >> 16;
+            const int v = *cluster.map_shared_rank(&blk_total[which], b);
+            lo += v & 0xffff;
+            hi += v >> 16;
         }
     };
-    int tk = 0, tr = 0;
-#pragma unroll
-    for (int i = 0; i < kSelPer; ++i) {
-        if (i < n) {
-            tk += u[i] == prefix[0];
-            tr += nsel == 2 && u[i] == prefix[1];
-        }
-    }
     int total;
-    const int tie_base = block_exclusive_scan(tk | (tr << 16), warp_sums, &total);
+    const int tie_base = block_exclusive_scan(count_ties(u, n, t), warp_sums, &total);
     if (threadIdx.x == 0) blk_total[0] = total;
     cluster.sync();
     int ties_k_before, ties_r_before;
     lower_ranks(0, ties_k_before, ties_r_before);
-    int rk = ties_k_before + (tie_base & 0xffff), rr = ties_r_before + (tie_base >> 16);
-    unsigned is_ret = 0u, is_est = 0u;
-    int nr = 0, ne = 0;
-#pragma unroll
-    for (int i = 0; i < kSelPer; ++i) {
-        if (i >= n) break;
-        bool in_k = u[i] > prefix[0];
-        if (u[i] == prefix[0]) in_k = rk++ < k[0];
-        bool in_r = false;
-        if (nsel == 2) {
-            in_r = u[i] > prefix[1];
-            if (u[i] == prefix[1]) in_r = rr++ < k[1];
-        }
-        if (in_r) {
-            is_ret |= 1u << i;
-            ++nr;
-        } else if (in_k) {
-            is_est |= 1u << i;
-            ++ne;
-        }
-    }
-    const int out_base = block_exclusive_scan(nr | (ne << 16), warp_sums, &total);
+    unsigned is_ret, is_est;
+    const int zones = mark_zones(u, n, t, ties_k_before + (tie_base & 0xffff), ties_r_before + (tie_base >> 16),
+                                 is_ret, is_est);
+    const int out_base = block_exclusive_scan(zones, warp_sums, &total);
     if (threadIdx.x == 0) blk_total[1] = total;
     cluster.sync();
     int ret_before, est_before;
     lower_ranks(1, ret_before, est_before);
-    int pr = ret_before + (out_base & 0xffff), pe = est_before + (out_base >> 16);
-    const int e = K - r;
-#pragma unroll
-    for (int i = 0; i < kSelPer; ++i) {
-        if (is_ret & (1u << i)) ret[static_cast<long long>(g) * r + pr++] = cb + i;
-        if (is_est & (1u << i)) est[static_cast<long long>(g) * e + pe++] = cb + i;
-    }
+    write_zones<kSelPer>(is_ret, is_est, cb, ret_before + (out_base & 0xffff), est_before + (out_base >> 16),
+                         ret + static_cast<long long>(g) * r, est + static_cast<long long>(g) * (K - r));
     cluster.sync();  // no block leaves while another may still read its shared memory
 #endif
 }
