@@ -1,7 +1,8 @@
-// Small device helpers shared by the cluster kernels (cluster_rank.cu,
-// copy_rows.cu, kmeans_update.cu): element types, 16-byte vector loads
-// converted to float, warp reductions. CUDA headers only (no torch); the
-// device part is hidden from host compilers.
+// Device helpers of the cluster kernels (cluster_rank.cu, copy_rows.cu,
+// kmeans_update.cu) on top of cuda_common.cuh (dtype enum, conversions, warp
+// reductions): 16-byte vector loads converted to float, online softmax
+// statistics. CUDA headers only (no torch); the device part is hidden from
+// host compilers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,23 +13,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cuda_common.cuh"
+
 namespace kvstore {
 namespace cluster {
 
-// Element type of a floating input (the launchers' dtype enum).
-enum class ScalarType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-inline int scalar_size(ScalarType t) { return t == ScalarType::kFloat32 ? 4 : 2; }
-
-inline bool aligned_to(const void* p, std::size_t bytes) {
-    return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
+using namespace gpu;  // DType, dtype_size, is_aligned, to_float, warp reductions
 
 #ifdef __CUDACC__  // device code: the headers of the launchers are also read by the host compiler (bindings)
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Elements of T in one 16-byte vector.
 template <typename T>
@@ -64,26 +56,6 @@ __device__ __forceinline__ void load_float(const T* __restrict__ p, float (&out)
 #pragma unroll
         for (int i = 0; i < N; ++i) out[i] = to_float(p[i]);
     }
-}
-
-// Sum over the `width` lanes of each aligned lane group (width a power of two <= 32).
-template <int kWidth>
-__device__ __forceinline__ float group_sum(float v) {
-#pragma unroll
-    for (int o = kWidth / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o, kWidth);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
 }
 
 // Online softmax statistics: (m, l) with l = sum exp(s - m); m = -inf, l = 0 for an empty set.

@@ -196,7 +196,7 @@ template <typename T>
 cudaError_t dispatch_layout(const void* q, const void* cen, const float* sizes, int G, int Hg, int C, int D,
                             float scale, int tile, float* scores, float2* stats, cudaStream_t stream) {
     constexpr int kVec = Vec16<T>::kN;
-    const bool vec = D % kVec == 0 && aligned_to(q, 16) && aligned_to(cen, 16);
+    const bool vec = D % kVec == 0 && is_aligned(q, 16) && is_aligned(cen, 16);
     if (!vec) return dispatch_hb<T, 1, 32>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
     const int nch = D / kVec;
     if (nch >= 32) return dispatch_hb<T, kVec, 32>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
@@ -433,7 +433,7 @@ template <typename T>
 bool try_scores_mma(const void* q, const void* cen, const float* sizes, int G, int Hg, int C, int D, float scale,
                     int* tile_io, float* scores, float2* stats, cudaStream_t stream, cudaError_t* err,
                     const FsArgs& fs) {
-    if ((D != 64 && D != 128) || Hg > 16 || !aligned_to(q, 16) || !aligned_to(cen, 16) || !device_has_mma())
+    if ((D != 64 && D != 128) || Hg > 16 || !is_aligned(q, 16) || !is_aligned(cen, 16) || !device_has_mma())
         return false;
     const size_t smem = fs_smem_bytes(fs);
     if (smem > 48 * 1024) return false;  // the caller reports an fs request it cannot serve
@@ -462,33 +462,33 @@ long long cluster_scores_workspace_floats(int G, int Hg, int C) {
     return 2LL * G * ((C + tile - 1) / tile) * Hg;
 }
 
-cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, ScalarType dtype,
+cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, DType dtype,
                                   int G, int Hg, int C, int D, float scale, float* scores, float* probs,
                                   float* workspace, cudaStream_t stream, const FsArgs* fs, float* lse) {
     const FsArgs no_fs{};
     const FsArgs& f = fs == nullptr ? no_fs : *fs;
     if (f.key_sd != nullptr && (f.table == nullptr || f.slope == nullptr || f.nmax < 1 || f.J < 2 ||
-                                dtype == ScalarType::kFloat32))
+                                dtype == DType::F32))
         return cudaErrorInvalidValue;
     if (G < 0 || Hg <= 0 || C < 0 || D <= 0 || Hg > kRankMaxHg || Hg * D > kRankMaxHgTimesD || G > 65535)
         return cudaErrorInvalidValue;
     if (G == 0 || C == 0) return cudaSuccess;
-    if (!aligned_to(workspace, 8)) return cudaErrorInvalidValue;
+    if (!is_aligned(workspace, 8)) return cudaErrorInvalidValue;
     int tile = tile_clusters(G, C);
     float2* stats = reinterpret_cast<float2*>(workspace);
     cudaError_t err;
     switch (dtype) {
-        case ScalarType::kFloat32:
+        case DType::F32:
             err = dispatch_layout<float>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
             break;
-        case ScalarType::kFloat16:
+        case DType::F16:
             if (!try_scores_mma<__half>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream, &err,
                                         f)) {
                 if (f.key_sd != nullptr) return cudaErrorInvalidValue;  // the estimator rides the tensor-core kernel
                 err = dispatch_layout<__half>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
             }
             break;
-        case ScalarType::kBFloat16:
+        case DType::BF16:
             if (!try_scores_mma<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream,
                                                &err, f)) {
                 if (f.key_sd != nullptr) return cudaErrorInvalidValue;

@@ -45,7 +45,7 @@ long long cluster_scores_workspace_floats(int G, int Hg, int C);
 // The centroids are read once (16-byte loads when D * sizeof(dtype) % 16 == 0 and
 // the pointers are 16-byte aligned; on sm_80+ bf16/fp16 with D in {64, 128}
 // and Hg <= 16 multiply on the tensor cores). Two launches on `stream`.
-cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, ScalarType dtype,
+cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, DType dtype,
                                   int G, int Hg, int C, int D, float scale, float* scores, float* probs,
                                   float* workspace, cudaStream_t stream, const FsArgs* fs = nullptr,
                                   float* lse = nullptr);

@@ -1,4 +1,5 @@
-// Small helpers shared by the attention kernels: the dtype enum of the
+// Small helpers shared by every CUDA kernel of kvstore (namespace kvstore::gpu,
+// visible in kvstore::attn and kvstore::cluster): the dtype enum of the
 // launchers, raw vector loads converted to float, warp reductions.
 // CUDA headers only (no torch). The device part is compiled only by nvcc, so
 // host C++ (the torch bindings) may include this header for DType.
@@ -17,7 +18,7 @@
 #endif
 
 namespace kvstore {
-namespace attn {
+namespace gpu {
 
 // Element type of a floating input or output.
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
@@ -158,5 +159,9 @@ __device__ __forceinline__ float safe_max(float m) { return m == neg_inf() ? 0.0
 
 #endif  // __CUDACC__
 
+}  // namespace gpu
+
+namespace attn {
+using namespace gpu;
 }  // namespace attn
 }  // namespace kvstore

@@ -51,7 +51,7 @@ means_kernel(const T* __restrict__ x, const std::int64_t* __restrict__ order,
 
 }  // namespace
 
-cudaError_t kmeans_means_launch(const void* x, ScalarType dtype, const std::int64_t* order,
+cudaError_t kmeans_means_launch(const void* x, DType dtype, const std::int64_t* order,
                                 const std::int64_t* offsets, long long K, int D, const float* fallback, float* means,
                                 cudaStream_t stream) {
     if (K < 0 || D <= 0) return cudaErrorInvalidValue;
@@ -60,15 +60,15 @@ cudaError_t kmeans_means_launch(const void* x, ScalarType dtype, const std::int6
     if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(blocks));
     switch (dtype) {
-        case ScalarType::kFloat32:
+        case DType::F32:
             means_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<const float*>(x), order, offsets, K, D,
                                                                fallback, means);
             break;
-        case ScalarType::kFloat16:
+        case DType::F16:
             means_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), order, offsets, K, D,
                                                                 fallback, means);
             break;
-        case ScalarType::kBFloat16:
+        case DType::BF16:
             means_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), order,
                                                                        offsets, K, D, fallback, means);
             break;

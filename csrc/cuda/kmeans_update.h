@@ -19,7 +19,7 @@ namespace cluster {
 // Writes means f32 [K, D]: float(sum_members double(x) / count); an empty
 // cluster gets row k of `fallback` f32 [K, D] when it is not null, else zeros.
 // One launch on `stream` (a warp per cluster).
-cudaError_t kmeans_means_launch(const void* x, ScalarType dtype, const std::int64_t* order,
+cudaError_t kmeans_means_launch(const void* x, DType dtype, const std::int64_t* order,
                                 const std::int64_t* offsets, long long K, int D, const float* fallback, float* means,
                                 cudaStream_t stream);
 

@@ -17,20 +17,6 @@ namespace {
 
 namespace ka = kvstore::attn;
 
-ka::DType dtype_of(at::ScalarType t, const char* name) {
-    switch (t) {
-        case at::kFloat:
-            return ka::DType::F32;
-        case at::kHalf:
-            return ka::DType::F16;
-        case at::kBFloat16:
-            return ka::DType::BF16;
-        default:
-            TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t);
-    }
-    return ka::DType::F32;  // unreachable
-}
-
 at::ScalarType scalar_type_of(int64_t code) {
     switch (code) {
         case 0:
@@ -88,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_attention(
     const at::Device dev = q.device();
     const c10::cuda::CUDAGuard guard(dev);
     ka::SparseAttentionArgs a;
-    a.dtype = dtype_of(q.scalar_type(), "q");
+    a.dtype = kernel_dtype(q.scalar_type(), "q");
     check_device_tensor(q, dev, q.scalar_type(), 3, "q");
     TORCH_CHECK(q.numel() == 0 || aligned16(q), "q must be 16-byte aligned");
     TORCH_CHECK(q.size(0) <= INT32_MAX, "q has too many slots (G)");
@@ -201,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_partials(const at::Tensor& o,
     at::Tensor out_lse = at::empty({N}, o.options());
     const cudaError_t err = ka::merge_partials_launch(
         o.data_ptr<float>(), lse.data_ptr<float>(), N, static_cast<int>(P), static_cast<int>(Dv), o.stride(1),
-        o.stride(0), lse.stride(1), lse.stride(0), 1.4426950408889634f, dtype_of(ot, "out_dtype"), out_o.data_ptr(),
+        o.stride(0), lse.stride(1), lse.stride(0), 1.4426950408889634f, kernel_dtype(ot, "out_dtype"), out_o.data_ptr(),
         out_lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(dev.index()));
     TORCH_CHECK(err == cudaSuccess, "merge_attention_partials: ", cudaGetErrorString(err));
     return {out_o, out_lse};

@@ -17,17 +17,7 @@
 
 namespace {
 
-using kvstore::cluster::ScalarType;
-
-ScalarType scalar_type_of(const torch::Tensor& t, const char* name) {
-    switch (t.scalar_type()) {
-        case torch::kFloat32: return ScalarType::kFloat32;
-        case torch::kFloat16: return ScalarType::kFloat16;
-        case torch::kBFloat16: return ScalarType::kBFloat16;
-        default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-    }
-    return ScalarType::kFloat32;  // unreachable
-}
+using kvstore::cluster::DType;
 
 void check_cuda(const torch::Tensor& t, const char* name) {
     TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
@@ -55,7 +45,7 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
     TORCH_CHECK(G <= 65535 && Hg >= 1 && Hg <= kvstore::cluster::kRankMaxHg && D >= 1 &&
                     Hg * D <= kvstore::cluster::kRankMaxHgTimesD && C <= INT32_MAX,
                 "unsupported sizes G=", G, " Hg=", Hg, " C=", C, " D=", D);
-    const ScalarType dt = scalar_type_of(q, "q");
+    const DType dt = kernel_dtype(q.scalar_type(), "q");
     const c10::cuda::CUDAGuard guard(q.device());
     auto f32 = q.options().dtype(torch::kFloat32);
     torch::Tensor scores = torch::empty({G, Hg, C}, f32);
@@ -101,7 +91,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> cluster_scores_fs(
                 "unsupported sizes G=", G, " Hg=", Hg, " C=", C, " D=", D);
     for (const torch::Tensor* t : {&centroids, &sizes, &key_sd, &table, &slope})
         TORCH_CHECK(t->device() == q.device(), "every tensor must be on q's device");
-    const ScalarType dt = scalar_type_of(q, "q");
+    const DType dt = kernel_dtype(q.scalar_type(), "q");
     const c10::cuda::CUDAGuard guard(q.device());
     auto f32 = q.options().dtype(torch::kFloat32);
     torch::Tensor scores = torch::empty({G, Hg, C}, f32);
@@ -249,7 +239,7 @@ torch::Tensor kmeans_means(const torch::Tensor& x, const torch::Tensor& order, c
                     "fallback must be float32 [K, D] on x's device");
         fb = fallback->data_ptr<float>();
     }
-    const ScalarType dt = scalar_type_of(x, "x");
+    const DType dt = kernel_dtype(x.scalar_type(), "x");
     const c10::cuda::CUDAGuard guard(x.device());
     torch::Tensor means = torch::empty({K, D}, x.options().dtype(torch::kFloat32));
     check_launch(kvstore::cluster::kmeans_means_launch(x.data_ptr(), dt, order.data_ptr<int64_t>(),
