@@ -516,28 +516,35 @@ __global__ void __launch_bounds__(kAttnThreads)
     merge_row<TO>(o_parts, lse_parts, n, P, Dv, o_sn, o_sp, l_sn, l_sp, lse_to_log2, out_o, out_lse);
 }
 
-template <typename T, int D, int DV>
-cudaError_t launch_partials(const SparseAttentionArgs& a, dim3 grid, cudaStream_t stream) {
-    if (a.Hg <= 1)
-        partial_kernel<T, D, DV, 1><<<grid, kAttnThreads, 0, stream>>>(a);
-    else if (a.Hg <= 2)
-        partial_kernel<T, D, DV, 2><<<grid, kAttnThreads, 0, stream>>>(a);
-    else if (a.Hg <= 4)
-        partial_kernel<T, D, DV, 4><<<grid, kAttnThreads, 0, stream>>>(a);
-    else if (a.Hg <= 8)
-        partial_kernel<T, D, DV, 8><<<grid, kAttnThreads, 0, stream>>>(a);
-    else
-        partial_kernel<T, D, DV, 16><<<grid, kAttnThreads, 0, stream>>>(a);
-    return cudaGetLastError();
+// f(partial_kernel<T, D, DV, HG>) for the instantiation serving (dtype, D, Dv, Hg), which the caller has checked
+// with valid_dtype and sparse_attention_supported: the one dispatch of the launch and the occupancy query.
+template <typename T, int D, int DV, typename F>
+auto with_group(int Hg, F&& f) {
+    if (Hg <= 1) return f(partial_kernel<T, D, DV, 1>);
+    if (Hg <= 2) return f(partial_kernel<T, D, DV, 2>);
+    if (Hg <= 4) return f(partial_kernel<T, D, DV, 4>);
+    if (Hg <= 8) return f(partial_kernel<T, D, DV, 8>);
+    return f(partial_kernel<T, D, DV, 16>);
 }
 
-template <typename T>
-cudaError_t launch_partials_dims(const SparseAttentionArgs& a, dim3 grid, cudaStream_t stream) {
-    if (a.D == 64 && a.Dv == 64) return launch_partials<T, 64, 64>(a, grid, stream);
-    if (a.D == 64 && a.Dv == 128) return launch_partials<T, 64, 128>(a, grid, stream);
-    if (a.D == 128 && a.Dv == 64) return launch_partials<T, 128, 64>(a, grid, stream);
-    if (a.D == 128 && a.Dv == 128) return launch_partials<T, 128, 128>(a, grid, stream);
-    return cudaErrorInvalidValue;
+template <typename T, typename F>
+auto with_dims(int D, int Dv, int Hg, F&& f) {
+    if (D == 64 && Dv == 64) return with_group<T, 64, 64>(Hg, f);
+    if (D == 64 && Dv == 128) return with_group<T, 64, 128>(Hg, f);
+    if (D == 128 && Dv == 64) return with_group<T, 128, 64>(Hg, f);
+    return with_group<T, 128, 128>(Hg, f);
+}
+
+template <typename F>
+auto with_partial_kernel(DType dtype, int D, int Dv, int Hg, F&& f) {
+    switch (dtype) {
+        case DType::F32:
+            return with_dims<float>(D, Dv, Hg, f);
+        case DType::F16:
+            return with_dims<__half>(D, Dv, Hg, f);
+        default:
+            return with_dims<__nv_bfloat16>(D, Dv, Hg, f);
+    }
 }
 
 template <typename TO>
@@ -552,44 +559,14 @@ cudaError_t launch_merge(const float* o_parts, const float* lse_parts, long long
 
 bool valid_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 
-template <typename T, int D, int DV, int HG>
-int occupancy() {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, partial_kernel<T, D, DV, HG>, kAttnThreads, 0) !=
-        cudaSuccess)
-        return 0;
-    return n;
-}
-
-template <typename T, int D, int DV>
-int occupancy_group(int Hg) {
-    if (Hg <= 1) return occupancy<T, D, DV, 1>();
-    if (Hg <= 2) return occupancy<T, D, DV, 2>();
-    if (Hg <= 4) return occupancy<T, D, DV, 4>();
-    if (Hg <= 8) return occupancy<T, D, DV, 8>();
-    return occupancy<T, D, DV, 16>();
-}
-
-template <typename T>
-int occupancy_dims(int D, int Dv, int Hg) {
-    if (D == 64 && Dv == 64) return occupancy_group<T, 64, 64>(Hg);
-    if (D == 64 && Dv == 128) return occupancy_group<T, 64, 128>(Hg);
-    if (D == 128 && Dv == 64) return occupancy_group<T, 128, 64>(Hg);
-    return occupancy_group<T, 128, 128>(Hg);
-}
-
 }  // namespace
 
 int sparse_attention_blocks_per_sm(DType dtype, int D, int Dv, int Hg) {
     if (!valid_dtype(dtype) || !sparse_attention_supported(D, Dv, Hg)) return 0;
-    switch (dtype) {
-        case DType::F32:
-            return occupancy_dims<float>(D, Dv, Hg);
-        case DType::F16:
-            return occupancy_dims<__half>(D, Dv, Hg);
-        default:
-            return occupancy_dims<__nv_bfloat16>(D, Dv, Hg);
-    }
+    return with_partial_kernel(dtype, D, Dv, Hg, [](auto kernel) {
+        int n = 0;
+        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kAttnThreads, 0) == cudaSuccess ? n : 0;
+    });
 }
 
 bool sparse_attention_supported(int D, int Dv, int Hg) {
@@ -651,19 +628,10 @@ cudaError_t sparse_decode_attention_launch(const SparseAttentionArgs& a, cudaStr
         return cudaErrorInvalidValue;
 
     const dim3 grid(static_cast<unsigned>(a.G), static_cast<unsigned>(a.num_splits + a.est_splits));
-    cudaError_t err;
-    switch (a.dtype) {
-        case DType::F32:
-            err = launch_partials_dims<float>(a, grid, stream);
-            break;
-        case DType::F16:
-            err = launch_partials_dims<__half>(a, grid, stream);
-            break;
-        default:
-            err = launch_partials_dims<__nv_bfloat16>(a, grid, stream);
-            break;
-    }
-    return err;
+    return with_partial_kernel(a.dtype, a.D, a.Dv, a.Hg, [&](auto kernel) {
+        kernel<<<grid, kAttnThreads, 0, stream>>>(a);
+        return cudaGetLastError();
+    });
 }
 
 }  // namespace attn
