@@ -11,6 +11,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+GPU_MODES = ("gpu_only", "offload")
+GPU_ESTIMATORS = ("centroid", "fs_iso")  # kvstore.gpu.estimation
+
 METHODS = ("full", "wave", "graph", "streaming", "quest")
 
 
@@ -90,11 +93,11 @@ class StoreConfig:
         for name in ("update_interval", "top_k", "ef", "page_size", "tokens_per_cluster", "segment_len"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be >= 1")
-        if self.gpu_mode not in ("gpu_only", "offload"):
+        if self.gpu_mode not in GPU_MODES:
             raise ValueError(f"gpu_mode must be 'gpu_only' or 'offload', got {self.gpu_mode!r}")
         if not (isinstance(self.cache_ratio, (int, float)) and 0 < self.cache_ratio <= 1):
             raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
-        if self.gpu_estimator not in ("centroid", "fs_iso"):
+        if self.gpu_estimator not in GPU_ESTIMATORS:
             raise ValueError(f"gpu_estimator must be 'centroid' or 'fs_iso', got {self.gpu_estimator!r}")
         if not isinstance(self.check_finite, bool):
             raise ValueError(f"check_finite must be a bool, got {self.check_finite!r}")

@@ -22,10 +22,12 @@ import math
 
 import torch
 
+from ..config import GPU_ESTIMATORS
+
 SIGMA_STEP = 0.25          # grid of the table in sigma (linear interpolation error <= step^2 / 8 in log mass)
 SIGMA_MAX = 16.0           # beyond it: the linear asymptote sigma * max(z)
 NMAX = 128                 # larger clusters use the n = NMAX row (the table fits a block's shared memory)
-ESTIMATORS = ("centroid", "fs_iso")
+ESTIMATORS = GPU_ESTIMATORS
 
 
 def blom_scores(n: int) -> torch.Tensor:

@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
-MODES = ("gpu_only", "offload")
+from ..config import GPU_MODES, StoreConfig
+
+MODES = GPU_MODES
 SRC_HOST, SRC_CACHE, SRC_STEADY = 0, 1, 2   # source ids of the offload run table (kvstore.gpu.wave_buffer)
 
 
@@ -50,18 +52,19 @@ class WaveGpuConfig:
     appended to the index at once; cuda_graph: capture the gpu_only decode step in a CUDA graph.
     """
 
-    mode: str = "gpu_only"
-    cache_ratio: float = 0.1
-    sink: int = 4
-    window: int = 64
-    retrieval: float = 0.018
-    estimation: float = 0.232
-    estimator: str = "centroid"
-    tokens_per_cluster: int = 16
-    segment_len: int = 8192
-    kmeans_iters: int = 10
+    # the store's defaults (StoreConfig), so that a layer built directly and one built by a store agree
+    mode: str = StoreConfig.gpu_mode
+    cache_ratio: float = StoreConfig.cache_ratio
+    sink: int = StoreConfig.sink
+    window: int = StoreConfig.window
+    retrieval: float = StoreConfig.retrieval
+    estimation: float = StoreConfig.estimation
+    estimator: str = StoreConfig.gpu_estimator
+    tokens_per_cluster: int = StoreConfig.tokens_per_cluster
+    segment_len: int = StoreConfig.segment_len
+    kmeans_iters: int = StoreConfig.kmeans_iters
     page_tokens: int = 8
-    update_interval: int = 1024
+    update_interval: int = StoreConfig.update_interval
     num_threads: int | None = None
     cuda_graph: bool = True
     backend: str = "auto"
