@@ -350,6 +350,21 @@ class GpuWaveLayer:
                                torch.full_like(left, -math.inf))
         return scores, ret, est, lse_rest
 
+    def _attend(self, qg: torch.Tensor, sources: list, runs, est_part, r: int, rest: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The sparse attention of a step: qg [G, Hg, D] over ``runs`` into ``sources`` (the steady zone's
+        source appended last), the estimation zone ``est_part`` and, for fs_iso, the rest term. Returns
+        (o [G, Hg, Dv], lse [G, Hg], estimation clusters a slot)."""
+        from .attention_ops import KVSource, sparse_decode_attention
+
+        sources = sources + [KVSource(self.steady_k.view(-1, self.D), self.steady_v.view(-1, self.Dv))]
+        e = 0 if est_part is None else est_part.ids.shape[1]
+        ns, es = self._splits(qg.shape[1], r, e)
+        o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend,
+                                         num_splits=ns, est_splits=es or None)
+        o, lse = self._add_rest(o, lse, rest)
+        return o, lse, e
+
     def _add_rest(self, o: torch.Tensor, lse: torch.Tensor, lse_rest: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge o [G, Hg, Dv] / lse [G, Hg] with the clusters outside both zones (fs_iso): their estimated mass
@@ -384,7 +399,7 @@ class GpuWaveLayer:
         return plan_splits(self.G, Hg, self.D, self.Dv, self.dtype, rows, e, self.device)
 
     def _decode_gpu_only(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from .attention_ops import Estimation, KVSource, RunTable, sparse_decode_attention
+        from .attention_ops import Estimation, KVSource, RunTable
         from .cluster_ops import cluster_runs
 
         G, Hg = self.G, q.shape[1] // self.Hkv
@@ -400,14 +415,9 @@ class GpuWaveLayer:
             r, row, length, est_part = 0, self._steady_row[:, None], self._steady_len_dev, None
         src, offsets = self._run_layout(r)
         runs = RunTable(src, row.reshape(-1), length.reshape(-1), offsets)
-        sources = [KVSource(self.kv_k, self.kv_v),
-                   KVSource(self.steady_k.view(-1, self.D), self.steady_v.view(-1, self.Dv))]
-        e = 0 if est_part is None else est_part.ids.shape[1]
-        ns, es = self._splits(Hg, r, e)
-        o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend,
-                                         num_splits=ns, est_splits=es or None)
-        o, lse = self._add_rest(o, lse, rest)
-        self._last = {"run_len": length, "r": r, "e": 0 if est_part is None else est_part.ids.shape[1], "Hg": Hg}
+        sources = [KVSource(self.kv_k, self.kv_v)]
+        o, lse, e = self._attend(qg, sources, runs, est_part, r, rest)
+        self._last = {"run_len": length, "r": r, "e": e, "Hg": Hg}
         return o.reshape(self.B, self.Hkv * Hg, self.Dv), lse.reshape(self.B, self.Hkv * Hg)
 
     def _decode_graphed(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,7 +447,7 @@ class GpuWaveLayer:
         return self._static_o[0].clone(), self._static_o[1].clone()
 
     def _decode_offload(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from .attention_ops import Estimation, KVSource, RunTable, sparse_decode_attention
+        from .attention_ops import Estimation, KVSource, RunTable
         from .cluster_ops import copy_rows
 
         G, Hg = self.G, q.shape[1] // self.Hkv
@@ -463,13 +473,7 @@ class GpuWaveLayer:
             runs = RunTable(torch.full((G,), SRC_STEADY, dtype=torch.int32, device=dev),
                             torch.arange(G, dtype=torch.int64, device=dev) * self.s_cap,
                             steady_len.to(dev), torch.arange(G + 1, dtype=torch.int32, device=dev))
-        sources = [host, KVSource(self.cache_k, self.cache_v),
-                   KVSource(self.steady_k.view(-1, self.D), self.steady_v.view(-1, self.Dv))]
-        e = 0 if est_part is None else est_part.ids.shape[1]
-        ns, es = self._splits(Hg, r, e)
-        o, lse = sparse_decode_attention(qg, sources, runs, est_part, self.scale, backend=self.cfg.backend,
-                                         num_splits=ns, est_splits=es or None)
-        o, lse = self._add_rest(o, lse, rest)
+        o, lse, e = self._attend(qg, [host, KVSource(self.cache_k, self.cache_v)], runs, est_part, r, rest)
         if plan is not None and plan.copy_len.numel():
             # admissions after the attention on the same stream: pages read this step are overwritten only after
             copy_rows(self.cache_k, self.cache_v, host.k, host.v, copy_src_row.to(dev, non_blocking=True),
