@@ -412,8 +412,27 @@ int device_attribute() {
     return value;
 }
 
-// Whether the current device runs the tensor-core kernels (sm_80+).
-bool device_has_mma() { return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8; }
+// The PTX architecture (e.g. 90) that `kernel` runs from on the current device, cached per device in `cache`
+// (0 on error). A body guarded by __CUDA_ARCH__ is empty when the device runs the kernel from older PTX (an
+// extension built for 8.0+PTX on an H100), so the launchers check this, not only the compute capability.
+template <typename Kernel>
+int ptx_version(Kernel kernel, std::atomic<int>* cache) {
+    constexpr int kMaxDevices = 64;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    if (dev >= 0 && dev < kMaxDevices && cache[dev].load() != 0) return cache[dev].load();
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return 0;
+    if (dev >= 0 && dev < kMaxDevices) cache[dev].store(attr.ptxVersion);
+    return attr.ptxVersion;
+}
+
+// Whether the current device runs the tensor-core kernels (sm_80+, compiled for it).
+bool device_has_mma() {
+    static std::atomic<int> cache[64] = {};
+    return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8 &&
+           ptx_version(scores_mma_kernel<__nv_bfloat16, 128, false>, cache) >= 80;
+}
 
 // Clusters per block of the tensor-core kernel: about two waves of two resident blocks an SM, whole block steps
 // (256 clusters), never fewer than `tile` (so the workspace sized from tile_clusters() suffices). Long-lived
@@ -901,17 +920,22 @@ cudaError_t cluster_select_launch(const float* probs, int G, int C, int r, int e
     if (G == 0) return cudaSuccess;
     // Rows that one block would walk alone while SMs idle go to a cluster of up to 8 blocks (the portable
     // cluster size): long rows always (up to 8 x 16384 ids, keys in registers), short ones when G is small.
-    if (device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 && C > 2048 && C <= 8 * kSelThreads * 16) {
+    static std::atomic<int> cluster_ptx[64] = {};
+    if (device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 && C > 2048 && C <= 8 * kSelThreads * 16 &&
+        ptx_version(select_cluster_kernel<2>, cluster_ptx) >= 90) {
         const long long sms = device_attribute<cudaDevAttrMultiProcessorCount>();
         auto blocks = [&](int per) { return (C + kSelThreads * per - 1) / (kSelThreads * per); };
         // short rows: the most blocks a row that the SMs hold in one wave (at least 2), else one block a row
         int per = C <= kSelThreads * 8 ? (G * blocks(2) <= sms ? 2 : (G * blocks(4) <= sms ? 4 : 0))
                                        : (C <= 8 * kSelThreads * 8 ? 8 : 16);
         if (per != 0 && blocks(per) < 2) per = 0;
-        if (per == 2) return launch_select_cluster<2>(probs, G, C, r, K, ret, est, blocks(2), stream);
-        if (per == 4) return launch_select_cluster<4>(probs, G, C, r, K, ret, est, blocks(4), stream);
-        if (per == 8) return launch_select_cluster<8>(probs, G, C, r, K, ret, est, blocks(8), stream);
-        if (per == 16) return launch_select_cluster<16>(probs, G, C, r, K, ret, est, blocks(16), stream);
+        cudaError_t err = cudaErrorNotSupported;
+        if (per == 2) err = launch_select_cluster<2>(probs, G, C, r, K, ret, est, blocks(2), stream);
+        if (per == 4) err = launch_select_cluster<4>(probs, G, C, r, K, ret, est, blocks(4), stream);
+        if (per == 8) err = launch_select_cluster<8>(probs, G, C, r, K, ret, est, blocks(8), stream);
+        if (per == 16) err = launch_select_cluster<16>(probs, G, C, r, K, ret, est, blocks(16), stream);
+        if (err == cudaSuccess) return err;
+        if (per != 0) cudaGetLastError();  // a cluster the device cannot schedule: the one-block kernel below
     }
     // 16 keys a thread past 8192 clusters: half the L2 round trips of a 1M-token row (64K clusters); 32 spill
     if (C <= kSelThreads * 8)
