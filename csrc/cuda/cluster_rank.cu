@@ -691,9 +691,12 @@ __device__ __forceinline__ void radix_step(const unsigned (*hist)[256], int shif
     if (warp == 0) find_bin(hist[0], t.k[0], &sel_bin[0], &sel_k[0]);
     if (warp == 1 && t.nsel == 2) find_bin(hist[1], t.k[1], &sel_bin[1], &sel_k[1]);
     __syncthreads();
-    for (int s = 0; s < t.nsel; ++s) {
-        t.prefix[s] |= sel_bin[s] << shift;
-        t.k[s] = sel_k[s];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {  // constant indices: the targets stay in registers
+        if (s < t.nsel) {
+            t.prefix[s] |= sel_bin[s] << shift;
+            t.k[s] = sel_k[s];
+        }
     }
     t.mask |= 255u << shift;
     __syncthreads();  // sel_bin / sel_k are rewritten by the next digit
