@@ -121,7 +121,7 @@ void graph_attention(const std::vector<GraphSlot>& slots, const float* queries, 
     for (std::int64_t i = 0; i < H * group * dim; ++i)
         if (!std::isfinite(queries[i])) throw std::invalid_argument("queries contain NaN or inf");
 
-    const int nt = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+    const int nt = omp_threads(p.num_threads);
     OmpErrors errors;
 #pragma omp parallel num_threads(static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(nt, H))))
     {

@@ -18,8 +18,6 @@ namespace kvstore {
 
 namespace {
 
-int threads_or_default(int n) { return n > 0 ? n : omp_get_max_threads(); }
-
 // The first k results of a search into one output row, -inf / -1 padded.
 void write_row(const std::vector<std::pair<float, std::int32_t>>& found, int k, float* scores, std::int64_t* ids) {
     for (int j = 0; j < k; ++j) {
@@ -100,7 +98,7 @@ void GraphIndex::search_group(const float* queries, std::int64_t ngroups, int gr
     std::shared_lock<std::shared_mutex> lock(rw_);
     ef = std::max(ef, k);
     OmpErrors errors;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_or_default(num_threads))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(omp_threads(num_threads))
     for (std::int64_t g = 0; g < ngroups; ++g) {
         errors.run([&] {
             VisitedLease vis(pool_, n_);
@@ -167,7 +165,7 @@ void GraphIndex::project(const std::int64_t* topk, std::int64_t nq, int kt, cons
     st.pivots = static_cast<std::int64_t>(pivots.size());
 
     OmpErrors errors;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads_or_default(p.num_threads))
+#pragma omp parallel for schedule(dynamic, 16) num_threads(omp_threads(p.num_threads))
     for (std::int64_t t = 0; t < static_cast<std::int64_t>(pivots.size()); ++t) {
         errors.run([&] {
             std::int32_t piv = pivots[t];
@@ -211,7 +209,7 @@ void GraphIndex::add_reverse_edges(int num_threads) {
     }
     std::vector<std::int32_t> fresh(nbrs_.size(), -1);
     OmpErrors errors;
-#pragma omp parallel for schedule(dynamic, 64) num_threads(threads_or_default(num_threads))
+#pragma omp parallel for schedule(dynamic, 64) num_threads(omp_threads(num_threads))
     for (std::int64_t i = 0; i < n_; ++i) {
         errors.run([&] {
             std::vector<std::int32_t> ids(row(i), row(i) + out_degree(i));
@@ -355,7 +353,7 @@ void GraphIndex::add_geometric_edges(const BuildParams& p, const std::int64_t* g
     const int ef = std::max(p.ef_construction, 2 * g);
     std::vector<std::int32_t> fresh(nbrs_.size(), -1);
     OmpErrors errors;
-#pragma omp parallel for schedule(dynamic, 32) num_threads(threads_or_default(p.num_threads))
+#pragma omp parallel for schedule(dynamic, 32) num_threads(omp_threads(p.num_threads))
     for (std::int64_t i = 0; i < n_; ++i) {
         errors.run([&] {
             std::vector<Scored> found;
@@ -385,7 +383,7 @@ void GraphIndex::add_geometric_edges(const BuildParams& p, const std::int64_t* g
 
 void GraphIndex::repair(const BuildParams& p, BuildStats& st) {
     int ef = std::max(p.ef_construction, degree_);
-    int nt = threads_or_default(p.num_threads);
+    int nt = omp_threads(p.num_threads);
     // 1. Keys no training query touched have no out-edges: search for them
     //    with their own vector and link them to what the search finds.
     std::vector<std::int32_t> lonely;
@@ -508,7 +506,7 @@ std::int64_t GraphIndex::add_unchecked(const float* keys, std::int64_t m, int ef
     if (n_ + m > std::numeric_limits<std::int32_t>::max()) throw std::invalid_argument("too many keys (max 2^31-1)");
     const std::int64_t first = n_;
     const int ef = std::max(ef_construction, degree_);
-    const int nt = threads_or_default(num_threads);
+    const int nt = omp_threads(num_threads);
     // Reserve first so a failed allocation leaves the index as it was.
     keys_.reserve((n_ + m) * dim_);
     nbrs_.reserve((n_ + m) * degree_);
@@ -558,6 +556,60 @@ std::int64_t GraphIndex::add_unchecked(const float* keys, std::int64_t m, int ef
         }
     }
     return first;
+}
+
+void GraphIndex::reconstruct(const std::int64_t* ids, std::int64_t m, float* out) const {
+    std::shared_lock<std::shared_mutex> lock(rw_);
+    for (std::int64_t i = 0; i < m; ++i) {
+        if (ids[i] < 0 || ids[i] >= n_) throw std::out_of_range("key id out of range");
+        std::copy(key(ids[i]), key(ids[i]) + dim_, out + i * dim_);
+    }
+}
+
+void GraphIndex::remove(const std::vector<char>& keep, int ef_construction, int num_threads) {
+    std::unique_lock<std::shared_mutex> lock(rw_);
+    if (static_cast<std::int64_t>(keep.size()) != n_) throw std::invalid_argument("keep must have one entry per key");
+    std::vector<std::int32_t> remap(n_, -1);
+    std::int64_t m = 0;
+    for (std::int64_t i = 0; i < n_; ++i)
+        if (keep[i]) remap[i] = static_cast<std::int32_t>(m++);
+    std::vector<float> keys(m * dim_);
+    std::vector<std::int32_t> nbrs(m * degree_, -1);
+    for (std::int64_t i = 0; i < n_; ++i) {
+        if (remap[i] < 0) continue;
+        std::copy(key(i), key(i) + dim_, keys.begin() + remap[i] * dim_);
+        std::int32_t* out = nbrs.data() + remap[i] * degree_;
+        const std::int32_t* r = row(i);
+        for (int j = 0; j < degree_ && r[j] >= 0; ++j)
+            if (remap[r[j]] >= 0) *out++ = remap[r[j]];
+    }
+    std::vector<std::int32_t> entry;
+    for (std::int32_t e : entry_)
+        if (remap[e] >= 0) entry.push_back(remap[e]);
+    if (entry.empty() && m > 0) entry.push_back(0);
+    // Swap the new graph in; the old one is restored if the repair fails.
+    const std::int64_t old_n = n_;
+    keys_.swap(keys);
+    nbrs_.swap(nbrs);
+    entry_.swap(entry);
+    n_ = m;
+    try {
+        refresh_norms();
+        if (m > 0) {
+            BuildParams p;
+            p.ef_construction = ef_construction;
+            p.num_threads = num_threads;
+            BuildStats st;
+            repair(p, st);
+        }
+    } catch (...) {
+        keys_.swap(keys);
+        nbrs_.swap(nbrs);
+        entry_.swap(entry);
+        n_ = old_n;
+        refresh_norms();
+        throw;
+    }
 }
 
 GraphState GraphIndex::state() const {

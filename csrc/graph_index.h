@@ -73,6 +73,15 @@ public:
     // Inserts keys [m, d] produced later; returns the id of the first one.
     std::int64_t add(const float* keys, std::int64_t m, int ef_construction, int num_threads);
 
+    // Copies the keys ids[0..m) into out [m, d]; throws std::out_of_range for an id outside [0, size).
+    void reconstruct(const std::int64_t* ids, std::int64_t m, float* out) const;
+
+    // Keeps the keys with keep[i] != 0 (keep has size() entries), renumbered in
+    // order; edges into removed keys are dropped, then the graph is repaired
+    // (as after a build) so that every kept key is reachable again. On failure
+    // the graph is left as it was.
+    void remove(const std::vector<char>& keep, int ef_construction, int num_threads);
+
     // Raw state for persistence (a consistent copy).
     GraphState state() const;
     void set_state(std::vector<float> keys, std::vector<std::int32_t> nbrs, std::vector<std::int32_t> entry);

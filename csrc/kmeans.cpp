@@ -16,8 +16,6 @@ namespace kvstore {
 
 namespace {
 
-int threads_or_default(int n) { return n > 0 ? n : omp_get_max_threads(); }
-
 std::uint64_t splitmix64(std::uint64_t x) {
     x += 0x9E3779B97F4A7C15ULL;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -204,7 +202,7 @@ KMeansResult segmented_kmeans(const float* keys, std::int64_t n, int d, const KM
         cbase[s + 1] = cbase[s] + kmeans_clusters_for(bounds[s + 1] - bounds[s], p.tokens_per_cluster);
     if (cbase[S] > std::numeric_limits<std::int32_t>::max())
         throw std::invalid_argument("too many clusters (" + std::to_string(cbase[S]) + ") for int32 ids");
-    const int nt = threads_or_default(p.num_threads);
+    const int nt = omp_threads(p.num_threads);
 
     // Centre by the mean of every key of this call.
     std::vector<double> mean_d(static_cast<std::size_t>(d), 0.0);

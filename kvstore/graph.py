@@ -6,14 +6,15 @@ after scoring a few percent of the cache. See ``docs/graph.md``.
 """
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from ._core import core
-from ._validate import check_k, check_positive_int, check_trained, to_float32_matrix
+from ._validate import (MAX_COUNT, check_k, check_num_threads, check_positive_int, check_seed, check_trained,
+                        to_float32_matrix)
 from .exact import exact_topk
 from .index_base import Index, register_index
 
@@ -70,29 +71,31 @@ class AttentionGraphIndex(Index):
         progress: bool = True,
     ) -> None:
         super().__init__(dim)
-        self.degree = check_positive_int(degree, "degree", 2)
-        self.train_topk = check_positive_int(train_topk, "train_topk", 1)
+        self.degree = check_positive_int(degree, "degree", 2, 1024)
+        self.train_topk = check_positive_int(train_topk, "train_topk", 1, MAX_COUNT)
         self.max_train_queries = None if max_train_queries is None else check_positive_int(
-            max_train_queries, "max_train_queries")
-        self.ef_construction = check_positive_int(ef_construction, "ef_construction")
-        self.ef_search = check_positive_int(ef_search, "ef_search")
+            max_train_queries, "max_train_queries", 1, 1 << 40)
+        self.ef_construction = check_positive_int(ef_construction, "ef_construction", 1, MAX_COUNT)
+        self.ef_search = check_positive_int(ef_search, "ef_search", 1, MAX_COUNT)
         self.num_entry_points = None if num_entry_points is None else check_positive_int(
-            num_entry_points, "num_entry_points")
-        self.pivots_per_query = check_positive_int(pivots_per_query, "pivots_per_query")
+            num_entry_points, "num_entry_points", 1, MAX_COUNT)
+        self.pivots_per_query = check_positive_int(pivots_per_query, "pivots_per_query", 1, MAX_COUNT)
         if geometric_degree is None:
             geometric_degree = (3 * self.degree) // 8
-        self.geometric_degree = check_positive_int(geometric_degree, "geometric_degree", 0)
-        if self.geometric_degree >= self.degree:
-            raise ValueError(f"geometric_degree ({geometric_degree}) must be smaller than degree ({degree})")
-        self.exact_geometric_limit = check_positive_int(exact_geometric_limit, "exact_geometric_limit", 0)
-        self.seed = int(seed)
-        self.num_threads = check_positive_int(num_threads, "num_threads", 0)
+        self.geometric_degree = check_positive_int(geometric_degree, "geometric_degree", 0, self.degree - 1)
+        self.exact_geometric_limit = check_positive_int(exact_geometric_limit, "exact_geometric_limit", 0, 1 << 40)
+        self.seed = check_seed(seed)
+        self.num_threads = check_num_threads(num_threads)
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be None, a str or a torch.device, got {type(device).__name__}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
         self.device = device
         self.progress = progress
         self.build_stats: dict[str, Any] = {}
+        # Searches share self._rw (and the C++ graph's own lock); add / remove take them alone.
+        # build makes a new graph on the side and swaps it in under the write lock.
         self._g = core().GraphIndex(self._dim, self.degree)
-        # Searches may run concurrently; build/add mutate and take the lock alone.
-        self._lock = threading.RLock()
 
     @property
     def ntotal(self) -> int:
@@ -123,7 +126,7 @@ class AttentionGraphIndex(Index):
                         self.pivots_per_query, self.seed, self.num_threads, entries,
                         lambda f: bar(0.2 + 0.8 * f))
         bar(None)
-        with self._lock:
+        with self._rw.write():
             self._g = g  # swapped in only once complete: a failed build keeps the old graph
         stats.update(seconds=time.perf_counter() - t0, label_seconds=t_labels, train_queries=int(tq.shape[0]))
         self.build_stats = stats
@@ -173,19 +176,25 @@ class AttentionGraphIndex(Index):
         order = np.argsort(~others, axis=1, kind="stable")[:, :g]
         return np.ascontiguousarray(np.take_along_axis(ids, order, axis=1))
 
-    def add(self, keys: Any) -> np.ndarray:
-        """Insert keys ``[m, dim]`` produced later; returns their ids ``[m]`` int64."""
-        k = to_float32_matrix(keys, "keys", self._dim, allow_empty=True)
+    @property
+    def is_trained(self) -> bool:
+        """True once built: :meth:`add` needs the graph that :meth:`build` makes from training queries."""
+        return self.ntotal > 0
+
+    def _add_impl(self, x: np.ndarray) -> int:
+        """Insert keys produced later, each linked to its nearest keys in L2 found by searching the graph."""
         if self.ntotal == 0:
             raise RuntimeError("AttentionGraphIndex is empty: call build(keys, train_queries) before add()")
-        with self._lock:
-            if k.shape[0] == 0:
-                return np.zeros(0, np.int64)
-            first = self._g.add(k, self.ef_construction, self.num_threads)
-        return np.arange(first, first + k.shape[0], dtype=np.int64)
+        return int(self._g.add(x, self.ef_construction, self.num_threads))
+
+    def _reconstruct_impl(self, ids: np.ndarray) -> np.ndarray:
+        return self._g.reconstruct(ids)
+
+    def _remove_impl(self, keep: np.ndarray) -> None:
+        self._g.remove(keep, self.ef_construction, self.num_threads)
 
     def _search_impl(self, q: np.ndarray, k: int, ef: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ef = self.ef_search if ef is None else check_positive_int(ef, "ef")
+        ef = self.ef_search if ef is None else check_positive_int(ef, "ef", 1, MAX_COUNT)
         return self._g.search(q, k, max(ef, k), self.num_threads)
 
     def search_group(self, queries: Any, k: int, ef: int | None = None
@@ -197,27 +206,28 @@ class AttentionGraphIndex(Index):
         in the group. Returns ``(D, I, scanned)``: ``[ngroups, k]`` float32
         and int64 (-1 padded) and ``[ngroups]`` int64 keys read.
         """
-        import torch
-
         if isinstance(queries, torch.Tensor):
             queries = queries.detach().to("cpu", torch.float32).numpy()
         if not isinstance(queries, np.ndarray) or queries.ndim != 3:
             raise ValueError("queries must be a 3-D array [ngroups, group, dim]")
         flat = to_float32_matrix(queries.reshape(-1, queries.shape[-1]), "queries", self._dim, allow_empty=True)
         k = check_k(k, self.ntotal)
-        check_trained(self.ntotal, type(self).__name__)
-        ef = self.ef_search if ef is None else check_positive_int(ef, "ef")
+        ef = self.ef_search if ef is None else check_positive_int(ef, "ef", 1, MAX_COUNT)
         if queries.shape[0] == 0 or queries.shape[1] == 0:
             raise ValueError("queries must hold at least one group of at least one query")
-        return self._g.search_group(flat.reshape(queries.shape), k, max(ef, k), self.num_threads)
+        with self._rw.read():
+            check_trained(self.ntotal, type(self).__name__)
+            return self._g.search_group(flat.reshape(queries.shape), k, max(ef, k), self.num_threads)
 
     def reachable_count(self) -> int:
         """Keys reachable from the entry points (equals ``ntotal`` for a valid graph)."""
-        return int(self._g.count_reachable())
+        with self._rw.read():
+            return int(self._g.count_reachable())
 
     def neighbors(self) -> np.ndarray:
         """Out-edges ``[N, degree]`` int32, -1 padded (a copy)."""
-        return self._g.get_state()[1]
+        with self._rw.read():
+            return self._g.get_state()[1]
 
     # --- persistence -------------------------------------------------------
     _PARAMS = ("degree", "train_topk", "max_train_queries", "ef_construction", "ef_search", "num_entry_points",
@@ -230,11 +240,20 @@ class AttentionGraphIndex(Index):
 
     @classmethod
     def _from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "AttentionGraphIndex":
-        idx = cls(int(meta["dim"]), **{p: meta[p] for p in cls._PARAMS}, progress=False)
+        """Rebuild a saved graph; ``ValueError`` unless it is consistent and every key is reachable."""
+        idx = cls(meta["dim"], **{p: meta[p] for p in cls._PARAMS}, progress=False)
         keys, nbrs, entry = arrays["keys"], arrays["neighbors"], arrays["entry_points"]
         if keys.dtype != np.float32 or nbrs.dtype != np.int32 or entry.dtype != np.int32:
             raise ValueError("unexpected array dtypes")
-        idx._g.set_state(keys, nbrs, entry)
+        if keys.ndim != 2 or nbrs.shape != (keys.shape[0], idx.degree) or entry.ndim != 1:
+            raise ValueError(f"keys {keys.shape}, neighbors {nbrs.shape} (degree {idx.degree}) and entry points "
+                             f"{entry.shape} do not fit together")
+        if keys.shape[0]:
+            to_float32_matrix(keys, "keys", idx.dim)  # NaN / inf / overflowing keys
+        idx._g.set_state(keys, nbrs, entry)  # checks ids and entry points
+        reached = idx.reachable_count()
+        if reached != idx.ntotal:
+            raise ValueError(f"only {reached} of {idx.ntotal} keys are reachable from the entry points")
         return idx
 
 

@@ -15,7 +15,6 @@ lives on that device.
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,8 @@ import numpy as np
 import torch
 
 from ._core import core
-from ._validate import check_matrix_shape, check_positive_int, to_float32_matrix
+from ._validate import (INT32_MAX, as_input_type, check_magnitude, check_matrix_shape, check_num_threads,
+                        check_positive_int, check_seed, to_float32_matrix)
 from .exact import _order_ties_by_id
 from .index_base import Index, register_index
 
@@ -34,6 +34,7 @@ _MASK64 = (1 << 64) - 1
 _PHASE_STEPS = 1024          # resolution of the init stride phase (csrc/kmeans.cpp: kPhaseSteps)
 _SCORE_BUDGET = 1 << 24      # floats of one [queries, C] or [segments, tokens, clusters] score block
 _GATHER_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 26}  # floats of member keys a search gathers at once
+MAX_KMEANS_ITERS = 10_000
 
 
 # --------------------------------------------------------------------------- clustering (shared rules)
@@ -168,8 +169,8 @@ def _to_tensor(x: Any, name: str, dim: int | None = None, device: torch.device |
             raise TypeError(f"{name} must be a floating tensor (float32, float16 or bfloat16), got {x.dtype}")
         check_matrix_shape(tuple(x.shape), name, dim, allow_empty)
         t = x.detach().to(torch.float32).contiguous()
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf")
+        if t.numel():
+            check_magnitude(float(t.abs().max()), name, t.shape[1])
         return t if device is None else t.to(device)
     t = torch.from_numpy(to_float32_matrix(x, name, dim, allow_empty))
     return t if device is None or torch.device(device).type == "cpu" else t.to(device)
@@ -261,19 +262,16 @@ class WaveIndex(Index):
         num_threads: int = 0,
     ) -> None:
         super().__init__(dim)
-        self.tokens_per_cluster = check_positive_int(tokens_per_cluster, "tokens_per_cluster")
-        self.segment_len = check_positive_int(segment_len, "segment_len")
-        self.kmeans_iters = check_positive_int(kmeans_iters, "kmeans_iters", 0)
-        self.seed = check_positive_int(seed, "seed", 0)
-        if self.seed > _MASK64:
-            raise ValueError(f"seed must be < 2**64, got {seed}")
-        self.n_probe = check_positive_int(n_probe, "n_probe")
-        self.num_threads = check_positive_int(num_threads, "num_threads", 0)
+        self.tokens_per_cluster = check_positive_int(tokens_per_cluster, "tokens_per_cluster", 1, INT32_MAX)
+        self.segment_len = check_positive_int(segment_len, "segment_len", 1, 1 << 62)
+        self.kmeans_iters = check_positive_int(kmeans_iters, "kmeans_iters", 0, MAX_KMEANS_ITERS)
+        self.seed = check_seed(seed)
+        self.n_probe = check_positive_int(n_probe, "n_probe", 1, INT32_MAX)
+        self.num_threads = check_num_threads(num_threads)
         self.build_stats: dict[str, Any] = {}
         self._st = _State.empty(self._dim)
         self._bufs: dict[str, torch.Tensor | None] = {f: getattr(self._st, f) for f in _FIELDS}
-        # Searches read self._st (one snapshot); build/add/to take the lock.
-        self._lock = threading.RLock()
+        # Searches read self._st (one snapshot) under the read lock; build/add/to/remove_ids take the write lock.
 
     # --- shape and content -------------------------------------------------
     @property
@@ -358,7 +356,7 @@ class WaveIndex(Index):
         if vt is not None and vt.shape[0] != kt.shape[0]:
             raise ValueError(f"values has {vt.shape[0]} rows but keys has {kt.shape[0]}")
         t0 = time.perf_counter()
-        with self._lock:
+        with self._rw.write():
             part, nseg = self._cluster(kt, vt, 0, 0)
             state = _State(**part, num_segments=nseg)
             self._bufs = dict(part)
@@ -372,14 +370,14 @@ class WaveIndex(Index):
         stores values), clustered on their own as new segment(s); returns their
         ids ``[m]`` int64 (continuing from ``ntotal``). On an empty index this
         is :meth:`build`."""
-        with self._lock:
+        with self._rw.write():
             st = self._st
             if st.n == 0:
                 kt = _to_tensor(keys, "keys", self._dim, allow_empty=True)
                 if kt.shape[0] == 0:
-                    return np.zeros(0, np.int64)
+                    return as_input_type(keys, np.zeros(0, np.int64))
                 self.build(kt, values)
-                return np.arange(self.ntotal, dtype=np.int64)
+                return as_input_type(keys, np.arange(self.ntotal, dtype=np.int64))
             dev = st.centroids.device
             kt = _to_tensor(keys, "keys", self._dim, device=dev, allow_empty=True)
             vt = None
@@ -393,7 +391,7 @@ class WaveIndex(Index):
             elif values is not None:
                 raise ValueError("values given, but this index was built without values")
             if kt.shape[0] == 0:
-                return np.zeros(0, np.int64)
+                return as_input_type(keys, np.zeros(0, np.int64))
             part, nseg = self._cluster(kt, vt, st.n, st.num_segments)
             n, C = st.n, st.C
             used = {"centroids": C, "sizes": C, "value_sums": C, "offsets": C + 1, "order": n,
@@ -410,7 +408,7 @@ class WaveIndex(Index):
                 views[f] = bufs[f][:used[f] + new[f].shape[0]]
             self._bufs = bufs
             self._st = _State(**views, num_segments=st.num_segments + nseg)
-        return np.arange(n, n + kt.shape[0], dtype=np.int64)
+        return as_input_type(keys, np.arange(n, n + kt.shape[0], dtype=np.int64))
 
     def _cluster(self, kt: torch.Tensor, vt: torch.Tensor | None, id_base: int,
                  seg_base: int) -> tuple[dict[str, torch.Tensor | None], int]:
@@ -449,13 +447,59 @@ class WaveIndex(Index):
     def to(self, device: str | torch.device) -> "WaveIndex":
         """Move every stored tensor to ``device`` (searches then run there); returns ``self``."""
         device = torch.device(device)
-        with self._lock:
+        with self._rw.write():
             st = self._st
             views = {f: (None if getattr(st, f) is None else getattr(st, f).to(device).contiguous())
                      for f in _FIELDS}
             self._bufs = dict(views)
             self._st = _State(**views, num_segments=st.num_segments)
         return self
+
+    # --- faiss conventions: reconstruct, remove_ids, copies ----------------------
+    def _reconstruct_impl(self, ids: np.ndarray) -> np.ndarray:
+        st = self._st
+        pos = torch.empty_like(st.order)
+        pos[st.order] = torch.arange(st.n, device=st.order.device)
+        return st.keys_sorted[pos[torch.from_numpy(ids).to(pos.device)]].cpu().numpy()
+
+    def _remove_impl(self, keep: np.ndarray) -> None:
+        """Drop tokens; clusters keep their other members (plain means and value sums recomputed),
+        emptied clusters disappear, ids are renumbered in order."""
+        st = self._st
+        dev = st.order.device
+        if not keep.any():
+            self._st = _State.empty(self._dim)
+            self._bufs = {f: getattr(self._st, f) for f in _FIELDS}
+            return
+        keep_t = torch.from_numpy(keep).to(dev)
+        rows = keep_t[st.order]                                        # kept rows, in cluster order
+        new_id = torch.cumsum(keep_t.to(torch.int64), 0) - 1
+        cluster = torch.repeat_interleave(torch.arange(st.C, device=dev), st.offsets[1:] - st.offsets[:-1])[rows]
+        cnt = torch.bincount(cluster, minlength=st.C)
+        live = cnt > 0
+        cluster = (torch.cumsum(live.to(torch.int64), 0) - 1)[cluster]
+        cnt = cnt[live]
+        keys = st.keys_sorted[rows]
+        sums = torch.zeros(cnt.numel(), self._dim, dtype=torch.float64, device=dev).index_add_(0, cluster,
+                                                                                                keys.double())
+        offsets = torch.zeros(cnt.numel() + 1, dtype=torch.int64, device=dev)
+        offsets[1:] = torch.cumsum(cnt, 0)
+        values = value_sums = None
+        if st.values_sorted is not None:
+            values = st.values_sorted[rows]
+            value_sums = torch.zeros(cnt.numel(), values.shape[1], dtype=torch.float64, device=dev).index_add_(
+                0, cluster, values.double()).float()
+        views = {"centroids": (sums / cnt[:, None]).float(), "sizes": cnt.float(), "value_sums": value_sums,
+                 "offsets": offsets, "order": new_id[st.order[rows]], "keys_sorted": keys, "values_sorted": values,
+                 "segment_of_cluster": st.segment_of_cluster[live]}
+        self._bufs = dict(views)
+        self._st = _State(**views, num_segments=st.num_segments)
+
+    def __copy__(self) -> "WaveIndex":
+        return super().__copy__().to(self.device)  # through the file format (CPU), then back where it was
+
+    def __deepcopy__(self, memo: dict) -> "WaveIndex":
+        return self.__copy__()
 
     # --- search --------------------------------------------------------------
     def _search_impl(self, q: np.ndarray, k: int, n_probe: int | None = None
@@ -558,15 +602,20 @@ def _state_from_arrays(dim: int, meta: dict, arrays: dict[str, np.ndarray]) -> _
     has_values = meta["has_values"]
     if not isinstance(has_values, bool):
         raise ValueError(f"has_values must be a bool, got {has_values!r}")
-    if (n == 0) != (C == 0) or C > n or (n > 0 and not 1 <= nseg <= C):
+    # num_segments counts the segments ever formed (removals may empty some of them).
+    if (n == 0) != (C == 0) or C > n or (n > 0 and nseg < 1) or nseg > 1 << 62:
         raise ValueError(f"inconsistent counts: ntotal={n}, num_clusters={C}, num_segments={nseg}")
 
     def get(name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
         a = arrays[name]
         if a.dtype != dtype or a.shape != shape:
             raise ValueError(f"{name} must be {np.dtype(dtype)} of shape {shape}, got {a.dtype} {a.shape}")
-        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
-            raise ValueError(f"{name} contains NaN or inf")
+        if a.dtype.kind == "f" and a.size:
+            top = max(float(a.max()), -float(a.min()))
+            if name in ("centroids", "keys_sorted", "values_sorted"):
+                check_magnitude(top, name, a.shape[-1])  # NaN / inf / overflowing scores
+            elif not np.isfinite(top):
+                raise ValueError(f"{name} contains NaN or inf")
         return a
 
     centroids = get("centroids", np.float32, (C, dim))
@@ -591,7 +640,7 @@ def _state_from_arrays(dim: int, meta: dict, arrays: dict[str, np.ndarray]) -> _
         raise ValueError("sizes do not match offsets")
     if n and (order.min() < 0 or order.max() >= n or not (np.bincount(order, minlength=n) == 1).all()):
         raise ValueError("order is not a permutation of 0..ntotal-1")
-    if C and (seg[0] != 0 or seg[-1] >= nseg or (np.diff(seg) < 0).any()):
+    if C and (seg[0] < 0 or seg[-1] >= nseg or (np.diff(seg) < 0).any()):
         raise ValueError("segment_of_cluster must be non-decreasing in [0, num_segments)")
     t = torch.from_numpy
     return _State(t(centroids), t(sizes), None if value_sums is None else t(value_sums), t(offsets), t(order),

@@ -109,6 +109,23 @@ std::int64_t add(GraphIndex& g, F32 keys, int ef_construction, int num_threads) 
     return g.add(keys.data(), keys.shape(0), ef_construction, num_threads);
 }
 
+py::array_t<float> reconstruct(const GraphIndex& g, I64 ids) {
+    if (ids.ndim() != 1) throw std::invalid_argument("ids must be 1-D");
+    const py::ssize_t m = ids.shape(0);
+    py::array_t<float> out({m, static_cast<py::ssize_t>(g.dim())});
+    g.reconstruct(ids.data(), m, out.mutable_data());
+    return out;
+}
+
+void remove_keys(GraphIndex& g, py::array_t<bool, py::array::c_style | py::array::forcecast> keep, int ef_construction,
+            int num_threads) {
+    if (keep.ndim() != 1 || keep.shape(0) != g.size())
+        throw std::invalid_argument("keep must be 1-D with one entry per key");
+    std::vector<char> k(keep.data(), keep.data() + keep.shape(0));
+    py::gil_scoped_release nogil;
+    g.remove(k, ef_construction, num_threads);
+}
+
 py::tuple get_state(const GraphIndex& g) {
     kvstore::GraphState st = g.state();
     const py::ssize_t n = static_cast<py::ssize_t>(st.keys.size() / g.dim());
@@ -149,6 +166,8 @@ PYBIND11_MODULE(_C, m) {
         .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef"), py::arg("num_threads"))
         .def("search_group", &search_group, py::arg("queries"), py::arg("k"), py::arg("ef"), py::arg("num_threads"))
         .def("add", &add, py::arg("keys"), py::arg("ef_construction"), py::arg("num_threads"))
+        .def("reconstruct", &reconstruct, py::arg("ids"))
+        .def("remove", &remove_keys, py::arg("keep"), py::arg("ef_construction"), py::arg("num_threads"))
         .def("get_state", &get_state)
         .def("set_state", &set_state, py::arg("keys"), py::arg("neighbors"), py::arg("entry_points"))
         .def("count_reachable", &GraphIndex::count_reachable);
