@@ -46,10 +46,10 @@ def _wave(dim: int, tokens_per_cluster: int, **kw: Any) -> Index:
 # (form shown in errors, full-match pattern with at most one int group, builder(dim, [int], **kwargs))
 _FORMS: list[tuple[str, str, Callable[..., Index]]] = [
     ("Flat", r"Flat", _flat),
-    ("IVF<nlist>,Flat", r"IVF(\d+),Flat", _ivf),
-    ("HNSW<M>", r"HNSW(\d+)", _hnsw),
-    ("Graph<degree>", r"Graph(\d+)", _graph),
-    ("Wave<tokens_per_cluster>", r"Wave(\d+)", _wave),
+    ("IVF<nlist>,Flat", r"IVF(\d{1,18}),Flat", _ivf),
+    ("HNSW<M>", r"HNSW(\d{1,18})", _hnsw),
+    ("Graph<degree>", r"Graph(\d{1,18})", _graph),
+    ("Wave<tokens_per_cluster>", r"Wave(\d{1,18})", _wave),
 ]
 
 

@@ -214,3 +214,146 @@ def test_mmap_read_matches_copy_and_rejects_corruption(tmp_path):
     (tmp_path / "empty.kvs").write_bytes(b"")
     with pytest.raises(CorruptFileError, match="empty.kvs"):
         read_container(tmp_path / "empty.kvs", mmap=True)
+
+
+# --- files that are not what they seem --------------------------------------------
+
+def test_only_regular_files_are_read(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer
+    err = _assert_corrupt(fifo)
+    assert "FIFO" in err.reason
+    err = _assert_corrupt(tmp_path)
+    assert "directory" in err.reason
+    with pytest.raises(CorruptFileError, match="device"):
+        read_container("/dev/zero")  # endless: must be refused before reading
+    with pytest.raises(CorruptFileError, match="device"):
+        read_container("/dev/zero", mmap=True)
+
+
+def _crafted(path, header: bytes, body_len: int = 64) -> None:
+    """A container with a correct checksum around an arbitrary header."""
+    import hashlib
+    body = MAGIC + struct.pack("<IQ", 1, len(header)) + header
+    body += b"\x00" * (-len(body) % 64 + body_len)
+    path.write_bytes(body + hashlib.sha256(body).digest())
+
+
+@pytest.mark.parametrize("header, word", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested"),
+    (json.dumps({"kind": "flat", "meta": {"x": float("nan")}, "arrays": []}).encode(), "NaN"),
+    (b'{"kind": "flat", "meta": {"x": ' + b"9" * 5000 + b'}, "arrays": []}', "invalid header"),
+    (b'"just a string"', "not a JSON object"),
+    (b'{"kind": "flat", "meta": "str", "arrays": []}', "field types"),
+    (b'{"kind": "flat", "meta": {}, "arrays": ["x"]}', "not an object"),
+    (b'{"kind": "flat", "meta": {}, "arrays": [{"name": "a", "dtype": "<f4", "shape": [18446744073709551616], '
+     b'"offset": 128, "length": 0}]}', "larger than the file"),
+    (b'{"kind": "flat", "meta": {}, "arrays": [{"name": "a", "dtype": "<f4", "shape": [0, 4611686018427387904], '
+     b'"offset": 128, "length": 0}]}', "larger than the file"),
+    (b'{"kind": "flat", "meta": {}, "arrays": [{"name": "a", "dtype": "O", "shape": [1], '
+     b'"offset": 128, "length": 8}]}', "dtype"),
+    (b'{"kind": "flat", "meta": {}, "arrays": [{"name": "a", "dtype": "<U4", "shape": [1], '
+     b'"offset": 128, "length": 16}]}', "dtype"),
+    (b'{"kind": "flat", "meta": {}, "arrays": [{"name": "a", "dtype": "<f4", "shape": [' + b"1, " * 40 + b'1], '
+     b'"offset": 128, "length": 4}]}', "shape"),
+    (b'{"kind": "flat", "meta": {}, "arrays": [{"name": "a", "dtype": "<f4", "shape": [2], '
+     b'"offset": 128, "length": 8}, {"name": "b", "dtype": "<f4", "shape": [2], "offset": 128, "length": 8}]}',
+     "offset"),
+    (b"\xff\xfe", "invalid header"),
+])
+def test_crafted_headers_with_valid_checksums(tmp_path, header, word):
+    path = tmp_path / "crafted.kvs"
+    _crafted(path, header)
+    err = _assert_corrupt(path)
+    assert word in str(err)
+
+
+def test_oversized_header_length_refused_before_reading(tmp_path):
+    path = tmp_path / "big.kvs"
+    path.write_bytes(MAGIC + struct.pack("<IQ", 1, 2**63) + b"\x00" * 100)
+    assert "header length" in _assert_corrupt(path).reason
+
+
+@pytest.mark.parametrize("snapshot", [True, False])
+def test_mmap_load_survives_in_place_changes(tmp_path, snapshot):
+    """A snapshot map (the default) keeps the loaded arrays as they were when the
+    file is rewritten in place or truncated; a direct map is only promised to
+    survive saves (which replace the file)."""
+    a = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)
+    p = tmp_path / "m.kvs"
+    write_container(p, "test", {}, {"a": a})
+    got = read_container(p, mmap=True, snapshot=snapshot)[2]["a"]
+    write_container(p, "test", {}, {"a": a + 1})  # a save replaces the file: both kinds keep their arrays
+    np.testing.assert_array_equal(got, a)
+    if not snapshot:
+        return
+    with open(p, "r+b") as f:  # rewrite in place, then truncate to nothing
+        f.seek(4096)
+        f.write(b"\xff" * 65536)
+        f.truncate(10)
+    np.testing.assert_array_equal(got, a)
+
+
+def test_reading_is_copy_not_view_of_the_file(tmp_path):
+    p = tmp_path / "c.kvs"
+    write_container(p, "test", {}, {"a": np.arange(10.0)})
+    got = read_container(p)[2]["a"]
+    p.write_bytes(b"")
+    np.testing.assert_array_equal(got, np.arange(10.0))
+
+
+def test_save_through_a_symlink_keeps_the_link(tmp_path):
+    target = tmp_path / "real.kvs"
+    link = tmp_path / "link.kvs"
+    write_container(target, "test", {"v": 1}, {})
+    link.symlink_to(target)
+    write_container(link, "test", {"v": 2}, {})
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert read_container(target)[1] == {"v": 2}
+    assert sorted(os.listdir(tmp_path)) == ["link.kvs", "real.kvs"]
+
+
+def test_nan_meta_refused_on_write(tmp_path):
+    with pytest.raises(TypeError, match="JSON"):
+        write_container(tmp_path / "x", "flat", {"ef": float("nan")}, {})
+    assert os.listdir(tmp_path) == []
+
+
+_HOLD_TEMP = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+os.write(fd, b"x" * 1000)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_temp_files_of_killed_saves_are_removed(tmp_path):
+    """A writer killed by SIGKILL leaves its temp file unlocked; the next save removes it,
+    while the temp file of a writer that is still running is left alone."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.kvs"
+    write_container(path, "test", {}, {})
+    dead, live = tmp_path / ".s.kvs.deadbeef.tmp", tmp_path / ".s.kvs.aliveabc.tmp"
+    procs = []
+    for name in (dead, live):
+        p = subprocess.Popen([sys.executable, "-c", _HOLD_TEMP, str(name)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "locked"
+        procs.append(p)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait()
+    other = tmp_path / ".other.kvs.deadbeef.tmp"  # another file's temp: not this save's business
+    other.write_bytes(b"x")
+    try:
+        write_container(path, "test", {"v": 2}, {})
+        assert sorted(os.listdir(tmp_path)) == sorted([path.name, live.name, other.name])
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    write_container(path, "test", {"v": 3}, {})
+    assert sorted(os.listdir(tmp_path)) == sorted([path.name, other.name])
+    assert read_container(path)[1] == {"v": 3}
