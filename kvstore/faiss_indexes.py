@@ -4,7 +4,7 @@ Both use the inner-product metric. faiss is optional (``pip install
 'kvstore[faiss]'``) and imported only when one of these classes is built.
 Neither index can be saved (``save`` raises ``NotImplementedError``).
 
-``scanned`` (DESIGN.md) per query:
+``scanned`` (docs/design.md) per query:
 
 - IVF: ``nlist`` centroid scores + the sizes of the ``nprobe`` lists probed.
   The probed lists come from our own call to the coarse quantizer, and the

@@ -637,7 +637,7 @@ def attention_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def check_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured value and whether it is met (None: not measured)."""
+    """The goals in TARGETS_DOC, each with the measured value and whether it is met (None: not measured)."""
     ok = [r for r in rows if r.get("status") == "ok"]
 
     def find(mode: str, context: int, batch: int) -> dict[str, Any] | None:
