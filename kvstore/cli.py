@@ -5,6 +5,9 @@ Subcommands live in ``COMMANDS`` (top level) and ``BENCH_COMMANDS``
 subcommand's arguments and a function that runs it. Commands whose arguments
 are parsed by another module (the benchmarks) set ``forward=True``: everything
 after the subcommand name, ``--help`` included, goes to that module unchanged.
+
+A user error (bad arguments, :class:`kvstore._args.UsageError`, a missing
+optional package) prints one line and exits with status 2, without a traceback.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+from ._args import Parser, UsageError
+from ._version import __version__
 
 __all__ = ["main"]
 
@@ -63,8 +69,6 @@ def _extension_status(module: str) -> str:
 
 
 def _run_info(args: argparse.Namespace, rest: list[str]) -> int:
-    from ._version import __version__
-
     rows = [("kvstore", __version__),
             ("kvstore._C (C++ core)", _extension_status("kvstore._C")),
             ("kvstore._cuda (CUDA kernels)", _extension_status("kvstore._cuda"))]
@@ -133,7 +137,8 @@ def _add_commands(subparsers: argparse._SubParsersAction, commands: Sequence[Com
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvstore", description="kvstore: a vector-database-style KV-cache store")
+    parser = Parser(prog="kvstore", description="kvstore: a vector-database-style storage engine for LLM KV caches.")
+    parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_commands(sub, COMMANDS)
     bench = sub.add_parser("bench", help="run a benchmark", description="Run a benchmark.")
@@ -148,7 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd: Command = args._command
     if rest and not cmd.forward:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return cmd.run(args, rest)
+    try:
+        return cmd.run(args, rest)
+    except UsageError as e:
+        print(f"kvstore: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if "pip install" not in str(e):  # not a missing optional package: a real failure, keep the traceback
+            raise
+        print(f"kvstore: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

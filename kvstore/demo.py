@@ -9,9 +9,11 @@ directory (Llama or Qwen2 family).
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from typing import Sequence
 
+from ._args import Parser
 from .config import StoreConfig
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
@@ -54,12 +56,11 @@ def _fraction(s: str) -> float | int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kvstore demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="kvstore demo", description=__doc__)
     p.add_argument("--tokens", type=int, default=3000, help="prompt length in tokens (default 3000)")
     p.add_argument("--depth", type=float, default=0.5, help="where the key sits, 0..1 (default 0.5)")
-    p.add_argument("--methods", nargs="*", default=["full", "wave", "graph"],
-                   help="full wave graph streaming quest (default: full wave graph)")
+    p.add_argument("--methods", nargs="+", default=["full", "wave", "graph"],
+                   choices=["full", "wave", "graph", "streaming", "quest"], help="(default: full wave graph)")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--retrieval", type=_fraction, default=0.018, help="wave: fraction of context (or tokens)")
@@ -72,6 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not 0 <= a.depth <= 1:
         p.error("--depth must be in [0, 1]")
+    if a.tokens < 1:
+        p.error("--tokens must be >= 1")
+    if a.model is not None and not os.path.isdir(a.model):
+        p.error(f"--model {a.model}: no such directory")
+    try:
+        method_configs(a)  # budgets checked (StoreConfig) before the model loads
+    except ValueError as e:
+        p.error(str(e))
 
     from .generation import answer, chat_ids, load_model
 

@@ -6,7 +6,7 @@ Both are saved in kvstore's own container (plain arrays: vectors, list ids,
 graph links), not as faiss's serialised bytes, so that a loaded file is
 checked field by field before faiss sees it.
 
-``scanned`` (DESIGN.md) per query:
+``scanned`` (docs/design.md) per query:
 
 - IVF: ``nlist`` centroid scores + the sizes of the ``nprobe`` lists probed.
   The probed lists come from our own call to the coarse quantizer, and the

@@ -1,4 +1,4 @@
-"""Retrieval quality and cost measures, as defined in DESIGN.md ("Measurement definitions").
+"""Retrieval quality and cost measures, as defined in docs/design.md ("Measurement definitions").
 
 - :func:`recall_at_k`: ``|returned top-k ∩ exact top-k| / k`` by inner product,
   exact ties counted;

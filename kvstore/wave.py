@@ -7,7 +7,7 @@ centroid (the plain mean of its keys), its size and, when values are given,
 the sum of its values (fp32), and the KV itself is stored in cluster order, so
 that a cluster is one contiguous run (CSR membership). A query scores every
 centroid, takes the ``n_probe`` best clusters and scores their members
-exactly. See ``DESIGN.md`` ("Wave index") and ``csrc/kmeans.h``.
+exactly. See ``docs/design.md`` ("Wave index") and ``csrc/kmeans.h``.
 
 The clustering runs in C++/OpenMP for CPU input and in torch (same algorithm,
 same init, same iterations) when the keys are a CUDA tensor; the index then

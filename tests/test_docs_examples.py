@@ -5,7 +5,8 @@ inside a temporary working directory. Data sizes are cut down by wrapping
 ``ood_dataset`` (the docs show realistic sizes; the test divides the row
 counts by ``SHRINK``). Blocks that build a faiss index are skipped when faiss
 is not installed. ``kvstore ...`` lines of ```bash blocks that are cheap
-(``kvstore info`` and ``--help``) run through the CLI's ``main``.
+(``kvstore info`` and ``--help``) run through the CLI's ``main``. Relative
+links of the README and the docs point at files (and headings) that exist.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import kvstore.datasets
 import kvstore.datasets.synthetic as synthetic
 from kvstore.cli import main as cli_main
 
-DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 PAGES = ["quickstart.md", "api.md"]
 SHRINK = 10
 _FAISS_BUILD = re.compile(r"""(IVFIndex|HNSWIndex)\(|index_factory\([^)]*["'](IVF|HNSW)""")
@@ -80,3 +82,29 @@ def test_cli_examples_run(line, capsys):
         code = e.code
     assert code in (0, None)
     assert capsys.readouterr().out.strip()
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _linked_pages() -> list[pathlib.Path]:
+    pages = [ROOT / "README.md", *sorted(DOCS.rglob("*.md")), *sorted((ROOT / "bench").rglob("README.md"))]
+    return [p for p in pages if p.is_file()]
+
+
+def _anchors(page: pathlib.Path) -> set[str]:
+    """GitHub's heading anchors of a markdown page."""
+    heads = re.findall(r"^#+\s+(.*?)\s*$", page.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+@pytest.mark.parametrize("page", _linked_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    for target in _LINK.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        assert dest.exists(), f"{page.name}: link to missing {target}"
+        if anchor and dest.suffix == ".md":
+            assert anchor in _anchors(dest), f"{page.name}: no heading #{anchor} in {dest.name}"

@@ -1,5 +1,5 @@
-// Cluster ranking of the wave index's decode step (RetroInfer step 4,
-// DESIGN.md "Wave index"): every query head of a KV head's group scores every
+// Cluster ranking of the wave index's decode step (RetroInfer;
+// docs/design.md "Selection"): every query head of a KV head's group scores every
 // centroid; the softmax over the clusters, summed over the group's heads,
 // ranks the clusters.
 #pragma once

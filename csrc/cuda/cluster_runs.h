@@ -1,5 +1,5 @@
 // The run table of a gpu_only wave decode step, built on the device in one
-// launch from the selected clusters (DESIGN.md "Wave index"): each slot reads
+// launch from the selected clusters (docs/design.md "Wave index"): each slot reads
 // its steady zone, then its retrieved clusters as runs of the sorted KV.
 #pragma once
 

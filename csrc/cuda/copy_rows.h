@@ -1,6 +1,6 @@
 // The copy kernel of the wave buffer: admits clusters (runs of consecutive
 // rows) into the GPU cache, from device memory or from pinned host memory
-// read zero-copy over the bus (DESIGN.md "Wave buffer").
+// read zero-copy over the bus (docs/design.md "Wave buffer").
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,5 +1,5 @@
 // Sparse decode attention over lists of row runs, merged with the wave
-// index's estimation zone (DESIGN.md "Wave index", "Merging partial
+// index's estimation zone (docs/design.md "Wave index", "Merging partial
 // attentions"). Plain C++ interface (raw pointers, cudaStream_t), so the torch
 // bindings compile it with the host compiler.
 //

@@ -9,13 +9,10 @@ attention-mass recall (exact softmax mass of the tokens attended exactly) and
 the fraction of the KV bytes of full attention the step read (keys, values and
 index metadata read, against all keys and values).
 
-Writes ``<out>/accuracy_real.json``, ``.md`` and ``.png``. Run
-``kvstore bench accuracy --help``.
+Writes ``accuracy_real.json``, ``.md`` and ``.png`` into the output folder.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import time
 from typing import Any, Sequence
@@ -23,9 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .._args import Parser
 from ..attention.core import full_attention
 from ..config import StoreConfig
 from ..store import KVStore
+from ._output import Results, add_out_argument, pyplot, save_plot
 
 
 def default_configs() -> list[tuple[str, dict[str, Any]]]:
@@ -102,11 +101,7 @@ def table(summary: dict[str, dict], title: str) -> str:
 
 
 def plot(summary: dict[str, dict], title: str, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(s["method"] for s in summary.values()):
         pts = sorted((s["read_fraction_mean"], s["error_median"], s["error_p99"])
@@ -125,20 +120,18 @@ def plot(summary: dict[str, dict], title: str, path: pathlib.Path) -> None:
     axes[1].axhline(0.2, color="grey", lw=0.6, ls="--")
     axes[0].legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kvstore bench accuracy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="kvstore bench accuracy", description=__doc__)
     p.add_argument("--tokens", type=int, default=8192, help="context captured (default 8192)")
     p.add_argument("--test-tokens", type=int, default=1024, help="last positions whose queries decode")
     p.add_argument("--queries", type=int, default=32, help="decode positions sampled per layer (default 32)")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="layers (default: the trace's)")
-    p.add_argument("--methods", nargs="*", default=None, help="subset of methods (wave graph quest streaming)")
-    p.add_argument("--out", default="bench/results", help="output folder")
+    p.add_argument("--methods", nargs="+", default=None, choices=sorted({c[1]["method"] for c in default_configs()}),
+                   help="subset of methods (default: all)")
+    add_out_argument(p, "accuracy")
     p.add_argument("--cache-dir", default=None, help="trace cache folder")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -168,15 +161,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(per_layer, [c[0] for c in configs])
     title = (f"SmolLM2-135M decode attention, {n_ctx} tokens of context, {len(layers)} layers x "
              f"{trace.num_kv_heads} KV heads, {a.queries} decode queries per layer")
-    out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    results = Results("accuracy", a.out)
     doc = {"title": title, "seconds": time.perf_counter() - t0, "context_tokens": n_ctx,
            "configs": dict(configs), "summary": summary}
-    (out / "accuracy_real.json").write_text(json.dumps(doc, indent=1))
+    results.write_json("accuracy_real.json", doc)
     md = table(summary, title)
-    (out / "accuracy_real.md").write_text(md)
-    plot(summary, title, out / "accuracy_real.png")
+    results.write_text("accuracy_real.md", md)
+    results.plot("accuracy_real.png", lambda path: plot(summary, title, path))
     print(md)
+    results.report()
     return 0
 
 

@@ -50,9 +50,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .._args import Parser
 from ..datasets.attention_like import AttentionLikeSpec, attention_stats, decode_queries, generate_kv
 from ..gpu.estimation import ESTIMATORS
 from ..gpu.wave_layer import WaveGpuConfig
+from ._output import Results, add_out_argument, plot_or_note, pyplot, save_plot
 
 _WAVE = WaveGpuConfig()  # the layer's defaults are the benchmark's
 
@@ -635,7 +637,7 @@ def attention_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def check_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured value and whether it is met (None: not measured)."""
+    """The goals in TARGETS_DOC, each with the measured value and whether it is met (None: not measured)."""
     ok = [r for r in rows if r.get("status") == "ok"]
 
     def find(mode: str, context: int, batch: int) -> dict[str, Any] | None:
@@ -697,11 +699,7 @@ def write_section(path: pathlib.Path, name: str, text: str) -> None:
 
 def plot(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str) -> None:
     """Speed-up over SDPA against context (log x), one line per (batch, mode); error on a second panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ok = [r for r in rows if r.get("status") == "ok"]
     for batch, mode in sorted({(r["batch"], r["mode"]) for r in ok}):
@@ -727,9 +725,7 @@ def plot(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str) -> None
     if ok:
         axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, path)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -766,14 +762,13 @@ def report(rows: Sequence[dict[str, Any]], env: dict[str, Any], args: dict[str, 
         "### Generated attention (median [p10, p90] over query heads)", "", attention_table(rows),
     ])
     write_section(out / "decode.md", "decode", md)
-    plot(rows, out / "decode.png", title)
+    plot_or_note(lambda path: plot(rows, path, title), out / "decode.png")
     return md
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvstore bench decode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="kvstore bench decode", description=__doc__)
     p.add_argument("--contexts", type=parse_size, nargs="+", default=list(DEFAULT_CONTEXTS),
                    help="context lengths (e.g. 32K 128K 512K 1M; default all four)")
     p.add_argument("--batches", type=int, nargs="+", default=list(DEFAULT_BATCHES), help="batch sizes (1 8 32)")
@@ -805,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimation", type=float, default=_WAVE.estimation,
                    help="wave estimation budget, fraction of the context")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="docs", help="output folder (default docs)")
+    add_out_argument(p, "decode")
     return p
 
 
@@ -824,6 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    backend=a.backend, seed=a.seed, headroom=a.headroom, budget_seconds=a.budget_seconds,
                    graph_train_queries=a.graph_train_queries, estimator=a.estimator, retrieval=a.retrieval,
                    estimation=a.estimation)
+    results = Results("decode", a.out)
     spec = AttentionLikeSpec()
     points = [(c, b) for c in sorted(a.contexts) for b in sorted(a.batches)]
     try:
@@ -845,9 +841,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                      for m, _ in point_modes(a.methods, a.modes, batch, context, opts)]
             continue
         rows += run_point(context, batch, a.methods, a.modes, spec, opts, device, prefill, deadline)
-    md = report(rows, environment(device), {**vars(a), **asdict(opts)}, pathlib.Path(a.out),
+    md = report(rows, environment(device), {**vars(a), **asdict(opts)}, results.dir,
                 time.perf_counter() - t0)
     print(md)
+    results.report()
     return 0
 
 

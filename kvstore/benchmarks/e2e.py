@@ -34,13 +34,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import pathlib
 import sys
 import time
 from typing import Any, Sequence
 
 import torch
 
+from .._args import Parser
+from ._output import Results, add_out_argument
 from .decode import GiB, environment, fmt_size, parse_size, require_cuda, write_section
 
 METHODS = ("full", "kvstore", "kvstore-offload")
@@ -199,8 +200,7 @@ def store_options_note() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvstore bench e2e", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="kvstore bench e2e", description=__doc__)
     p.add_argument("--context", type=parse_size, default=131072, help="prompt tokens (e.g. 32K, 128K; default 128K)")
     p.add_argument("--new-tokens", type=int, default=32, help="timed decode steps (default 32)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed decode steps first (default 2)")
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to run")
     p.add_argument("--layers", type=int, default=32, help="decoder layers (default 32, as Llama-3-8B)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="docs", help="output folder (default docs)")
+    add_out_argument(p, "e2e")
     return p
 
 
@@ -221,14 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda", torch.cuda.current_device())
+    output = Results("e2e", a.out)
     config = llama3_8b_config(a.layers, a.context + a.new_tokens + a.warmup_steps + 16)
     t0 = time.perf_counter()
     results = run(config, a.methods, a.batches, a.context, a.new_tokens, device, a.warmup_steps, a.seed)
     env = environment(device)
     title = (f"End to end: random-weight Llama-3-8B shape ({a.layers} layers, bf16), {fmt_size(a.context)}-token "
              f"prompt, {a.new_tokens} decode steps, {env.get('gpu', env['device'])}")
-    out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output.folder()
     (out / "e2e.json").write_text(json.dumps({"title": title, "environment": env, "args": vars(a),
                                               "store_options": STORE_OPTIONS,
                                               "seconds": time.perf_counter() - t0, "results": results},
@@ -239,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"kvstore methods: {store_options_note()}.\n")
     write_section(out / "decode.md", "e2e", md)
     print(md)
+    output.report()
     return 0
 
 

