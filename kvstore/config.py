@@ -1,21 +1,22 @@
 """Store configuration: which decode method, and its budgets in readable units.
 
 A budget given as a float is a fraction of the current context length; an
-int is a count of tokens (for ``estimation`` of the wave method, a count of
-clusters). Budgets are resolved at every decode step, so they follow the
-context as it grows.
+int is a count of tokens. Budgets are resolved at every decode step, so they
+follow the context as it grows; a budget that covers the context reads every
+token.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from ._validate import INT32_MAX, MAX_COUNT, check_num_threads, check_positive_int, check_seed
 
 GPU_MODES = ("gpu_only", "offload")
 GPU_ESTIMATORS = ("centroid", "fs_iso")  # kvstore.gpu.estimation
 
 METHODS = ("full", "wave", "graph", "streaming", "quest")
-
 
 @dataclass
 class StoreConfig:
@@ -27,10 +28,20 @@ class StoreConfig:
             only), ``"quest"`` (Quest-style page selection) or ``"full"``.
         sink: first tokens always attended exactly.
         window: most recent tokens always attended exactly.
-        retrieval: wave: tokens attended exactly from the best clusters
-            (float: fraction of the context; int: tokens).
-        estimation: wave: clusters estimated from centroid, size and value sum
-            (float: fraction of the context in tokens; int: clusters).
+        candidates: wave: tokens of the best-ranked clusters whose keys are
+            read and scored exactly (float: fraction of the context; int:
+            tokens); at least ``candidates_floor`` tokens.
+        retrieval: wave: tokens attended exactly, the best of the candidates
+            by exact score (their values are read); at least
+            ``retrieval_floor``.
+        estimation: wave: tokens' worth of the next clusters, estimated from
+            centroid, size and mean value.
+        candidates_floor, retrieval_floor: wave: the least tokens of each, so
+            that short contexts keep enough (see ``docs/attention.md``).
+        calibrate: wave: correct the centroid mass estimates by the exact
+            masses of the candidates.
+        estimate_rest: wave: count the clusters outside every zone (estimated
+            mass, the slot's mean value) instead of dropping them.
         tokens_per_cluster, segment_len, kmeans_iters: wave index build.
         update_interval: tokens decoded before the oldest ones leave the
             window and join the index.
@@ -64,9 +75,14 @@ class StoreConfig:
     method: str = "wave"
     sink: int = 4
     window: int = 64
-    retrieval: float | int = 0.018
-    estimation: float | int = 0.232
-    tokens_per_cluster: int = 16
+    candidates: float | int = 0.08
+    retrieval: float | int = 0.02
+    estimation: float | int = 0.1
+    candidates_floor: int = 256
+    retrieval_floor: int = 32
+    calibrate: bool = True
+    estimate_rest: bool = True
+    tokens_per_cluster: int = 32
     segment_len: int = 8192
     kmeans_iters: int = 10
     update_interval: int = 1024
@@ -85,44 +101,61 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("sink", "window", "update_interval", "top_k", "ef", "graph_degree", "page_size",
-                     "tokens_per_cluster", "segment_len", "kmeans_iters", "num_threads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-        for name in ("update_interval", "top_k", "ef", "page_size", "tokens_per_cluster", "segment_len"):
-            if getattr(self, name) == 0:
-                raise ValueError(f"{name} must be >= 1")
+        ranges = (("sink", 0, INT32_MAX), ("window", 0, INT32_MAX), ("update_interval", 1, INT32_MAX),
+                  ("top_k", 1, MAX_COUNT // 64), ("ef", 1, MAX_COUNT), ("graph_degree", 2, 1024),
+                  ("page_size", 1, INT32_MAX), ("tokens_per_cluster", 1, INT32_MAX), ("segment_len", 1, 1 << 62),
+                  ("kmeans_iters", 0, 10_000), ("candidates_floor", 0, INT32_MAX), ("retrieval_floor", 0, INT32_MAX))
+        for name, lo, hi in ranges:
+            try:
+                setattr(self, name, check_positive_int(getattr(self, name), name, lo, hi))
+            except TypeError as e:
+                raise ValueError(str(e)) from None
+        try:
+            self.seed = check_seed(self.seed)
+            self.num_threads = check_num_threads(self.num_threads)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
         if self.gpu_mode not in GPU_MODES:
             raise ValueError(f"gpu_mode must be 'gpu_only' or 'offload', got {self.gpu_mode!r}")
-        if not (isinstance(self.cache_ratio, (int, float)) and 0 < self.cache_ratio <= 1):
+        if isinstance(self.cache_ratio, bool) or not (isinstance(self.cache_ratio, (int, float))
+                                                      and 0 < self.cache_ratio <= 1):
             raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
         if self.gpu_estimator not in GPU_ESTIMATORS:
             raise ValueError(f"gpu_estimator must be 'centroid' or 'fs_iso', got {self.gpu_estimator!r}")
-        if not isinstance(self.check_finite, bool):
-            raise ValueError(f"check_finite must be a bool, got {self.check_finite!r}")
-        if self.graph_degree < 2:
-            raise ValueError("graph_degree must be >= 2")
-        for name in ("retrieval", "estimation", "pages"):
+        for name in ("check_finite", "calibrate", "estimate_rest"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("candidates", "retrieval", "estimation", "pages"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (isinstance(v, float) and v > 1):
                 raise ValueError(f"{name} must be a fraction in [0, 1] (float) or a count >= 0 (int), got {v!r}")
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{name} must be finite")
+            if isinstance(v, int) and v > INT32_MAX:
+                raise ValueError(f"{name} must be at most {INT32_MAX} tokens, got {v}")
+
+    @classmethod
+    def retroinfer(cls, **overrides: Any) -> "StoreConfig":
+        """The wave method as published (RetroInfer): 16-token clusters, the best clusters covering 1.8% of the
+        context attended exactly (all their tokens), the next 23.2% estimated from their centroids, the rest
+        dropped, no calibration and no floors. For comparisons; ``overrides`` replace fields."""
+        base = cls(method="wave", tokens_per_cluster=16, candidates=0.018, retrieval=1.0, estimation=0.232,
+                   candidates_floor=0, retrieval_floor=0, calibrate=False, estimate_rest=False)
+        return replace(base, **overrides)
+
+    def wave_budget(self, context: int, indexed: int, clusters: int):
+        """Wave: the step's counts (:class:`kvstore.attention.selection.WaveBudget`) for ``context`` tokens seen,
+        of which ``indexed`` are held in ``clusters`` clusters."""
+        from .attention.selection import step_budget
+
+        cand = max(self._tokens(self.candidates, context), self.candidates_floor)
+        ret = max(self._tokens(self.retrieval, context), self.retrieval_floor)
+        return step_budget(cand, ret, self._tokens(self.estimation, context), context, indexed, clusters,
+                           calibrate=self.calibrate, rest=self.estimate_rest)
 
     @staticmethod
     def _tokens(budget: float | int, context: int) -> int:
         return int(math.ceil(budget * context)) if isinstance(budget, float) else int(budget)
-
-    def retrieval_clusters(self, context: int) -> int:
-        """Wave: clusters of the retrieval zone at this context length."""
-        return int(math.ceil(self._tokens(self.retrieval, context) / self.tokens_per_cluster))
-
-    def estimation_clusters(self, context: int) -> int:
-        """Wave: clusters of the estimation zone at this context length."""
-        if isinstance(self.estimation, float):
-            return int(math.ceil(self.estimation * context / self.tokens_per_cluster))
-        return int(self.estimation)
 
     def quest_tokens(self, context: int) -> int:
         return self._tokens(self.pages, context)

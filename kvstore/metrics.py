@@ -6,9 +6,11 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from ._validate import check_k, check_positive_int, to_float32_matrix
 
@@ -136,3 +138,66 @@ def _exact_threshold(
         kth[r0:r0 + rows] = np.partition(s, s.shape[1] - kk, axis=1)[:, s.shape[1] - kk]
         n_above[r0:r0 + rows] = (s > (kth[r0:r0 + rows] + tol[r0:r0 + rows])[:, None]).sum(axis=1)
     return kth, n_above
+
+
+# --------------------------------------------------------------------------- decode attention
+
+
+def output_error(o: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``||o - ref|| / ||ref||`` over the last dim (float64), e.g. per query head."""
+    o, ref = o.double(), ref.double()
+    return (o - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)
+
+
+def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fraction: torch.Tensor | float,
+                     shared: bool, scale: float | None = None) -> torch.Tensor:
+    """The oracle at equal bytes: exact attention over the ``m = fraction * N`` keys with the highest true score,
+    the rest dropped.
+
+    q ``[G, Hg, d]`` (the query heads of each KV head), k ``[G, N, d]``, v ``[G, N, dv]``; ``fraction``: a float
+    or float ``[G]`` (the share of the KV bytes the compared method read for that KV head). ``shared=False``: each
+    query head takes its own ``m`` keys (reads per query head); ``shared=True``: the group reads one set of ``m``
+    keys, the union of the heads' top keys grown head by head in rank order until it holds ``m`` (reads shared by
+    the GQA group, as the wave and graph methods share theirs). Returns ``o [G, Hg, dv]`` (float64).
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    G, Hg, d = q.shape
+    N = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    s = torch.einsum("ghd,gnd->ghn", q, k) * scale
+    frac = torch.as_tensor(fraction, dtype=torch.float64).expand(G)
+    m = (frac * N).round().clamp(1, N).long()                                   # [G]
+    order = torch.argsort(s, dim=-1, descending=True)                           # [G, Hg, N]
+    if shared:
+        keep = torch.zeros(G, Hg, N, dtype=torch.bool)
+        for g in range(G):
+            # interleave the heads' rankings; the first m distinct keys are the union the group reads
+            seq = order[g].T.reshape(-1)
+            first = torch.zeros(N, dtype=torch.bool)
+            uniq = seq[_first_seen(seq, N)][: int(m[g])]
+            first[uniq] = True
+            keep[g] = first
+    else:
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(N).expand_as(order).contiguous())
+        keep = rank < m[:, None, None]
+    p = torch.softmax(s.masked_fill(~keep, -math.inf), dim=-1)
+    return p @ v
+
+
+def _first_seen(seq: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions in ``seq`` (values in [0, n)) where a value appears for the first time, in order."""
+    first = torch.full((n,), seq.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, seq, torch.arange(seq.numel()), "amin")
+    return torch.sort(first[first < seq.numel()]).values
+
+
+def mass_recall(q: torch.Tensor, k: torch.Tensor, positions: list[torch.Tensor], scale: float | None = None
+                ) -> torch.Tensor:
+    """Attention-mass recall: the exact softmax mass of the positions attended exactly. q ``[G, Hg, d]``,
+    k ``[G, N, d]``, positions: per KV head an int64 tensor of positions. Returns float64 ``[G, Hg]``."""
+    q, k = q.double(), k.double()
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    p = torch.softmax(torch.einsum("ghd,gnd->ghn", q, k) * scale, dim=-1)
+    return torch.stack([p[g][:, positions[g]].sum(-1) for g in range(q.shape[0])])

@@ -152,7 +152,8 @@ class StreamingHead(HeadCache):
 
 
 class WaveHead(HeadCache):
-    """RetroInfer: clusters ranked by centroid; top ones exact, next ones estimated."""
+    """The wave method: clusters ranked by centroid, candidates scored exactly, the best tokens attended, the rest
+    estimated (:mod:`kvstore.attention.selection`)."""
 
     _TENSORS = ("positions",)
 
@@ -164,6 +165,7 @@ class WaveHead(HeadCache):
         self.index = WaveIndex(self.d, tokens_per_cluster=c.tokens_per_cluster, segment_len=c.segment_len,
                                kmeans_iters=c.kmeans_iters, seed=c.seed)
         self.positions = torch.zeros(0, dtype=torch.long)  # index id -> sequence position
+        self._slots = None
 
     def _index(self, k, v, pos, q):
         kf, vf = k.float(), v.float()
@@ -172,28 +174,44 @@ class WaveHead(HeadCache):
         else:
             self.index.add(kf, vf)
         self.positions = torch.cat([self.positions, pos])
+        self._slots = None
 
-    def _decode_index(self, q):
+    def slots(self):
+        """The index as one slot of :func:`kvstore.attention.selection.wave_attend` (and its row capacity)."""
+        if self._slots is None:
+            from .selection import WaveSlots, candidate_capacity
+
+            ix = self.index
+            sizes = ix.sizes.float()
+            mean_values = ix.value_sums / sizes.clamp_min(1)[:, None]
+            value_mean = ix.value_sums.double().sum(0) / max(ix.ntotal, 1)
+            slots = WaveSlots(ix.centroids[None], sizes[None], mean_values[None].float(), value_mean[None].float(),
+                              ix.offsets[None], ix.keys_sorted, ix.values_sorted,
+                              torch.zeros(1, dtype=torch.long, device=ix.offsets.device))
+            self._slots = (slots, candidate_capacity(slots.sizes))
+        return self._slots
+
+    def decode(self, q):
+        if self.indexed == 0:
+            return super().decode(q)
+        from .selection import SteadyZone, wave_attend
+
+        k, v, pos = self.steady()
+        slots, cap = self.slots()
         ix = self.index
-        cen = ix.centroids
-        C = cen.shape[0]
-        s = (q.float() @ cen.T) * self.scale                       # [G, C]
-        rank = torch.softmax(s, dim=-1).sum(0)                     # group-summed cluster weight
-        context = self.length
-        r = min(C, self.cfg.retrieval_clusters(context))
-        e = min(C - r, self.cfg.estimation_clusters(context))
-        order = torch.argsort(rank, descending=True, stable=True)
-        ret, est = order[:r], order[r:r + e]
-        starts, ends = ix.offsets[ret], ix.offsets[ret + 1]
-        rows = _ranges(starts, ends)
-        k, v = ix.keys_sorted[rows], ix.values_sorted[rows]
-        parts = [attention_with_lse(q, k, v, self.scale)]
-        if e:
-            parts.append(estimate_clusters(q, cen[est], ix.sizes[est], ix.value_sums[est], self.scale))
-        acc = Access(key_vectors=int(rows.numel()), value_vectors=int(rows.numel()),
-                     meta_elems=C * self.d + e * (self.dv + 1),
-                     exact_positions=self.positions[ix.order[rows].cpu()])
-        return parts, acc
+        budget = self.cfg.wave_budget(self.length, ix.ntotal, ix.num_clusters)
+        dev = slots.keys.device
+        o, lse, step = wave_attend(q[None].to(dev), slots, SteadyZone(k[None].to(dev), v[None].to(dev), k.shape[0]),
+                                   budget, cap, self.scale)
+        rows = step.exact_rows[0]
+        rows = rows[rows >= 0]
+        n_cand = int(step.candidate_rows[0])
+        C = ix.num_clusters
+        zone = step.candidates.shape[1] + step.estimation.shape[1]
+        acc = Access(key_vectors=k.shape[0] + n_cand, value_vectors=k.shape[0] + int(rows.numel()),
+                     meta_elems=C * (self.d + 1) + zone * self.dv + self.dv,
+                     exact_positions=torch.cat([pos, self.positions[ix.order[rows].cpu()]]))
+        return o[0].to(q.device), lse[0].to(q.device), acc
 
     def index_bytes(self) -> int:
         ix = self.index
