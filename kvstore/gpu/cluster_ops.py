@@ -324,3 +324,62 @@ def copy_rows(dst_k: torch.Tensor, dst_v: torch.Tensor | None, src_k: torch.Tens
     drows = _run_rows(dst_row, lens, total).to(dst_k.device)
     for _, d, s in pairs:
         d[drows] = s[srows.to(s.device)].to(d.device)
+
+
+# --------------------------------------------------------------------------- candidate scores
+
+def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor, run_len: torch.Tensor,
+                     run_pos: torch.Tensor, width: int, scale: float | None = None, backend: str = "auto"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact scores of the keys of each slot's candidate runs (the wave method's second stage).
+
+    q ``[G, Hg, D]``; keys ``[rows, D]`` (q's dtype; the sorted KV of every slot); run_row int64 ``[G, r]``: the
+    first row of each run in ``keys``; run_len int64 ``[G, r]``: its rows (0 allowed); run_pos int64 ``[G, r]``:
+    where the run starts in the slot's padded list (the exclusive prefix sum of run_len); ``width``: the padded
+    list's length (``>= run_pos + run_len`` of every run). Returns
+
+    * scores float32 ``[G, Hg, width]``: position ``run_pos[g, j] + i`` holds ``(q[g, h] . keys[run_row[g, j] + i])
+      * scale``; positions no run covers hold ``-inf``;
+    * run_lse float32 ``[G, Hg, r]``: the log-sum-exp of each run's scores (``-inf`` for an empty run).
+
+    The kernel reads each key row once; the torch reference gathers the rows.
+    """
+    check_tensor(q, "q", 3, _FLOATS)
+    check_tensor(keys, "keys", 2)
+    G, Hg, D = q.shape
+    if keys.dtype != q.dtype or keys.shape[1] != D:
+        raise ValueError(f"keys must be [rows, D={D}] of q's dtype {q.dtype}, got {keys.dtype} {tuple(keys.shape)}")
+    for name, t in (("run_row", run_row), ("run_len", run_len), ("run_pos", run_pos)):
+        check_tensor(t, name, 2, (torch.int64,))
+        if t.shape[0] != G or t.shape != run_row.shape:
+            raise ValueError(f"{name} must be [G={G}, r] like run_row, got {tuple(t.shape)}")
+    width = check_count(width, "width")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    r = run_row.shape[1]
+    if use_cuda_kernel(backend, q, keys, run_row, run_len, run_pos):
+        from ._ext import cuda_ext
+
+        if hasattr(cuda_ext(), "candidate_scores"):
+            return cuda_ext().candidate_scores(q.contiguous(), keys.contiguous(), run_row.contiguous(),
+                                               run_len.contiguous(), run_pos.contiguous(), width, scale)
+    dev = q.device
+    pos = torch.arange(width, device=dev).expand(G, width).contiguous()
+    end = run_pos + run_len
+    j = torch.searchsorted(end, pos, right=True).clamp(max=max(r - 1, 0))     # [G, width] run holding pos
+    if r:
+        inside = (pos >= run_pos.gather(1, j)) & (pos < end.gather(1, j))
+        row = run_row.gather(1, j) + pos - run_pos.gather(1, j)
+    else:
+        inside = torch.zeros(G, width, dtype=torch.bool, device=dev)
+        row = torch.zeros(G, width, dtype=torch.int64, device=dev)
+    row = torch.where(inside, row, 0).clamp(0, max(keys.shape[0] - 1, 0))
+    k = keys[row.reshape(-1)].reshape(G, width, D).float() if keys.shape[0] else keys.new_zeros(G, width, D).float()
+    s = (torch.bmm(q.float(), k.transpose(1, 2)) * scale).masked_fill(~inside[:, None, :], -math.inf)
+    run_of = torch.where(inside, j, r)                                          # r: a bin for padding
+    m = torch.full((G, Hg, r + 1), -math.inf, device=dev).scatter_reduce(
+        2, run_of[:, None, :].expand(G, Hg, width), s, "amax")
+    ref = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    tot = torch.zeros(G, Hg, r + 1, device=dev).scatter_add_(
+        2, run_of[:, None, :].expand(G, Hg, width), torch.exp(s - ref.gather(2, run_of[:, None, :].expand(G, Hg, width))))
+    lse = torch.where(tot > 0, ref + torch.log(tot), torch.full_like(tot, -math.inf))
+    return s, lse[..., :r]
