@@ -201,8 +201,10 @@ class WaveHead(HeadCache):
         ix = self.index
         budget = self.cfg.wave_budget(self.length, ix.ntotal, ix.num_clusters)
         dev = slots.keys.device
-        o, lse, step = wave_attend(q[None].to(dev), slots, SteadyZone(k[None].to(dev), v[None].to(dev), k.shape[0]),
-                                   budget, cap, self.scale)
+        # the index holds float32 keys and values: the step runs in float32
+        f32 = dict(device=dev, dtype=torch.float32)
+        o, lse, step = wave_attend(q[None].to(**f32), slots, SteadyZone(k[None].to(**f32), v[None].to(**f32),
+                                                                          k.shape[0]), budget, cap, self.scale)
         rows = step.exact_rows[0]
         rows = rows[rows >= 0]
         n_cand = int(step.candidate_rows[0])

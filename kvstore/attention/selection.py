@@ -128,135 +128,101 @@ def candidate_capacity(sizes: torch.Tensor) -> list[int]:
     return [0] + [int(round(float(x))) for x in cum.tolist()]
 
 
-def _ids_from_order(probs: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` largest of each row, "larger first, lower index first on ties", in ascending index order."""
-    from ..gpu.cluster_ops import select_clusters
-
-    return select_clusters(probs, k, 0, backend="torch")[0]
+def _logsumexp_where(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(x.masked_fill(~keep, -math.inf), -1)
 
 
-def _candidate_rows(cand: torch.Tensor, offsets: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the candidate clusters, padded: row int64 ``[G, cap]`` (slot-local, ``-1`` past the slot's
-    candidate rows) and, for each, the index of its cluster in ``cand`` (int64 ``[G, cap]``, ``-1`` padding)."""
-    G, r = cand.shape
-    dev = cand.device
-    if r == 0 or cap == 0:
-        z = torch.full((G, cap), -1, dtype=torch.int64, device=dev)
-        return z, z.clone()
-    start = offsets.gather(1, cand)
-    length = offsets.gather(1, cand + 1) - start
-    end = torch.cumsum(length, 1)
-    first = end - length
-    pos = torch.arange(cap, device=dev).expand(G, cap).contiguous()
-    which = torch.searchsorted(end, pos, right=True)                       # [G, cap] candidate holding pos
-    valid = which < r
-    w = which.clamp(max=r - 1)
-    row = start.gather(1, w) + pos - first.gather(1, w)
-    return torch.where(valid, row, -1), torch.where(valid, w, -1)
-
-
-def _masked_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A partial over entries with log-mass ``logits [G, Hg, M]`` (``-inf``: absent) and values
-    ``[G, M, Dv]``: ``(o [G, Hg, Dv], lse [G, Hg])``; an empty part has ``lse = -inf`` and ``o = 0``."""
-    lse = torch.logsumexp(logits, -1)
-    ref = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    w = torch.exp(logits - ref[..., None])
-    return torch.bmm(w, values), lse
+def _mixture(weights: torch.Tensor, values: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partial from masses ``exp(ref) * weights`` (``[G, Hg, M]``, >= 0) over values ``[G, M, Dv]``."""
+    tot = weights.sum(-1)
+    o = torch.bmm(weights, values) / torch.where(tot > 0, tot, torch.ones_like(tot))[..., None]
+    return o, torch.where(tot > 0, ref + torch.log(tot), torch.full_like(tot, -math.inf))
 
 
 def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: WaveBudget,
-                capacity: list[int], scale: float | None = None, scores: tuple[torch.Tensor, torch.Tensor] | None = None
+                capacity: list[int], scale: float | None = None,
+                scores: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "torch"
                 ) -> tuple[torch.Tensor, torch.Tensor, WaveStep]:
     """One wave decode step for ``G`` slots (module docstring).
 
     q ``[G, Hg, D]``; ``capacity``: :func:`candidate_capacity` of ``slots.sizes``; ``scores``: the ranking
     ``(scores [G, Hg, C], probs [G, C])`` of :func:`kvstore.gpu.cluster_ops.cluster_scores` when already
-    computed (e.g. by the kernel). Returns ``o [G, Hg, Dv]`` and ``lse [G, Hg]`` in the compute dtype (float32,
-    float64 for float64 inputs) and the :class:`WaveStep`.
+    computed; ``backend``: the ops' backend (``"torch"``, ``"cuda"`` or ``"auto"``, see
+    :mod:`kvstore.gpu.cluster_ops`). Returns ``o [G, Hg, Dv]`` and ``lse [G, Hg]`` (float32; float64 when q is
+    float64 on the torch backend) and the :class:`WaveStep`. Makes no host synchronisation on CUDA.
     """
-    from ..gpu.cluster_ops import cluster_scores
+    from ..gpu.attention_ops import KVSource, RunTable, sparse_decode_attention
+    from ..gpu.cluster_ops import candidate_scores, cluster_scores, select_clusters
 
     G, Hg, D = q.shape
     C = slots.sizes.shape[1]
-    dt = compute_dtype(q, slots.keys)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    Dv = slots.values.shape[1]
     dev = q.device
-    qf = q.to(dt)
-    if scores is None:
-        s_cl, probs = cluster_scores(qf, slots.centroids.to(dt), slots.sizes, scale, backend="torch")
-    else:
-        s_cl, probs = scores
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    s_cl, probs = scores if scores is not None else cluster_scores(q, slots.centroids.to(q.dtype), slots.sizes,
+                                                                   scale, backend=backend)
     s_cl = s_cl.to(dt)
-    r, e, t = budget.candidates, budget.estimation, budget.tokens
-    from ..gpu.cluster_ops import select_clusters
-
-    cand, est = select_clusters(probs, r, e, backend="torch") if r + e else (
-        torch.zeros(G, 0, dtype=torch.int64, device=dev), torch.zeros(G, 0, dtype=torch.int64, device=dev))
-    cap = capacity[r] if r < len(capacity) else capacity[-1]
-    rows, which = _candidate_rows(cand, slots.offsets, cap)                  # [G, M]
-    valid = rows >= 0
-    grow = torch.where(valid, rows + slots.slot_base[:, None], 0)
-    kc = slots.keys[grow.reshape(-1)].reshape(G, cap, D).to(dt)
-    s_tok = torch.bmm(qf, kc.transpose(1, 2)) * scale                       # [G, Hg, M] exact scores
-    s_tok = s_tok.masked_fill(~valid[:, None, :], -math.inf)
-    # exact tokens: group weight over the candidates, top t
-    t = min(t, cap)
-    if t:
-        lse_c = torch.logsumexp(s_tok, -1, keepdim=True)
-        u = torch.exp(s_tok - torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c))).sum(1)
-        u = torch.where(valid, u.float(), torch.full_like(u.float(), -1.0))
-        pick = _ids_from_order(u, t)                                         # [G, t] positions in the padded list
-        picked_valid = valid.gather(1, pick)
-        exact_rows = torch.where(picked_valid, rows.gather(1, pick), -1)
-    else:
-        pick = torch.zeros(G, 0, dtype=torch.int64, device=dev)
-        picked_valid = torch.zeros(G, 0, dtype=torch.bool, device=dev)
-        exact_rows = pick.clone()
-    selected = torch.zeros(G, cap, dtype=torch.bool, device=dev)
-    selected.scatter_(1, pick, picked_valid)
-    # part 1: steady zone + exact tokens
+    r, e = budget.candidates, budget.estimation
+    cand, est = select_clusters(probs, r, e, backend=backend)
+    start = slots.offsets.gather(1, cand)
+    run_len = slots.offsets.gather(1, cand + 1) - start
+    run_end = torch.cumsum(run_len, 1)
+    run_pos = run_end - run_len
+    run_row = start + slots.slot_base[:, None]
+    width = capacity[min(r, len(capacity) - 1)]
+    s_tok, run_lse = candidate_scores(q, slots.keys, run_row, run_len, run_pos, width, scale, backend=backend)
+    valid = torch.isfinite(s_tok[:, 0])                                       # [G, width]
+    lse_all = torch.logsumexp(run_lse, -1, keepdim=True)                      # [G, Hg, 1] over every candidate
+    ref = torch.where(torch.isfinite(lse_all), lse_all, torch.zeros_like(lse_all))
+    # exact tokens: the t candidates of largest group weight
+    t = min(budget.tokens, width)
+    u = torch.where(valid, torch.exp(s_tok - ref).sum(1), torch.full_like(valid, -1.0, dtype=torch.float32))
+    pick = select_clusters(u, t, 0, backend=backend)[0]                     # [G, t] positions, ascending
+    picked = valid.gather(1, pick)
+    run_of_pick = torch.searchsorted(run_end, pick, right=True).clamp(max=max(r - 1, 0))
+    rows = run_row.gather(1, run_of_pick) + pick - run_pos.gather(1, run_of_pick) if r else pick
+    # part 1: steady zone + exact tokens, one run table (the steady run, then one row per exact token)
     S = steady.k.shape[1]
     slen = steady.length if isinstance(steady.length, torch.Tensor) else torch.full((G,), int(steady.length),
-                                                                                   device=dev)
-    st_ok = torch.arange(S, device=dev)[None, :] < slen.to(dev)[:, None]      # [G, S]
-    xr = torch.where(picked_valid, exact_rows + slots.slot_base[:, None], 0)
-    ke = torch.cat([steady.k.to(dt), slots.keys[xr.reshape(-1)].reshape(G, -1, D).to(dt)], 1)
-    ve = torch.cat([steady.v.to(dt), slots.values[xr.reshape(-1)].reshape(G, -1, slots.values.shape[1]).to(dt)], 1)
-    ok = torch.cat([st_ok, picked_valid], 1)
-    s_ex = (torch.bmm(qf, ke.transpose(1, 2)) * scale).masked_fill(~ok[:, None, :], -math.inf)
-    parts = [_masked_part(s_ex, ve)]
+                                                                                   dtype=torch.int64, device=dev)
+    one = torch.ones(G, 1, dtype=torch.int32, device=dev)
+    src = torch.cat([one, torch.zeros(G, t, dtype=torch.int32, device=dev)], 1)
+    row = torch.cat([torch.arange(G, device=dev)[:, None] * S, torch.where(picked, rows, 0)], 1)
+    length = torch.cat([slen.reshape(G, 1).to(device=dev, dtype=torch.int32), picked.to(torch.int32)], 1)
+    runs = RunTable(src.reshape(-1), row.reshape(-1), length.reshape(-1),
+                    torch.arange(G + 1, device=dev, dtype=torch.int32) * (t + 1))
+    sources = [KVSource(slots.keys, slots.values), KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))]
+    o_ex, lse_ex = sparse_decode_attention(q, sources, runs, None, scale, backend=backend)
+    parts = [(o_ex.to(dt), lse_ex.to(dt))]
     mv = slots.mean_values.to(dt)
-    w = which.clamp_min(0)
-    if cap:
-        # part 2: candidates not attended: exact mass, their cluster's mean value
-        cl_of_row = cand.gather(1, w) if r else w
-        v_un = mv.gather(1, cl_of_row[..., None].expand(G, cap, mv.shape[2]))
-        parts.append(_masked_part(s_tok.masked_fill(selected[:, None, :], -math.inf), v_un))
-    est_logits = s_cl + torch.log(slots.sizes.to(dt))[:, None, :]           # [G, Hg, C] log estimated mass
+    if r:
+        # part 2: candidates not attended: exact mass (all of the run's, less the exact tokens'), mean value
+        w_run = torch.exp(run_lse - ref).to(dt)                               # [G, Hg, r]
+        w_pick = torch.exp(s_tok.gather(2, pick[:, None, :].expand(G, Hg, t)) - ref).to(dt) * picked[:, None, :]
+        w_sel = torch.zeros_like(w_run).scatter_add_(2, run_of_pick[:, None, :].expand(G, Hg, t), w_pick)
+        w_un = w_run - w_sel
+        w_un = torch.where(w_un > 1e-5 * w_run, w_un, torch.zeros_like(w_un))  # float rounding of a fully read run
+        parts.append(_mixture(w_un, mv.gather(1, cand[..., None].expand(G, r, Dv)), ref[..., 0].to(dt)))
+    est_logits = s_cl + torch.log(slots.sizes.to(dt))[:, None, :]            # [G, Hg, C] log estimated mass
     offset = torch.zeros(G, Hg, 1, dtype=dt, device=dev)
-    if budget.calibrate and r and cap:
-        # exact and estimated mass of the calibration clusters (candidates at or below the median weight)
-        pc = probs.gather(1, cand).float()
-        med = pc.median(dim=1, keepdim=True).values
-        low = pc <= med                                                       # [G, r]
-        row_low = torch.where(valid, low.gather(1, w), False)
-        exact_low = torch.logsumexp(s_tok.masked_fill(~row_low[:, None, :], -math.inf), -1)
-        est_c = est_logits.gather(2, cand[:, None, :].expand(G, Hg, r))
-        est_low = torch.logsumexp(est_c.masked_fill(~low[:, None, :], -math.inf), -1)
-        off = exact_low - est_low
+    if budget.calibrate and r:
+        # exact over estimated mass of the calibration clusters: candidates at or below the median weight
+        pc = probs.gather(1, cand)
+        low = (pc <= pc.median(dim=1, keepdim=True).values)[:, None, :].expand(G, Hg, r)
+        off = _logsumexp_where(run_lse.to(dt), low) - _logsumexp_where(est_logits.gather(2, cand[:, None, :].expand(
+            G, Hg, r)), low)
         offset = torch.where(torch.isfinite(off), off, torch.zeros_like(off)).clamp(-8.0, 8.0)[..., None]
     if e:
         # part 3: estimation zone
         le = est_logits.gather(2, est[:, None, :].expand(G, Hg, e)) + offset
-        parts.append(_masked_part(le, mv.gather(1, est[..., None].expand(G, e, mv.shape[2]))))
+        m = torch.where(torch.isfinite(le.amax(-1, keepdim=True)), le.amax(-1, keepdim=True), torch.zeros_like(offset))
+        parts.append(_mixture(torch.exp(le - m), mv.gather(1, est[..., None].expand(G, e, Dv)), m[..., 0]))
     if budget.rest and C > r + e:
         # part 4: every other cluster, with the slot's mean value
         zone = torch.zeros(G, C, dtype=torch.bool, device=dev)
-        if r:
-            zone.scatter_(1, cand, True)
-        if e:
-            zone.scatter_(1, est, True)
-        lr = torch.logsumexp(est_logits.masked_fill(zone[:, None, :], -math.inf), -1) + offset[..., 0]
-        parts.append((slots.value_mean.to(dt)[:, None, :].expand(G, Hg, -1), lr))
+        zone.scatter_(1, torch.cat([cand, est], 1), True)
+        lr = _logsumexp_where(est_logits, ~zone[:, None, :]) + offset[..., 0]
+        parts.append((slots.value_mean.to(dt)[:, None, :].expand(G, Hg, Dv), lr))
     o, lse = merge_partials(parts)
-    return o, lse, WaveStep(cand, est, exact_rows, valid.sum(1))
+    return o, lse, WaveStep(cand, est, torch.where(picked, rows - slots.slot_base[:, None], -1), valid.sum(1))

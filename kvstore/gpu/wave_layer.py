@@ -40,25 +40,30 @@ SRC_HOST, SRC_CACHE, SRC_STEADY = 0, 1, 2   # source ids of the offload run tabl
 
 @dataclass
 class WaveGpuConfig:
-    """Budgets and layout of :class:`GpuWaveLayer` (defaults: RetroInfer's published budgets).
+    """Budgets and layout of :class:`GpuWaveLayer` (the budgets and their defaults are :class:`StoreConfig`'s).
 
-    retrieval / estimation: fractions of the context (retrieval in tokens, attended exactly; estimation in
-    clusters' worth of tokens); estimator: ``"centroid"`` (RetroInfer: a cluster of ``n`` keys counts
-    ``n * exp(q.c)``, clusters ranked by ``q.c``) or ``"fs_iso"`` (:mod:`kvstore.gpu.estimation`: the
-    finite-sample correction ``exp(q.c + g_n(sigma))`` from each cluster's isotropic key variance, clusters ranked
-    by that estimated mass, and the clusters outside both zones estimated too, with the slot's mean value);
-    cache_ratio: offload mode, share of the indexed tokens the GPU cache holds;
-    page_tokens: cache page size; update_interval: recent tokens beyond the window that are clustered and
-    appended to the index at once; cuda_graph: capture the gpu_only decode step in a CUDA graph.
+    candidates / retrieval / estimation / candidates_floor / retrieval_floor / calibrate / estimate_rest: the wave
+    step's budgets (:mod:`kvstore.attention.selection`, :meth:`StoreConfig.wave_budget`); estimator: the cluster
+    scores the step ranks and estimates with, ``"centroid"`` (``q.c``) or ``"fs_iso"`` (:mod:`kvstore.gpu.estimation`:
+    the finite-sample correction ``q.c + g_n(sigma)`` from each cluster's isotropic key variance, ranked by estimated
+    mass); cache_ratio: offload mode, share of the indexed tokens the GPU cache holds; page_tokens: cache page
+    size; update_interval: recent tokens beyond the window that are clustered and appended to the index at once;
+    cuda_graph: capture the gpu_only decode step in a CUDA graph. The offload mode runs the published step
+    (the best clusters attended whole, the next estimated, the rest dropped) with these budgets' candidates as its
+    retrieval zone.
     """
 
-    # the store's defaults (StoreConfig), so that a layer built directly and one built by a store agree
     mode: str = StoreConfig.gpu_mode
     cache_ratio: float = StoreConfig.cache_ratio
     sink: int = StoreConfig.sink
     window: int = StoreConfig.window
-    retrieval: float = StoreConfig.retrieval
-    estimation: float = StoreConfig.estimation
+    candidates: float | int = StoreConfig.candidates
+    retrieval: float | int = StoreConfig.retrieval
+    estimation: float | int = StoreConfig.estimation
+    candidates_floor: int = StoreConfig.candidates_floor
+    retrieval_floor: int = StoreConfig.retrieval_floor
+    calibrate: bool = StoreConfig.calibrate
+    estimate_rest: bool = StoreConfig.estimate_rest
     estimator: str = StoreConfig.gpu_estimator
     tokens_per_cluster: int = StoreConfig.tokens_per_cluster
     segment_len: int = StoreConfig.segment_len
@@ -71,34 +76,42 @@ class WaveGpuConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not 0 < self.cache_ratio <= 1:
-            raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio}")
-        for name in ("retrieval", "estimation"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
-        for name in ("sink", "window"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("tokens_per_cluster", "segment_len", "page_tokens", "update_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.page_tokens <= 1 << 20:
+            raise ValueError(f"page_tokens must be in [1, 2**20], got {self.page_tokens}")
         from .estimation import ESTIMATORS
 
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.backend not in ("auto", "torch", "cuda"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {self.backend!r}")
+        self._store = self.store_config()      # validates the shared fields with StoreConfig's messages
 
-    def budgets(self, context: int, clusters: int) -> tuple[int, int]:
-        """(r, e): retrieval and estimation clusters for a context of ``context`` tokens and ``clusters`` clusters."""
-        r = min(clusters, math.ceil(math.ceil(self.retrieval * context) / self.tokens_per_cluster))
-        e = min(clusters - r, math.ceil(self.estimation * context / self.tokens_per_cluster))
-        return int(r), int(e)
+    @classmethod
+    def from_store(cls, c: StoreConfig, **layer: Any) -> "WaveGpuConfig":
+        """The layer configuration of a store's config (``layer``: page_tokens, cuda_graph, backend)."""
+        return cls(mode=c.gpu_mode, cache_ratio=c.cache_ratio, sink=c.sink, window=c.window, candidates=c.candidates,
+                   retrieval=c.retrieval, estimation=c.estimation, candidates_floor=c.candidates_floor,
+                   retrieval_floor=c.retrieval_floor, calibrate=c.calibrate, estimate_rest=c.estimate_rest,
+                   estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster, segment_len=c.segment_len,
+                   kmeans_iters=c.kmeans_iters, update_interval=c.update_interval,
+                   num_threads=c.num_threads or None, seed=c.seed, **layer)
+
+    def store_config(self) -> StoreConfig:
+        """The equivalent :class:`StoreConfig` (method wave)."""
+        names = ("sink", "window", "candidates", "retrieval", "estimation", "candidates_floor", "retrieval_floor",
+                 "calibrate", "estimate_rest", "tokens_per_cluster", "segment_len", "kmeans_iters",
+                 "update_interval", "seed", "cache_ratio")
+        return StoreConfig(method="wave", gpu_mode=self.mode, gpu_estimator=self.estimator,
+                           num_threads=self.num_threads or 0, **{n: getattr(self, n) for n in names})
+
+    def budget(self, context: int, indexed: int, clusters: int):
+        """The step's counts (:class:`kvstore.attention.selection.WaveBudget`)."""
+        return self._store.wave_budget(context, indexed, clusters)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("_store", None)
+        return d
 
 
 def _stage_host_runs(kv_k: torch.Tensor, kv_v: torch.Tensor, src: torch.Tensor, row: torch.Tensor,
@@ -278,6 +291,11 @@ class GpuWaveLayer:
         self._steady_len_dev = torch.full((G, 1), self.steady_used, dtype=torch.int32, device=dev)
         self._steady_row = torch.arange(G, device=dev, dtype=torch.int64) * self.s_cap
         self._layout_r = None
+        from ..attention.selection import candidate_capacity
+
+        self.mean_values = self.value_sums / self.sizes.clamp_min(1)[..., None]                 # [G, C, Dv]
+        self.value_mean = self.value_sums.sum(1) / self.sizes.sum(1, keepdim=True).clamp_min(1)  # [G, Dv]
+        self.capacity = candidate_capacity(self.sizes)
         if cfg.estimator == "fs_iso":
             from .estimation import fs_table
 
@@ -329,7 +347,8 @@ class GpuWaveLayer:
         clusters outside both zones [G, Hg] or None)."""
         from .cluster_ops import cluster_scores, select_clusters
 
-        r, e = self.cfg.budgets(self.length, self.C)
+        b = self.cfg.budget(self.length, self.n, self.C)
+        r, e = b.candidates, b.estimation
         if self.cfg.estimator == "centroid":
             scores, probs = cluster_scores(qg, self.centroids, self.sizes, self.scale, backend=self.cfg.backend)
             ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
@@ -398,31 +417,35 @@ class GpuWaveLayer:
         rows = self.steady_used + (r * self.n) // max(self.C, 1)
         return plan_splits(self.G, Hg, self.D, self.Dv, self.dtype, rows, e, self.device)
 
+    def _slots(self):
+        from ..attention.selection import SteadyZone, WaveSlots
+
+        slots = WaveSlots(self.centroids, self.sizes, self.mean_values, self.value_mean, self.offsets, self.kv_k,
+                          self.kv_v, self.slot_base)
+        return slots, SteadyZone(self.steady_k, self.steady_v, self._steady_len_dev.view(self.G).to(torch.int64))
+
     def _decode_gpu_only(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from .attention_ops import Estimation, KVSource, RunTable
-        from .cluster_ops import cluster_runs
+        """The wave step of :mod:`kvstore.attention.selection` over every slot at once."""
+        from ..attention.selection import wave_attend
 
         G, Hg = self.G, q.shape[1] // self.Hkv
         qg = q.reshape(G, Hg, self.D)
-        rest = None
-        if self.C > 0:
-            scores, ret, est, rest = self._rank(qg)
-            r = ret.shape[1]
-            row, length = cluster_runs(ret, self.offsets, self.slot_base, self._steady_row,
-                                       self._steady_len_dev.view(G), backend=self.cfg.backend)
-            est_part = Estimation(scores, self.sizes, self.value_sums, est) if est.shape[1] else None
-        else:
-            r, row, length, est_part = 0, self._steady_row[:, None], self._steady_len_dev, None
-        src, offsets = self._run_layout(r)
-        runs = RunTable(src, row.reshape(-1), length.reshape(-1), offsets)
-        sources = [KVSource(self.kv_k, self.kv_v)]
-        o, lse, e = self._attend(qg, sources, runs, est_part, r, rest)
-        self._last = {"run_len": length, "r": r, "e": e, "Hg": Hg}
-        return o.reshape(self.B, self.Hkv * Hg, self.Dv), lse.reshape(self.B, self.Hkv * Hg)
+        slots, steady = self._slots()
+        budget = self.cfg.budget(self.length, self.n, self.C)
+        scores = None
+        if self.C and self.cfg.estimator == "fs_iso":
+            from .estimation import fs_cluster_scores
+
+            scores = fs_cluster_scores(qg, self.centroids, self.sizes, self._key_sd, self._fs_table, self._fs_slope,
+                                       self.scale, backend=self.cfg.backend)[:2]
+        o, lse, step = wave_attend(qg, slots, steady, budget, self.capacity, self.scale, scores=scores,
+                                   backend=self.cfg.backend)
+        self._last = {"step": step, "budget": budget, "Hg": Hg}
+        return o.to(q.dtype).reshape(self.B, self.Hkv * Hg, self.Dv), lse.float().reshape(self.B, self.Hkv * Hg)
 
     def _decode_graphed(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gpu_only step replayed from a CUDA graph (captured on first use for this query shape)."""
-        key = (tuple(q.shape), self.C, self.cfg.budgets(self.length, self.C))
+        key = (tuple(q.shape), self.C, self.cfg.budget(self.length, self.n, self.C))
         if self._graph is None or self._graph_key != key:
             self._graph = None
             static_q = q.clone()
@@ -641,11 +664,22 @@ class GpuWaveLayer:
                                "meta_bytes": meta, "host_bytes": host, "full_kv_bytes": full,
                                "build_seconds": self.build_seconds, "clusters_per_slot": self.C,
                                "pinned": bool(getattr(self, "pinned", False)) if self.cfg.mode == "offload" else None}
-        if self._last:
+        index_read = self.G * self.C * (self.D * el + 4 + (4 if fs else 0))   # centroids, sizes (and sigmas)
+        if self._last.get("step") is not None:
+            # gpu_only: candidates' keys, the exact tokens' keys and values (the attention kernel reads both) and
+            # the steady zone, the mean values of the candidate and estimation clusters and the slot's mean value
+            step, Hg = self._last["step"], self._last["Hg"]
+            exact = int((step.exact_rows >= 0).sum())
+            zone = step.candidates.shape[1] + step.estimation.shape[1]
+            read = (int(step.candidate_rows.sum()) * self.D * el + (exact + self.G * self.steady_used)
+                    * (self.D + self.Dv) * el + index_read + self.G * (zone + 1) * self.Dv * 4)
+            out["read_fraction"] = read / full
+            out["tokens_exact"] = exact / self.G + self.steady_used
+            out["tokens_scored"] = int(step.candidate_rows.sum()) / self.G
+        elif self._last:
             tokens = int(self._last["run_len"].sum())
             e = self._last["e"]
-            read = (tokens * (self.D + self.Dv) * el + self.G * self.C * (self.D * el + 4 + (4 if fs else 0))
-                    + self.G * e * self.Dv * 4)
+            read = tokens * (self.D + self.Dv) * el + index_read + self.G * e * self.Dv * 4
             out["read_fraction"] = read / full
             out["tokens_exact"] = tokens / self.G
         if self.cfg.mode == "offload":
