@@ -18,6 +18,13 @@ GPU_ESTIMATORS = ("centroid", "fs_iso")  # kvstore.gpu.estimation
 
 METHODS = ("full", "wave", "graph", "streaming", "quest")
 
+def budget_context(context: int) -> int:
+    """The context length fractional budgets apply to: ``context`` rounded up to a multiple of the largest power of
+    two not above ``context / 16`` (at least 64), i.e. by less than 1/16."""
+    q = 1 << max(6, context.bit_length() - 5)
+    return -(-context // q) * q
+
+
 @dataclass
 class StoreConfig:
     """Configuration of a :class:`kvstore.KVStore`.
@@ -143,14 +150,16 @@ class StoreConfig:
                    candidates_floor=0, retrieval_floor=0, calibrate=False, estimate_rest=False)
         return replace(base, **overrides)
 
-    def wave_budget(self, context: int, indexed: int, clusters: int):
-        """Wave: the step's counts (:class:`kvstore.attention.selection.WaveBudget`) for ``context`` tokens seen,
-        of which ``indexed`` are held in ``clusters`` clusters."""
+    def wave_budget(self, context: int, indexed: int):
+        """Wave: the step's budgets in tokens (:class:`kvstore.attention.selection.WaveBudget`) for ``context``
+        tokens seen, of which ``indexed`` are held by the clusters. Fractions apply to the context rounded up by
+        at most 1/16 (:func:`budget_context`), so that a step's shapes (and a captured CUDA graph) change rarely."""
         from .attention.selection import step_budget
 
+        context = budget_context(context)
         cand = max(self._tokens(self.candidates, context), self.candidates_floor)
         ret = max(self._tokens(self.retrieval, context), self.retrieval_floor)
-        return step_budget(cand, ret, self._tokens(self.estimation, context), context, indexed, clusters,
+        return step_budget(cand, ret, self._tokens(self.estimation, context), context, indexed,
                            calibrate=self.calibrate, rest=self.estimate_rest)
 
     @staticmethod

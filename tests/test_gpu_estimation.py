@@ -67,10 +67,15 @@ def _errors(layer, k, v, q):
 
 
 def test_fs_iso_beats_centroid_estimator_at_equal_budgets():
+    """Under the published step (no calibration, the rest dropped), the finite-sample estimator is the better one."""
+    from kvstore import StoreConfig
+
     k, v, qs = _attention_like(8192)
     base = dict(backend="torch", cuda_graph=False)
-    cen = GpuWaveLayer.build(k, v, WaveGpuConfig(**base), device="cpu")
-    fs = GpuWaveLayer.build(k, v, WaveGpuConfig(estimator="fs_iso", **base), device="cpu")
+    pub = StoreConfig.retroinfer()
+    cen = GpuWaveLayer.build(k, v, WaveGpuConfig.from_store(pub, **base), device="cpu")
+    fs = GpuWaveLayer.build(k, v, WaveGpuConfig.from_store(pub, estimator="fs_iso", estimate_rest=True, **base),
+                            device="cpu")
     e_cen = torch.cat([_errors(cen, k, v, q) for q in qs]).median()
     e_fs = torch.cat([_errors(fs, k, v, q) for q in qs]).median()
     assert float(e_fs) < 0.8 * float(e_cen)
@@ -80,7 +85,7 @@ def test_fs_iso_beats_centroid_estimator_at_equal_budgets():
 @pytest.mark.parametrize("mode", ["gpu_only", "offload"])
 def test_fs_iso_full_retrieval_is_exact_and_rest_vanishes(mode):
     k, v, qs = _attention_like(3000, seed=3)
-    cfg = WaveGpuConfig(mode=mode, estimator="fs_iso", retrieval=1.0, estimation=0.0, segment_len=1024,
+    cfg = WaveGpuConfig(mode=mode, estimator="fs_iso", candidates=1.0, retrieval=1.0, estimation=0.0, segment_len=1024,
                         backend="torch", cuda_graph=False, cache_ratio=0.3)
     layer = GpuWaveLayer.build(k.float(), v.float(), cfg, device="cpu")
     q = qs[0].float()

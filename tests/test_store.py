@@ -13,7 +13,7 @@ from kvstore.attention import full_attention
 
 FULL_BUDGET = {
     "full": {},
-    "wave": {"retrieval": 1.0, "estimation": 0},
+    "wave": {"candidates": 1.0, "retrieval": 1.0, "estimation": 0},
     "graph": {"top_k": 4096, "ef": 4096},
     "quest": {"pages": 1.0},
     "streaming": {"window": 4096},
@@ -150,12 +150,27 @@ def test_decode_attention_function_and_stats():
     assert st["layers"][0] is None and 0 < st["layers"][1]["read_fraction"] < 1
 
 
-def test_budgets_follow_context():
-    cfg = StoreConfig(retrieval=0.018, estimation=0.232, tokens_per_cluster=16)
-    assert cfg.retrieval_clusters(8192) == math.ceil(0.018 * 8192 / 16)
-    assert cfg.estimation_clusters(8192) == math.ceil(0.232 * 8192 / 16)
-    assert StoreConfig(retrieval=160, estimation=10).retrieval_clusters(10_000) == 10
-    assert StoreConfig(estimation=10).estimation_clusters(10_000) == 10
+def test_budgets_follow_context_in_real_tokens():
+    from kvstore.config import budget_context
+
+    cfg = StoreConfig(candidates=0.08, retrieval=0.02, estimation=0.1, candidates_floor=0, retrieval_floor=0)
+    b = cfg.wave_budget(8192, 8000)
+    assert (b.candidates, b.tokens, b.estimation) == (math.ceil(0.08 * 8192), math.ceil(0.02 * 8192),
+                                                      math.ceil(0.1 * 8192))
+    # fractions apply to the context rounded up by less than 1/16
+    assert 8192 < budget_context(8200) < 8200 * (1 + 1 / 16)
+    assert cfg.wave_budget(8200, 8000).candidates == math.ceil(0.08 * budget_context(8200))
+    # ints are tokens; floors hold at short contexts; budgets never exceed the indexed tokens
+    assert StoreConfig(candidates=160, candidates_floor=0).wave_budget(10_000, 3200).candidates == 160
+    assert StoreConfig().wave_budget(600, 532).candidates == 256
+    full = StoreConfig(candidates=1.0, retrieval=1.0).wave_budget(5000, 4900)
+    assert (full.candidates, full.tokens, full.estimation) == (4900, 4900, math.ceil(0.1 * 5120))
+    ri = StoreConfig.retroinfer()
+    assert (ri.tokens_per_cluster, ri.candidates, ri.estimation, ri.calibrate, ri.estimate_rest) == \
+        (16, 0.018, 0.232, False, False)
+    # the published step selects by count, at the mean cluster size
+    assert ri.wave_budget(8192, 8000).clusters(8000, 500) == (math.ceil(math.ceil(0.018 * 8192) * 500 / 8000),
+                                                              math.ceil(math.ceil(0.232 * 8192) * 500 / 8000))
 
 
 @pytest.mark.parametrize("kwargs, word", [
@@ -163,6 +178,10 @@ def test_budgets_follow_context():
     ({"top_k": 0}, "top_k"), ({"estimation": float("nan")}, "estimation"), ({"pages": True}, "pages"),
     ({"check_finite": 1}, "check_finite"), ({"check_finite": "no"}, "check_finite"),
     ({"check_finite": None}, "check_finite"), ({"gpu_estimator": "magic"}, "gpu_estimator"),
+    ({"candidates": -0.1}, "candidates"), ({"candidates_floor": -1}, "candidates_floor"),
+    ({"calibrate": 1}, "calibrate"), ({"estimate_rest": "yes"}, "estimate_rest"), ({"seed": -1}, "seed"),
+    ({"seed": "x"}, "seed"), ({"seed": 2 ** 64}, "seed"), ({"num_threads": 100_000}, "num_threads"),
+    ({"ef": 2 ** 31}, "ef"), ({"tokens_per_cluster": 2 ** 40}, "tokens_per_cluster"), ({"top_k": 2 ** 31}, "top_k"),
 ])
 def test_bad_config(kwargs, word):
     with pytest.raises(ValueError, match=word):

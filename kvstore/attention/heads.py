@@ -179,7 +179,7 @@ class WaveHead(HeadCache):
     def slots(self):
         """The index as one slot of :func:`kvstore.attention.selection.wave_attend` (and its row capacity)."""
         if self._slots is None:
-            from .selection import WaveSlots, candidate_capacity
+            from .selection import ClusterBounds, WaveSlots
 
             ix = self.index
             sizes = ix.sizes.float()
@@ -188,7 +188,7 @@ class WaveHead(HeadCache):
             slots = WaveSlots(ix.centroids[None], sizes[None], mean_values[None].float(), value_mean[None].float(),
                               ix.offsets[None], ix.keys_sorted, ix.values_sorted,
                               torch.zeros(1, dtype=torch.long, device=ix.offsets.device))
-            self._slots = (slots, candidate_capacity(slots.sizes))
+            self._slots = (slots, ClusterBounds(slots.sizes))
         return self._slots
 
     def decode(self, q):
@@ -199,7 +199,7 @@ class WaveHead(HeadCache):
         k, v, pos = self.steady()
         slots, cap = self.slots()
         ix = self.index
-        budget = self.cfg.wave_budget(self.length, ix.ntotal, ix.num_clusters)
+        budget = self.cfg.wave_budget(self.length, ix.ntotal)
         dev = slots.keys.device
         # the index holds float32 keys and values: the step runs in float32
         f32 = dict(device=dev, dtype=torch.float32)
@@ -209,7 +209,7 @@ class WaveHead(HeadCache):
         rows = rows[rows >= 0]
         n_cand = int(step.candidate_rows[0])
         C = ix.num_clusters
-        zone = step.candidates.shape[1] + step.estimation.shape[1]
+        zone = int((step.candidates >= 0).sum() + (step.estimation >= 0).sum())
         acc = Access(key_vectors=k.shape[0] + n_cand, value_vectors=k.shape[0] + int(rows.numel()),
                      meta_elems=C * (self.d + 1) + zone * self.dv + self.dv,
                      exact_positions=torch.cat([pos, self.positions[ix.order[rows].cpu()]]))
@@ -299,7 +299,8 @@ class QuestHead(HeadCache):
         bound = torch.maximum(qf[:, None, :] * self.kmin[None], qf[:, None, :] * self.kmax[None]).sum(-1)  # [G, P]
         score = bound.max(0).values
         npages = self.kmin.shape[0]
-        want = min(npages, int(math.ceil(self.cfg.quest_tokens(self.length) / self.cfg.page_size)))
+        # pages are short where an index chunk ends: count the budget in real tokens (mean page size)
+        want = min(npages, int(math.ceil(self.cfg.quest_tokens(self.length) * npages / max(self.keys.shape[0], 1))))
         top = torch.argsort(score, descending=True, stable=True)[:want]
         ends = torch.cat([self.page_start[1:], torch.tensor([self.keys.shape[0]])])
         rows = _ranges(self.page_start[top], ends[top]).to(self.keys.device)

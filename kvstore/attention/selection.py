@@ -9,7 +9,8 @@ its sink + recent tokens as the steady zone. For the ``Hg`` query heads of a slo
 
 1. **Rank** every cluster by its centroid: ``s_hj = q_h . c_j * scale``; the weight of cluster ``j`` is
    ``sum_h softmax_j(s_hj)`` (shared by the group: the clusters read serve every head of the slot).
-2. **Candidates**: the ``r`` best clusters. Their keys are read and scored exactly (keys only).
+2. **Candidates**: the best clusters, in rank order, until they hold the candidate budget in tokens. Their keys
+   are read and scored exactly (keys only).
 3. **Exact tokens**: among the candidates' tokens, the ``t`` with the largest group weight
    ``sum_h exp(s_hi - L_h)`` (``L_h``: log-sum-exp of head h over the candidates) are attended exactly with the
    steady zone (their values are read).
@@ -19,13 +20,15 @@ its sink + recent tokens as the steady zone. For the ``Hg`` query heads of a slo
    mass). On the candidate clusters whose rank weight is at most the median of the candidates' (the ones most
    like the clusters left out) both the exact and the estimated mass are known; their log ratio, per head, is
    added to every estimate below.
-6. **Estimation zone**: the next ``e`` clusters by rank: calibrated estimated mass, mean value.
+6. **Estimation zone**: the next clusters by rank, until they hold the estimation budget in tokens: calibrated
+   estimated mass, mean value.
 7. **Rest**: every other cluster: calibrated estimated mass (from the scores already computed), with the slot's
    mean value.
 
-All parts merge by log-sum-exp (:func:`kvstore.attention.core.merge_partials`). Counts come from
-:func:`step_budget`, which converts the token budgets with the real mean cluster size, so a budget that covers
-the context reads every token.
+All parts merge by log-sum-exp (:func:`kvstore.attention.core.merge_partials`). Budgets are real tokens
+(:func:`step_budget`): clusters are taken until their sizes add up to the budget, so a budget that covers the
+context reads every token whatever the cluster sizes. Shapes stay fixed from step to step (for CUDA graphs): the
+step pads to bounds that :class:`ClusterBounds` computes from the sizes when the index changes.
 
 Reads per step (what ``Read`` reports): the centroids and sizes of every cluster, the keys of the candidates,
 the values of the exact tokens, the mean values of the candidate and estimation clusters, the steady zone's
@@ -41,21 +44,28 @@ import torch
 
 from .core import compute_dtype, merge_partials
 
-__all__ = ["WaveBudget", "WaveSlots", "SteadyZone", "WaveStep", "step_budget", "wave_attend",
-           "candidate_capacity"]
+__all__ = ["WaveBudget", "WaveSlots", "SteadyZone", "WaveStep", "ClusterBounds", "step_budget", "wave_attend"]
 
 
 @dataclass(frozen=True)
 class WaveBudget:
-    """Counts of one decode step (per slot): ``candidates`` clusters scored exactly, ``tokens`` of them attended
-    exactly, ``estimation`` more clusters estimated; ``calibrate`` / ``rest``: steps 5 and 7 of the module
-    docstring on or off (off: the published RetroInfer step, where the rest is dropped)."""
+    """Budgets of one decode step in tokens (per slot): ``candidates`` tokens of the best clusters scored exactly,
+    ``tokens`` of them attended exactly, ``estimation`` tokens of the next clusters estimated; ``calibrate`` /
+    ``rest``: steps 5 and 7 of the module docstring on or off (off: the published RetroInfer step, where the rest
+    is dropped)."""
 
     candidates: int
     tokens: int
     estimation: int
     calibrate: bool = True
     rest: bool = True
+
+    def clusters(self, indexed: int, clusters: int) -> tuple[int, int]:
+        """(candidate, estimation) cluster counts at the mean cluster size (for steps that select by count)."""
+        if indexed <= 0 or clusters <= 0:
+            return 0, 0
+        r = min(clusters, -(-self.candidates * clusters // indexed))
+        return r, min(clusters - r, -(-self.estimation * clusters // indexed))
 
 
 class WaveSlots(NamedTuple):
@@ -88,7 +98,7 @@ class SteadyZone(NamedTuple):
 
 class WaveStep(NamedTuple):
     """What a step chose (for accounting): candidate cluster ids int64 ``[G, r]`` and estimation ids
-    ``[G, e]`` (ascending), exact rows int64 ``[G, t]`` (slot-local rows of the sorted KV, ascending; ``-1``
+    ``[G, e]`` in rank order (``-1`` pads), exact rows int64 ``[G, t]`` (slot-local rows of the sorted KV, ascending; ``-1``
     pads a slot whose candidates hold fewer than ``t`` tokens), candidate rows read per slot int64 ``[G]``."""
 
     candidates: torch.Tensor
@@ -98,34 +108,55 @@ class WaveStep(NamedTuple):
 
 
 def step_budget(candidates: float | int, tokens: float | int, estimation: float | int, context: int,
-                indexed: int, clusters: int, *, calibrate: bool = True, rest: bool = True) -> WaveBudget:
-    """Counts for a step from budgets in tokens: a float is a fraction of ``context`` (tokens seen), an int a
-    count of tokens. ``indexed`` tokens are held in ``clusters`` clusters; token budgets become cluster counts
-    with the real mean cluster size ``indexed / clusters``, so ``candidates >= indexed`` reads every cluster."""
-    if clusters <= 0 or indexed <= 0:
-        return WaveBudget(0, 0, 0, calibrate, rest)
-
+                indexed: int, *, calibrate: bool = True, rest: bool = True) -> WaveBudget:
+    """A step's budgets from a float (a fraction of ``context``, the tokens seen) or an int (tokens) each, capped
+    at the ``indexed`` tokens the clusters hold."""
     def tok(b: float | int) -> int:
-        return int(math.ceil(b * context)) if isinstance(b, float) else int(b)
+        return min(indexed, int(math.ceil(b * context)) if isinstance(b, float) else int(b))
 
-    def to_clusters(n_tokens: int) -> int:
-        return min(clusters, int(math.ceil(n_tokens * clusters / indexed)))
-
-    r = to_clusters(tok(candidates))
-    e = min(clusters - r, to_clusters(tok(estimation)))
-    t = min(indexed, tok(tokens))
-    return WaveBudget(r, t, e, calibrate, rest)
+    return WaveBudget(tok(candidates), tok(tokens), tok(estimation), calibrate, rest)
 
 
-def candidate_capacity(sizes: torch.Tensor) -> list[int]:
-    """``cap[r]``: the most rows ``r`` clusters of any slot can hold (``[C + 1]`` host ints, from sizes
-    ``[G, C]``). A step with ``r`` candidates pads their rows to ``cap[r]``, a bound known without reading the
-    device."""
-    if sizes.numel() == 0:
-        return [0] * (sizes.shape[-1] + 1)
-    top = torch.sort(sizes.detach().float().cpu(), dim=1, descending=True).values
-    cum = torch.cumsum(top.double(), 1).amax(0)
-    return [0] + [int(round(float(x))) for x in cum.tolist()]
+class ClusterBounds:
+    """Host-side bounds of a layer's clusters, for fixed step shapes: from sizes ``[G, C]`` (made when the index
+    changes, never per step)."""
+
+    def __init__(self, sizes: torch.Tensor) -> None:
+        sz = sizes.detach().float().cpu().round().long()
+        self.C = int(sz.shape[1])
+        asc = torch.cumsum(torch.sort(sz, dim=1).values, 1)
+        desc = torch.cumsum(torch.sort(sz, dim=1, descending=True).values, 1)
+        # fewest tokens any r clusters of a slot hold, and the most
+        self._least = asc.amin(0).tolist() if sz.numel() else []
+        self._most = desc.amax(0).tolist() if sz.numel() else []
+        self.max_size = int(sz.max()) if sz.numel() else 0
+
+    def clusters_for(self, tokens: int) -> int:
+        """An upper bound of the clusters a cut at ``tokens`` takes in any slot (taking clusters until their sizes
+        reach ``tokens`` never takes more than the fewest clusters that always hold that many)."""
+        if tokens <= 0:
+            return 0
+        import bisect
+
+        return min(self.C, bisect.bisect_left(self._least, tokens) + 1)
+
+    def rows_for(self, tokens: int, clusters: int) -> int:
+        """An upper bound of the rows a cut at ``tokens`` holds: the most ``clusters`` clusters hold, and never
+        more than ``tokens`` plus one cluster."""
+        if clusters <= 0:
+            return 0
+        return int(min(self._most[clusters - 1], tokens + self.max_size - 1))
+
+
+def _rank_order(probs: torch.Tensor, k: int, backend: str) -> torch.Tensor:
+    """The ``k`` best clusters of each slot in rank order (weight descending, lower id first on ties)."""
+    from ..gpu.cluster_ops import select_clusters
+
+    ids = select_clusters(probs, k, 0, backend=backend)[0]                   # the best k, ascending ids
+    p = probs.gather(1, ids).float() + 0.0                                   # -0.0 -> +0.0
+    bits = p.view(torch.int32).to(torch.int64)
+    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) * (1 << 32) + ((1 << 32) - 1 - ids)
+    return ids.gather(1, torch.argsort(key, dim=1, descending=True))
 
 
 def _logsumexp_where(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -140,12 +171,12 @@ def _mixture(weights: torch.Tensor, values: torch.Tensor, ref: torch.Tensor) -> 
 
 
 def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: WaveBudget,
-                capacity: list[int], scale: float | None = None,
+                bounds: ClusterBounds, scale: float | None = None,
                 scores: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "torch"
                 ) -> tuple[torch.Tensor, torch.Tensor, WaveStep]:
     """One wave decode step for ``G`` slots (module docstring).
 
-    q ``[G, Hg, D]``; ``capacity``: :func:`candidate_capacity` of ``slots.sizes``; ``scores``: the ranking
+    q ``[G, Hg, D]``; ``bounds``: :class:`ClusterBounds` of ``slots.sizes``; ``scores``: the ranking
     ``(scores [G, Hg, C], probs [G, C])`` of :func:`kvstore.gpu.cluster_ops.cluster_scores` when already
     computed; ``backend``: the ops' backend (``"torch"``, ``"cuda"`` or ``"auto"``, see
     :mod:`kvstore.gpu.cluster_ops`). Returns ``o [G, Hg, Dv]`` and ``lse [G, Hg]`` (float32; float64 when q is
@@ -163,14 +194,23 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     s_cl, probs = scores if scores is not None else cluster_scores(q, slots.centroids.to(q.dtype), slots.sizes,
                                                                    scale, backend=backend)
     s_cl = s_cl.to(dt)
-    r, e = budget.candidates, budget.estimation
-    cand, est = select_clusters(probs, r, e, backend=backend)
+    # candidates and estimation zone: cuts of the rank order at the budgets' tokens
+    B, E = budget.candidates, budget.estimation
+    k = bounds.clusters_for(B + E)
+    r = bounds.clusters_for(B)
+    order = _rank_order(probs, k, backend)                                   # [G, k]
+    sz = slots.sizes.gather(1, order)
+    before = torch.cumsum(sz, 1) - sz                                        # tokens ranked ahead of each
+    is_cand = (before < B) & (sz > 0)
+    is_est = (before >= B) & (before < B + E) & (sz > 0)
+    cand = order[:, :r]
+    is_cand = is_cand[:, :r]
     start = slots.offsets.gather(1, cand)
-    run_len = slots.offsets.gather(1, cand + 1) - start
+    run_len = torch.where(is_cand, slots.offsets.gather(1, cand + 1) - start, 0)
     run_end = torch.cumsum(run_len, 1)
     run_pos = run_end - run_len
     run_row = start + slots.slot_base[:, None]
-    width = capacity[min(r, len(capacity) - 1)]
+    width = bounds.rows_for(B, r)
     s_tok, run_lse = candidate_scores(q, slots.keys, run_row, run_len, run_pos, width, scale, backend=backend)
     valid = torch.isfinite(s_tok[:, 0])                                       # [G, width]
     lse_all = torch.logsumexp(run_lse, -1, keepdim=True)                      # [G, Hg, 1] over every candidate
@@ -207,22 +247,27 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     est_logits = s_cl + torch.log(slots.sizes.to(dt))[:, None, :]            # [G, Hg, C] log estimated mass
     offset = torch.zeros(G, Hg, 1, dtype=dt, device=dev)
     if budget.calibrate and r:
-        # exact over estimated mass of the calibration clusters: candidates at or below the median weight
-        pc = probs.gather(1, cand)
-        low = (pc <= pc.median(dim=1, keepdim=True).values)[:, None, :].expand(G, Hg, r)
+        # exact over estimated mass of the calibration clusters: the lower half of the candidates by rank
+        n_cand = is_cand.sum(1, keepdim=True)
+        low = (is_cand & (torch.arange(r, device=dev)[None, :] >= n_cand // 2))[:, None, :].expand(G, Hg, r)
         off = _logsumexp_where(run_lse.to(dt), low) - _logsumexp_where(est_logits.gather(2, cand[:, None, :].expand(
             G, Hg, r)), low)
         offset = torch.where(torch.isfinite(off), off, torch.zeros_like(off)).clamp(-8.0, 8.0)[..., None]
-    if e:
+    if budget.estimation:
         # part 3: estimation zone
-        le = est_logits.gather(2, est[:, None, :].expand(G, Hg, e)) + offset
-        m = torch.where(torch.isfinite(le.amax(-1, keepdim=True)), le.amax(-1, keepdim=True), torch.zeros_like(offset))
-        parts.append(_mixture(torch.exp(le - m), mv.gather(1, est[..., None].expand(G, e, Dv)), m[..., 0]))
-    if budget.rest and C > r + e:
+        ke = est_logits.gather(2, order[:, None, :].expand(G, Hg, k)) + offset
+        le = ke.masked_fill(~is_est[:, None, :], -math.inf)
+        m = le.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        parts.append(_mixture(torch.exp(le - m), mv.gather(1, order[..., None].expand(G, k, Dv)), m[..., 0]))
+    if budget.rest and C:
         # part 4: every other cluster, with the slot's mean value
-        zone = torch.zeros(G, C, dtype=torch.bool, device=dev)
-        zone.scatter_(1, torch.cat([cand, est], 1), True)
+        in_zone = is_est.clone()
+        in_zone[:, :r] |= is_cand
+        zone = torch.zeros(G, C, dtype=torch.bool, device=dev).scatter_(1, order, in_zone)
         lr = _logsumexp_where(est_logits, ~zone[:, None, :]) + offset[..., 0]
         parts.append((slots.value_mean.to(dt)[:, None, :].expand(G, Hg, Dv), lr))
     o, lse = merge_partials(parts)
-    return o, lse, WaveStep(cand, est, torch.where(picked, rows - slots.slot_base[:, None], -1), valid.sum(1))
+    est_ids = torch.where(is_est, order, -1)
+    cand_ids = torch.where(is_cand, cand, -1)
+    return o, lse, WaveStep(cand_ids, est_ids, torch.where(picked, rows - slots.slot_base[:, None], -1), valid.sum(1))

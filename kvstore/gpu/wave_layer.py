@@ -88,13 +88,15 @@ class WaveGpuConfig:
 
     @classmethod
     def from_store(cls, c: StoreConfig, **layer: Any) -> "WaveGpuConfig":
-        """The layer configuration of a store's config (``layer``: page_tokens, cuda_graph, backend)."""
-        return cls(mode=c.gpu_mode, cache_ratio=c.cache_ratio, sink=c.sink, window=c.window, candidates=c.candidates,
-                   retrieval=c.retrieval, estimation=c.estimation, candidates_floor=c.candidates_floor,
-                   retrieval_floor=c.retrieval_floor, calibrate=c.calibrate, estimate_rest=c.estimate_rest,
-                   estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster, segment_len=c.segment_len,
-                   kmeans_iters=c.kmeans_iters, update_interval=c.update_interval,
-                   num_threads=c.num_threads or None, seed=c.seed, **layer)
+        """The layer configuration of a store's config; ``layer`` sets the layer's own fields (page_tokens,
+        cuda_graph, backend) or replaces shared ones."""
+        kw = dict(mode=c.gpu_mode, cache_ratio=c.cache_ratio, sink=c.sink, window=c.window, candidates=c.candidates,
+                  retrieval=c.retrieval, estimation=c.estimation, candidates_floor=c.candidates_floor,
+                  retrieval_floor=c.retrieval_floor, calibrate=c.calibrate, estimate_rest=c.estimate_rest,
+                  estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster, segment_len=c.segment_len,
+                  kmeans_iters=c.kmeans_iters, update_interval=c.update_interval,
+                  num_threads=c.num_threads or None, seed=c.seed)
+        return cls(**{**kw, **layer})
 
     def store_config(self) -> StoreConfig:
         """The equivalent :class:`StoreConfig` (method wave)."""
@@ -104,9 +106,9 @@ class WaveGpuConfig:
         return StoreConfig(method="wave", gpu_mode=self.mode, gpu_estimator=self.estimator,
                            num_threads=self.num_threads or 0, **{n: getattr(self, n) for n in names})
 
-    def budget(self, context: int, indexed: int, clusters: int):
-        """The step's counts (:class:`kvstore.attention.selection.WaveBudget`)."""
-        return self._store.wave_budget(context, indexed, clusters)
+    def budget(self, context: int, indexed: int):
+        """The step's budgets in tokens (:class:`kvstore.attention.selection.WaveBudget`)."""
+        return self._store.wave_budget(context, indexed)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -291,11 +293,11 @@ class GpuWaveLayer:
         self._steady_len_dev = torch.full((G, 1), self.steady_used, dtype=torch.int32, device=dev)
         self._steady_row = torch.arange(G, device=dev, dtype=torch.int64) * self.s_cap
         self._layout_r = None
-        from ..attention.selection import candidate_capacity
+        from ..attention.selection import ClusterBounds
 
         self.mean_values = self.value_sums / self.sizes.clamp_min(1)[..., None]                 # [G, C, Dv]
         self.value_mean = self.value_sums.sum(1) / self.sizes.sum(1, keepdim=True).clamp_min(1)  # [G, Dv]
-        self.capacity = candidate_capacity(self.sizes)
+        self.bounds = ClusterBounds(self.sizes)
         if cfg.estimator == "fs_iso":
             from .estimation import fs_table
 
@@ -347,8 +349,7 @@ class GpuWaveLayer:
         clusters outside both zones [G, Hg] or None)."""
         from .cluster_ops import cluster_scores, select_clusters
 
-        b = self.cfg.budget(self.length, self.n, self.C)
-        r, e = b.candidates, b.estimation
+        r, e = self.cfg.budget(self.length, self.n).clusters(self.n, self.C)
         if self.cfg.estimator == "centroid":
             scores, probs = cluster_scores(qg, self.centroids, self.sizes, self.scale, backend=self.cfg.backend)
             ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
@@ -431,21 +432,21 @@ class GpuWaveLayer:
         G, Hg = self.G, q.shape[1] // self.Hkv
         qg = q.reshape(G, Hg, self.D)
         slots, steady = self._slots()
-        budget = self.cfg.budget(self.length, self.n, self.C)
+        budget = self.cfg.budget(self.length, self.n)
         scores = None
         if self.C and self.cfg.estimator == "fs_iso":
             from .estimation import fs_cluster_scores
 
             scores = fs_cluster_scores(qg, self.centroids, self.sizes, self._key_sd, self._fs_table, self._fs_slope,
                                        self.scale, backend=self.cfg.backend)[:2]
-        o, lse, step = wave_attend(qg, slots, steady, budget, self.capacity, self.scale, scores=scores,
+        o, lse, step = wave_attend(qg, slots, steady, budget, self.bounds, self.scale, scores=scores,
                                    backend=self.cfg.backend)
         self._last = {"step": step, "budget": budget, "Hg": Hg}
         return o.to(q.dtype).reshape(self.B, self.Hkv * Hg, self.Dv), lse.float().reshape(self.B, self.Hkv * Hg)
 
     def _decode_graphed(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gpu_only step replayed from a CUDA graph (captured on first use for this query shape)."""
-        key = (tuple(q.shape), self.C, self.cfg.budget(self.length, self.n, self.C))
+        key = (tuple(q.shape), self.C, self.cfg.budget(self.length, self.n))
         if self._graph is None or self._graph_key != key:
             self._graph = None
             static_q = q.clone()
@@ -670,9 +671,9 @@ class GpuWaveLayer:
             # the steady zone, the mean values of the candidate and estimation clusters and the slot's mean value
             step, Hg = self._last["step"], self._last["Hg"]
             exact = int((step.exact_rows >= 0).sum())
-            zone = step.candidates.shape[1] + step.estimation.shape[1]
+            zone = int((step.candidates >= 0).sum() + (step.estimation >= 0).sum())
             read = (int(step.candidate_rows.sum()) * self.D * el + (exact + self.G * self.steady_used)
-                    * (self.D + self.Dv) * el + index_read + self.G * (zone + 1) * self.Dv * 4)
+                    * (self.D + self.Dv) * el + index_read + (zone + self.G) * self.Dv * 4)
             out["read_fraction"] = read / full
             out["tokens_exact"] = exact / self.G + self.steady_used
             out["tokens_scored"] = int(step.candidate_rows.sum()) / self.G
