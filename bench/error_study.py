@@ -204,7 +204,7 @@ def slot_state(layer: GpuWaveLayer, g: int) -> Slot:
     u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)
     spherical = head_mean + rho * u
     cen = {"bf16": layer.centroids[g].float(), "f32": mean.float(), "normalised": spherical.float()}
-    S = layer.steady_used
+    S = max(layer.steady_len)
     # the diagonal variance as a bf16 table (what the read fraction charges), the isotropic one in fp32
     return Slot(K, V, cid, layer.steady_k[g, :S].float(), layer.steady_v[g, :S].float(), sizes,
                 layer.value_sums[g].clone(), cen, var.to(torch.bfloat16).float(), var.mean(1).float())

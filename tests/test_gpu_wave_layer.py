@@ -64,8 +64,8 @@ def _reference(layer: GpuWaveLayer, q: torch.Tensor) -> torch.Tensor:
     kv_v = layer.kv_v.cpu().double().reshape(G, layer.n, layer.Dv)
     r, e = layer.cfg.budget(layer.length, layer.n).clusters(layer.n, layer.C)
     for g in range(G):
-        sk = layer.steady_k[g, :layer.steady_used].cpu().double()
-        sv = layer.steady_v[g, :layer.steady_used].cpu().double()
+        sk = layer.steady_k[g, :layer.steady_len[g]].cpu().double()
+        sv = layer.steady_v[g, :layer.steady_len[g]].cpu().double()
         parts = [attention_with_lse(qg[g], sk, sv, layer.scale)]
         if layer.C:
             cen = layer.centroids[g].cpu().double()
@@ -243,7 +243,7 @@ def test_state_round_trip_decodes_the_same(mode, estimator):
         layer.append(k[:, :, t], v[:, :, t])
     meta, arrays = layer.state()
     again = GpuWaveLayer.from_state(meta, arrays, "cpu")
-    assert (again.C, again.n, again.length, again.steady_used) == (layer.C, layer.n, layer.length, layer.steady_used)
+    assert (again.C, again.n, again.seq_len, again.steady_len) == (layer.C, layer.n, layer.seq_len, layer.steady_len)
     q = torch.randn(B, H * Hg, D, generator=torch.Generator().manual_seed(3))
     assert torch.equal(again.decode(q), layer.decode(q))
     again.append(k[:, :, 30], v[:, :, 30])                           # and it keeps going
@@ -299,3 +299,37 @@ def test_cuda_store_saves_and_loads(tmp_path):
     loaded = KVStore.load(tmp_path / "s.kvs", device="cuda")
     q = torch.randn(B, H * Hg, 1, D, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(loaded.attend(0, q), store.attend(0, q))
+
+
+@pytest.mark.parametrize("budgets", [{}, FULL])
+def test_ragged_batch_equals_each_sequence_alone(budgets):
+    """Prompts of different lengths, left-padded into one batch: every sequence's steps (prefill, appends across
+    re-indexing) equal those of the sequence run alone."""
+    H, Hg, D = 2, 2, 32
+    lengths = [900, 400, 60, 1300]
+    N = max(lengths)
+    k, v = _kv(len(lengths), H, N + 40, D, seed=22)
+    mask = torch.zeros(len(lengths), N, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, N - n:] = True                                     # left padding
+    sc = StoreConfig(method="wave", segment_len=256, update_interval=16, window=16, **budgets)
+    cfg = WaveGpuConfig.from_store(sc, backend="torch", cuda_graph=False)
+    batch = GpuWaveLayer.build(k[:, :, :N], v[:, :, :N], cfg, device="cpu", mask=mask)
+    alone = [GpuWaveLayer.build(k[b:b + 1, :, N - n:N], v[b:b + 1, :, N - n:N], cfg, device="cpu")
+             for b, n in enumerate(lengths)]
+    assert batch.seq_lengths() == lengths
+    g = torch.Generator().manual_seed(9)
+    for t in range(N, N + 40):
+        if t % 10 == 0:
+            q = torch.randn(len(lengths), H * Hg, D, generator=g) * 2
+            got = batch.decode(q)
+            for b, layer in enumerate(alone):
+                assert _rel(got[b:b + 1], layer.decode(q[b:b + 1])) < 1e-5, (t, b)
+        batch.append(k[:, :, t], v[:, :, t])
+        for b, layer in enumerate(alone):
+            layer.append(k[b:b + 1, :, t], v[b:b + 1, :, t])
+    assert batch.seq_lengths() == [n + 40 for n in lengths]
+    meta, arrays = batch.state()
+    again = GpuWaveLayer.from_state(meta, arrays, "cpu")
+    q = torch.randn(len(lengths), H * Hg, D, generator=g)
+    assert torch.equal(again.decode(q), batch.decode(q))

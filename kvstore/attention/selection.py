@@ -44,7 +44,8 @@ import torch
 
 from .core import compute_dtype, merge_partials
 
-__all__ = ["WaveBudget", "WaveSlots", "SteadyZone", "WaveStep", "ClusterBounds", "step_budget", "wave_attend"]
+__all__ = ["WaveBudget", "SlotBudgets", "WaveSlots", "SteadyZone", "WaveStep", "ClusterBounds", "step_budget",
+           "slot_budgets", "wave_attend"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,24 @@ class WaveBudget:
             return 0, 0
         r = min(clusters, -(-self.candidates * clusters // indexed))
         return r, min(clusters - r, -(-self.estimation * clusters // indexed))
+
+
+class SlotBudgets(NamedTuple):
+    """Budgets that differ from slot to slot (sequences of different lengths): int64 ``[G, 1]`` device tensors,
+    and ``bound``: their maxima and the flags (the step's shapes)."""
+
+    candidates: torch.Tensor
+    tokens: torch.Tensor
+    estimation: torch.Tensor
+    bound: WaveBudget
+
+
+def slot_budgets(budgets: list[WaveBudget], device: torch.device) -> SlotBudgets:
+    """Per-slot budgets as device tensors (made when they change, not per step: the copy waits for the GPU)."""
+    t = torch.tensor([[b.candidates, b.tokens, b.estimation] for b in budgets], dtype=torch.int64).to(device)
+    bound = WaveBudget(max(b.candidates for b in budgets), max(b.tokens for b in budgets),
+                       max(b.estimation for b in budgets), budgets[0].calibrate, budgets[0].rest)
+    return SlotBudgets(t[:, 0:1], t[:, 1:2], t[:, 2:3], bound)
 
 
 class WaveSlots(NamedTuple):
@@ -170,13 +189,14 @@ def _mixture(weights: torch.Tensor, values: torch.Tensor, ref: torch.Tensor) -> 
     return o, torch.where(tot > 0, ref + torch.log(tot), torch.full_like(tot, -math.inf))
 
 
-def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: WaveBudget,
+def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: WaveBudget | SlotBudgets,
                 bounds: ClusterBounds, scale: float | None = None,
                 scores: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "torch"
                 ) -> tuple[torch.Tensor, torch.Tensor, WaveStep]:
     """One wave decode step for ``G`` slots (module docstring).
 
-    q ``[G, Hg, D]``; ``bounds``: :class:`ClusterBounds` of ``slots.sizes``; ``scores``: the ranking
+    q ``[G, Hg, D]``; ``budget``: one for every slot, or :class:`SlotBudgets`; ``bounds``: :class:`ClusterBounds`
+    of ``slots.sizes``; ``scores``: the ranking
     ``(scores [G, Hg, C], probs [G, C])`` of :func:`kvstore.gpu.cluster_ops.cluster_scores` when already
     computed; ``backend``: the ops' backend (``"torch"``, ``"cuda"`` or ``"auto"``, see
     :mod:`kvstore.gpu.cluster_ops`). Returns ``o [G, Hg, Dv]`` and ``lse [G, Hg]`` (float32; float64 when q is
@@ -195,9 +215,12 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
                                                                    scale, backend=backend)
     s_cl = s_cl.to(dt)
     # candidates and estimation zone: cuts of the rank order at the budgets' tokens
-    B, E = budget.candidates, budget.estimation
-    k = bounds.clusters_for(B + E)
-    r = bounds.clusters_for(B)
+    per_slot = isinstance(budget, SlotBudgets)
+    bound = budget.bound if per_slot else budget
+    B, E, T = (budget.candidates, budget.estimation, budget.tokens) if per_slot else (
+        bound.candidates, bound.estimation, bound.tokens)
+    k = bounds.clusters_for(bound.candidates + bound.estimation)
+    r = bounds.clusters_for(bound.candidates)
     order = _rank_order(probs, k, backend)                                   # [G, k]
     sz = slots.sizes.gather(1, order)
     before = torch.cumsum(sz, 1) - sz                                        # tokens ranked ahead of each
@@ -210,16 +233,21 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     run_end = torch.cumsum(run_len, 1)
     run_pos = run_end - run_len
     run_row = start + slots.slot_base[:, None]
-    width = bounds.rows_for(B, r)
+    width = bounds.rows_for(bound.candidates, r)
     s_tok, run_lse = candidate_scores(q, slots.keys, run_row, run_len, run_pos, width, scale, backend=backend)
     valid = torch.isfinite(s_tok[:, 0])                                       # [G, width]
     lse_all = torch.logsumexp(run_lse, -1, keepdim=True)                      # [G, Hg, 1] over every candidate
     ref = torch.where(torch.isfinite(lse_all), lse_all, torch.zeros_like(lse_all))
     # exact tokens: the t candidates of largest group weight
-    t = min(budget.tokens, width)
+    t = min(bound.tokens, width)
     u = torch.where(valid, torch.exp(s_tok - ref).sum(1), torch.full_like(valid, -1.0, dtype=torch.float32))
     pick = select_clusters(u, t, 0, backend=backend)[0]                     # [G, t] positions, ascending
     picked = valid.gather(1, pick)
+    if per_slot and t:
+        # a slot with a smaller budget keeps its best T of the t picked
+        up = u.gather(1, pick)
+        rank = torch.argsort(torch.argsort(up, dim=1, descending=True, stable=True), dim=1)
+        picked = picked & (rank < T)
     run_of_pick = torch.searchsorted(run_end, pick, right=True).clamp(max=max(r - 1, 0))
     rows = run_row.gather(1, run_of_pick) + pick - run_pos.gather(1, run_of_pick) if r else pick
     # part 1: steady zone + exact tokens, one run table (the steady run, then one row per exact token)
@@ -246,21 +274,21 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
         parts.append(_mixture(w_un, mv.gather(1, cand[..., None].expand(G, r, Dv)), ref[..., 0].to(dt)))
     est_logits = s_cl + torch.log(slots.sizes.to(dt))[:, None, :]            # [G, Hg, C] log estimated mass
     offset = torch.zeros(G, Hg, 1, dtype=dt, device=dev)
-    if budget.calibrate and r:
+    if bound.calibrate and r:
         # exact over estimated mass of the calibration clusters: the lower half of the candidates by rank
         n_cand = is_cand.sum(1, keepdim=True)
         low = (is_cand & (torch.arange(r, device=dev)[None, :] >= n_cand // 2))[:, None, :].expand(G, Hg, r)
         off = _logsumexp_where(run_lse.to(dt), low) - _logsumexp_where(est_logits.gather(2, cand[:, None, :].expand(
             G, Hg, r)), low)
         offset = torch.where(torch.isfinite(off), off, torch.zeros_like(off)).clamp(-8.0, 8.0)[..., None]
-    if budget.estimation:
+    if bound.estimation:
         # part 3: estimation zone
         ke = est_logits.gather(2, order[:, None, :].expand(G, Hg, k)) + offset
         le = ke.masked_fill(~is_est[:, None, :], -math.inf)
         m = le.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         parts.append(_mixture(torch.exp(le - m), mv.gather(1, order[..., None].expand(G, k, Dv)), m[..., 0]))
-    if budget.rest and C:
+    if bound.rest and C:
         # part 4: every other cluster, with the slot's mean value
         in_zone = is_est.clone()
         in_zone[:, :r] |= is_cand

@@ -167,16 +167,21 @@ class GpuWaveLayer:
     # ------------------------------------------------------------------ build
     @classmethod
     def build(cls, k: torch.Tensor, v: torch.Tensor, config: WaveGpuConfig | None = None,
-              device: str | torch.device | None = None) -> "GpuWaveLayer":
+              device: str | torch.device | None = None, mask: torch.Tensor | None = None,
+              lengths: Any = None) -> "GpuWaveLayer":
         """Index a prefilled layer.
 
         k ``[B, Hkv, N, D]``, v ``[B, Hkv, N, Dv]`` (bf16/fp16/f32; CUDA, or CPU in which case each sequence is
-        moved to ``device`` for clustering). The first ``sink`` and last ``window`` tokens form the steady zone;
-        the middle tokens are clustered by segmented spherical k-means on the GPU, one sequence at a time.
+        moved to ``device`` for clustering); mask ``[B, N]`` bool (True: real token; padding on either side, as
+        left-padded batches have) or None. Each sequence's first ``sink`` and last ``window`` real tokens form
+        its steady zone; its middle tokens are clustered by segmented spherical k-means, one sequence at a time.
+        Sequences of different lengths share the layer: every slot keeps its own lengths, and its step is the
+        one it would have alone.
         """
         from .cluster_ops import cluster_order  # noqa: F401 - fail early if the ops are missing
         from .kmeans import segmented_kmeans_gpu
 
+        del lengths  # the mask says it
         cfg = config or WaveGpuConfig()
         _check_kv(k, v)
         self = cls()
@@ -191,31 +196,37 @@ class GpuWaveLayer:
         G = B * H
         self.G = G
         self.scale = 1.0 / math.sqrt(D)
-        sink = min(cfg.sink, N)
-        window = min(cfg.window, N - sink)
-        n = N - sink - window
-        self.n, self.length = n, N
         t0 = time.perf_counter()
+        rows = [torch.arange(N) if mask is None else mask[b].to("cpu", torch.bool).nonzero().squeeze(1)
+                for b in range(B)]
+        seq = [int(r.numel()) for r in rows]
+        sink = [min(cfg.sink, n) for n in seq]
+        win = [min(cfg.window, n - s) for n, s in zip(seq, sink)]
+        mid = [n - s - w for n, s, w in zip(seq, sink, win)]
+        self.seq_len = seq
+        self.sink_len = [x for x in sink for _ in range(H)]                              # per slot
+        self.steady_len = [s + w for s, w in zip(sink, win) for _ in range(H)]
+        self.mid_len = [x for x in mid for _ in range(H)]
+        self.n = max(mid)
         # steady zone: sink + window, with room for update_interval new tokens before re-indexing
-        self.s_cap = sink + window + cfg.update_interval
+        self.s_cap = cfg.sink + cfg.window + cfg.update_interval
         self.steady_k = torch.zeros(G, self.s_cap, D, dtype=k.dtype, device=dev)
         self.steady_v = torch.zeros(G, self.s_cap, Dv, dtype=k.dtype, device=dev)
-        self.sink_used, self.steady_used = sink, sink + window
+        parts = []
         for b in range(B):
+            rb = rows[b].to(k.device)
             sl = slice(b * H, (b + 1) * H)
-            self.steady_k[sl, :sink] = k[b, :, :sink].to(dev)
-            self.steady_v[sl, :sink] = v[b, :, :sink].to(dev)
-            self.steady_k[sl, sink:sink + window] = k[b, :, N - window:].to(dev)
-            self.steady_v[sl, sink:sink + window] = v[b, :, N - window:].to(dev)
-        self._alloc_index(n, k.dtype)
-        if n > 0:
-            for b in range(B):
-                kb = k[b, :, sink:sink + n].to(dev)
-                vb = v[b, :, sink:sink + n].to(dev)
-                a, cen, sizes = segmented_kmeans_gpu(kb, cfg.tokens_per_cluster, cfg.segment_len, cfg.kmeans_iters,
-                                                     cfg.seed, backend=cfg.backend)
-                self._store_sequence(b, kb, vb, a, cen, sizes)
-                del kb, vb
+            st = torch.cat([rb[:sink[b]], rb[seq[b] - win[b]:]])
+            self.steady_k[sl, :st.numel()] = k[b][:, st].to(dev)
+            self.steady_v[sl, :st.numel()] = v[b][:, st].to(dev)
+            if mid[b]:
+                mb = rb[sink[b]:sink[b] + mid[b]]
+                kb, vb = k[b][:, mb].to(dev), v[b][:, mb].to(dev)
+                parts.append((b, kb, vb, *segmented_kmeans_gpu(kb, cfg.tokens_per_cluster, cfg.segment_len,
+                                                               cfg.kmeans_iters, cfg.seed, backend=cfg.backend)))
+        self._alloc_index(max([p[4].shape[1] for p in parts], default=0), k.dtype)
+        for b, kb, vb, a, cen, sizes in parts:
+            self._store_sequence(b, kb, vb, a, cen, sizes)
         self._finish_build()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -224,24 +235,32 @@ class GpuWaveLayer:
         self.reset_stats()
         return self
 
-    def _alloc_index(self, n: int, dtype: torch.dtype) -> None:
-        from ..wave import clusters_for, segment_bounds
+    @property
+    def length(self) -> int:
+        """Tokens seen by the longest sequence."""
+        return max(self.seq_len)
 
-        cfg, G, dev = self.cfg, self.G, self.device
-        b = segment_bounds(n, cfg.tokens_per_cluster, cfg.segment_len) if n > 0 else [0]
-        C = sum(clusters_for(b[i + 1] - b[i], cfg.tokens_per_cluster) for i in range(len(b) - 1))
+    def seq_lengths(self) -> list[int]:
+        """Tokens seen per sequence."""
+        return list(self.seq_len)
+
+    def _alloc_index(self, C: int, dtype: torch.dtype) -> None:
+        """Empty clusters (size 0, never read) and ``n`` rows a slot; every slot's CSR ends at its own rows."""
+        G, dev, n = self.G, self.device, self.n
         self.C = C
         self.centroids = torch.zeros(G, C, self.D, dtype=dtype, device=dev)          # ranking copy, KV dtype
         self.sizes = torch.zeros(G, C, dtype=torch.float32, device=dev)
         self.value_sums = torch.zeros(G, C, self.Dv, dtype=torch.float32, device=dev)
         self.key_var = torch.zeros(G, C, dtype=torch.float32, device=dev)            # isotropic, fs_iso only
         self.offsets = torch.zeros(G, C + 1, dtype=torch.int64, device=dev)           # rows within the slot
-        if cfg.mode == "gpu_only":
-            self.kv_k = torch.empty(G * n, self.D, dtype=dtype, device=dev)
-            self.kv_v = torch.empty(G * n, self.Dv, dtype=dtype, device=dev)
+        if self.cfg.mode == "gpu_only":
+            self.kv_k = torch.zeros(G * n, self.D, dtype=dtype, device=dev)
+            self.kv_v = torch.zeros(G * n, self.Dv, dtype=dtype, device=dev)
             self.pinned = False
         else:
             self._alloc_pinned_kv(G * n)
+            self.kv_k.zero_()
+            self.kv_v.zero_()
 
     def _alloc_pinned_kv(self, rows: int) -> None:
         """Offload: kv_k / kv_v of ``rows`` rows in pinned host memory (pageable, with a warning, if pinning
@@ -264,33 +283,36 @@ class GpuWaveLayer:
 
     def _store_sequence(self, b: int, kb: torch.Tensor, vb: torch.Tensor, assign: torch.Tensor,
                         cen: torch.Tensor, sizes: torch.Tensor) -> None:
-        """Write sequence b's clusters: kb/vb [H, n, D], assign [H, n], cen [H, C, D] f32, sizes [H, C]."""
+        """Write sequence b's clusters: kb/vb [H, m, D], assign [H, m], cen [H, C_b, D] f32, sizes [H, C_b]."""
         from .cluster_ops import cluster_order
 
-        H, n = self.Hkv, self.n
-        order, offsets = cluster_order(assign, self.C)                                  # [H, n], [H, C+1]
+        H, m = kb.shape[0], kb.shape[1]
+        Cb = cen.shape[1]
+        order, offsets = cluster_order(assign, Cb)                                       # [H, m], [H, Cb+1]
         sl = slice(b * H, (b + 1) * H)
-        self.centroids[sl] = cen.to(self.dtype)
-        self.sizes[sl] = sizes.float()
-        self.offsets[sl] = offsets.to(torch.int64)
-        vs = torch.zeros(H, self.C, self.Dv, dtype=torch.float32, device=kb.device)
-        vs.scatter_add_(1, assign[..., None].expand(H, n, self.Dv), vb.float())
-        self.value_sums[sl] = vs
+        self.centroids[sl, :Cb] = cen.to(self.dtype)
+        self.sizes[sl, :Cb] = sizes.float()
+        self.offsets[sl, :Cb + 1] = offsets.to(torch.int64)
+        self.offsets[sl, Cb + 1:] = m                                                  # empty clusters at the end
+        vs = torch.zeros(H, Cb, self.Dv, dtype=torch.float32, device=kb.device)
+        vs.scatter_add_(1, assign[..., None].expand(H, m, self.Dv), vb.float())
+        self.value_sums[sl, :Cb] = vs
         if self.cfg.estimator == "fs_iso":
             from .estimation import isotropic_variance
 
-            self.key_var[sl] = isotropic_variance(kb, assign, self.C)
-        ks = torch.gather(kb, 1, order[..., None].expand(H, n, self.D))
-        vsrt = torch.gather(vb, 1, order[..., None].expand(H, n, self.Dv))
-        rows = slice(b * H * n, (b + 1) * H * n)
-        self.kv_k[rows].copy_(ks.reshape(H * n, self.D), non_blocking=False)
-        self.kv_v[rows].copy_(vsrt.reshape(H * n, self.Dv), non_blocking=False)
+            self.key_var[sl, :Cb] = isotropic_variance(kb, assign, Cb)
+        ks = torch.gather(kb, 1, order[..., None].expand(H, m, self.D))
+        vsrt = torch.gather(vb, 1, order[..., None].expand(H, m, self.Dv))
+        kv_k = self.kv_k.view(self.G, self.n, self.D)
+        kv_v = self.kv_v.view(self.G, self.n, self.Dv)
+        kv_k[sl, :m].copy_(ks.to(self.kv_k.device))
+        kv_v[sl, :m].copy_(vsrt.to(self.kv_v.device))
 
     def _finish_build(self) -> None:
         cfg, G, dev = self.cfg, self.G, self.device
         self.slot_base = torch.arange(G, device=dev, dtype=torch.int64) * self.n      # first row of each slot
         # read by the (graph-captured) decode step, updated in place by append()
-        self._steady_len_dev = torch.full((G, 1), self.steady_used, dtype=torch.int32, device=dev)
+        self._steady_len_dev = torch.tensor(self.steady_len, dtype=torch.int64, device=dev)
         self._steady_row = torch.arange(G, device=dev, dtype=torch.int64) * self.s_cap
         self._layout_r = None
         from ..attention.selection import ClusterBounds
@@ -349,7 +371,7 @@ class GpuWaveLayer:
         clusters outside both zones [G, Hg] or None)."""
         from .cluster_ops import cluster_scores, select_clusters
 
-        r, e = self.cfg.budget(self.length, self.n).clusters(self.n, self.C)
+        r, e = self.cfg.budget(self.length, self.n).clusters(self.n, self.C)   # the published step: one count
         if self.cfg.estimator == "centroid":
             scores, probs = cluster_scores(qg, self.centroids, self.sizes, self.scale, backend=self.cfg.backend)
             ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
@@ -415,7 +437,7 @@ class GpuWaveLayer:
         """Kernel blocks per slot (exact, estimation) for r retrieved clusters of ~n / C rows and e estimated."""
         from .attention_ops import plan_splits
 
-        rows = self.steady_used + (r * self.n) // max(self.C, 1)
+        rows = max(self.steady_len) + (r * self.n) // max(self.C, 1)
         return plan_splits(self.G, Hg, self.D, self.Dv, self.dtype, rows, e, self.device)
 
     def _slots(self):
@@ -423,7 +445,22 @@ class GpuWaveLayer:
 
         slots = WaveSlots(self.centroids, self.sizes, self.mean_values, self.value_mean, self.offsets, self.kv_k,
                           self.kv_v, self.slot_base)
-        return slots, SteadyZone(self.steady_k, self.steady_v, self._steady_len_dev.view(self.G).to(torch.int64))
+        return slots, SteadyZone(self.steady_k, self.steady_v, self._steady_len_dev)
+
+    def _budget(self):
+        """This step's budgets: one :class:`WaveBudget` when every sequence has the same, else the per-slot
+        tensors (made when the budgets change)."""
+        H = self.Hkv
+        per_seq = [self.cfg.budget(self.seq_len[b], self.mid_len[b * H]) for b in range(self.B)]
+        if all(b == per_seq[0] for b in per_seq):
+            return per_seq[0]
+        key = tuple(per_seq)
+        if getattr(self, "_slot_budget_key", None) != key:
+            from ..attention.selection import slot_budgets
+
+            self._slot_budget = slot_budgets([b for b in per_seq for _ in range(H)], self.device)
+            self._slot_budget_key = key
+        return self._slot_budget
 
     def _decode_gpu_only(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The wave step of :mod:`kvstore.attention.selection` over every slot at once."""
@@ -432,7 +469,7 @@ class GpuWaveLayer:
         G, Hg = self.G, q.shape[1] // self.Hkv
         qg = q.reshape(G, Hg, self.D)
         slots, steady = self._slots()
-        budget = self.cfg.budget(self.length, self.n)
+        budget = self._budget()
         scores = None
         if self.C and self.cfg.estimator == "fs_iso":
             from .estimation import fs_cluster_scores
@@ -446,7 +483,8 @@ class GpuWaveLayer:
 
     def _decode_graphed(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gpu_only step replayed from a CUDA graph (captured on first use for this query shape)."""
-        key = (tuple(q.shape), self.C, self.cfg.budget(self.length, self.n))
+        key = (tuple(q.shape), self.C, self.n, tuple(self.cfg.budget(self.seq_len[b], self.mid_len[b * self.Hkv])
+                                                    for b in range(self.B)))
         if self._graph is None or self._graph_key != key:
             self._graph = None
             static_q = q.clone()
@@ -477,7 +515,7 @@ class GpuWaveLayer:
         G, Hg = self.G, q.shape[1] // self.Hkv
         qg = q.reshape(G, Hg, self.D)
         dev = self.device
-        steady_len = torch.full((G,), self.steady_used, dtype=torch.int32)
+        steady_len = torch.tensor(self.steady_len, dtype=torch.int32)
         host = KVSource(self.kv_k, self.kv_v)
         rest = None
         if self.C > 0:
@@ -514,75 +552,109 @@ class GpuWaveLayer:
     def append(self, k1: torch.Tensor, v1: torch.Tensor) -> None:
         """Add one decoded token per sequence: k1 ``[B, Hkv, D]``, v1 ``[B, Hkv, Dv]`` (the layer's device/dtype).
 
-        The token joins the steady zone; once ``update_interval`` tokens sit beyond the window, the oldest
-        ``update_interval`` are clustered and appended to the index as new clusters.
+        The token joins its slot's steady zone; once a steady zone is full, every slot's tokens beyond its window
+        (``update_interval`` of them in a slot whose prompt was longer than sink + window) are clustered and
+        appended to the index as new clusters. No host synchronisation but at re-indexing.
         """
         for name, x, dim in (("k1", k1, self.D), ("v1", v1, self.Dv)):
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != (self.B, self.Hkv, dim):
                 raise ValueError(f"{name} must be a tensor [B={self.B}, Hkv={self.Hkv}, {dim}], "
                                  f"got {getattr(x, 'shape', type(x).__name__)}")
-        if self.steady_used == self.s_cap:
+        if max(self.steady_len) == self.s_cap:
             self._reindex()
-        i = self.steady_used
-        self.steady_k[:, i] = k1.reshape(self.G, self.D).to(self.device, self.dtype)
-        self.steady_v[:, i] = v1.reshape(self.G, self.Dv).to(self.device, self.dtype)
-        self.steady_used += 1
-        self.length += 1
-        self._steady_len_dev.fill_(self.steady_used)
+        slot = torch.arange(self.G, device=self.device)
+        self.steady_k[slot, self._steady_len_dev] = k1.reshape(self.G, self.D).to(self.device, self.dtype)
+        self.steady_v[slot, self._steady_len_dev] = v1.reshape(self.G, self.Dv).to(self.device, self.dtype)
+        self._steady_len_dev += 1
+        self.steady_len = [x + 1 for x in self.steady_len]
+        self.seq_len = [x + 1 for x in self.seq_len]
 
     def _reindex(self) -> None:
-        """Move the oldest ``update_interval`` recent tokens into the index (new clusters at the end)."""
+        """Move every slot's tokens beyond its window into the index (new clusters after the slot's old ones)."""
+        from .cluster_ops import cluster_order
         from .kmeans import segmented_kmeans_gpu
 
-        cfg, G, m = self.cfg, self.G, self.cfg.update_interval
-        s0 = self.sink_used
-        k_new = self.steady_k[:, s0:s0 + m].clone()
-        v_new = self.steady_v[:, s0:s0 + m].clone()
-        rest = self.steady_used - s0 - m
-        self.steady_k[:, s0:s0 + rest] = self.steady_k[:, s0 + m:self.steady_used].clone()
-        self.steady_v[:, s0:s0 + rest] = self.steady_v[:, s0 + m:self.steady_used].clone()
-        self.steady_used -= m
-        a, cen, sizes = segmented_kmeans_gpu(k_new, cfg.tokens_per_cluster, cfg.segment_len, cfg.kmeans_iters,
-                                             cfg.seed, backend=cfg.backend)
-        old = (self.n, self.C, self.kv_k.view(G, self.n, self.D), self.kv_v.view(G, self.n, self.Dv),
-               self.centroids, self.sizes, self.value_sums, self.offsets)
-        n0, C0 = old[0], old[1]
-        C1 = cen.shape[1]
-        self.n, self.C = n0 + m, C0 + C1
-        from .cluster_ops import cluster_order
+        cfg, G, dev, D, Dv = self.cfg, self.G, self.device, self.D, self.Dv
+        move = [max(0, st - sk - cfg.window) for st, sk in zip(self.steady_len, self.sink_len)]
+        n0, C0 = self.n, self.C
+        n1 = max(m + md for m, md in zip(move, self.mid_len))
+        groups: dict[int, list[int]] = {}
+        for g, m in enumerate(move):
+            if m:
+                groups.setdefault(m, []).append(g)
+        clustered = []
+        for m, slots in groups.items():
+            idx = torch.tensor(slots, device=dev)
+            start = torch.tensor([self.sink_len[g] for g in slots], device=dev)[:, None] + torch.arange(m, device=dev)
+            kn = torch.gather(self.steady_k[idx], 1, start[..., None].expand(-1, -1, D))
+            vn = torch.gather(self.steady_v[idx], 1, start[..., None].expand(-1, -1, Dv))
+            a, cen, sizes = segmented_kmeans_gpu(kn, cfg.tokens_per_cluster, cfg.segment_len, cfg.kmeans_iters,
+                                                 cfg.seed, backend=cfg.backend)
+            clustered.append((slots, idx, kn, vn, a, cen, sizes))
+        C1 = max((c[5].shape[1] for c in clustered), default=0)
+        C = C0 + C1
 
-        order, offs = cluster_order(a, C1)
-        ks = torch.gather(k_new, 1, order[..., None].expand(G, m, self.D))
-        vsrt = torch.gather(v_new, 1, order[..., None].expand(G, m, self.Dv))
-        kk = torch.cat([old[2].to(self.device), ks], 1).reshape(G * self.n, self.D)
-        vv = torch.cat([old[3].to(self.device), vsrt], 1).reshape(G * self.n, self.Dv)
-        self._set_kv(kk, vv)
-        vs = torch.zeros(G, C1, self.Dv, dtype=torch.float32, device=self.device)
-        vs.scatter_add_(1, a[..., None].expand(G, m, self.Dv), v_new.float())
-        if cfg.estimator == "fs_iso":
-            from .estimation import isotropic_variance
+        def grow(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+            pad = torch.full((G, C1, *t.shape[2:]), fill, dtype=t.dtype, device=t.device)
+            return torch.cat([t, pad], 1)
 
-            self.key_var = torch.cat([self.key_var, isotropic_variance(k_new, a, C1)], 1)
-        else:
-            self.key_var = torch.zeros(G, self.C, dtype=torch.float32, device=self.device)
-        self.centroids = torch.cat([old[4], cen.to(self.dtype)], 1)
-        self.sizes = torch.cat([old[5], sizes.float()], 1)
-        self.value_sums = torch.cat([old[6], vs], 1)
-        self.offsets = torch.cat([old[7][:, :-1], offs.to(torch.int64) + n0], 1)
+        centroids, sizes_all, vsums, kvar = grow(self.centroids), grow(self.sizes), grow(self.value_sums), \
+            grow(self.key_var)
+        mid = torch.tensor(self.mid_len, device=dev)
+        offsets = torch.cat([self.offsets, mid[:, None].expand(G, C1)], 1)           # new clusters empty ...
+        kv_k = torch.zeros(G, n1, D, dtype=self.dtype, device=dev)
+        kv_v = torch.zeros(G, n1, Dv, dtype=self.dtype, device=dev)
+        kv_k[:, :n0] = self.kv_k.view(G, n0, D).to(dev)
+        kv_v[:, :n0] = self.kv_v.view(G, n0, Dv).to(dev)
+        for slots, idx, kn, vn, a, cen, sz in clustered:
+            m, Cn = kn.shape[1], cen.shape[1]
+            order, offs = cluster_order(a, Cn)
+            base = mid[idx]
+            centroids[idx, C0:C0 + Cn] = cen.to(self.dtype)
+            sizes_all[idx, C0:C0 + Cn] = sz.float()
+            vs = torch.zeros(len(slots), Cn, Dv, dtype=torch.float32, device=dev)
+            vs.scatter_add_(1, a[..., None].expand(-1, m, Dv), vn.float())
+            vsums[idx, C0:C0 + Cn] = vs
+            if cfg.estimator == "fs_iso":
+                from .estimation import isotropic_variance
+
+                kvar[idx, C0:C0 + Cn] = isotropic_variance(kn, a, Cn)
+            o = offsets[idx]
+            o[:, C0:C0 + Cn + 1] = offs + base[:, None]                             # ... but in the moving slots
+            o[:, C0 + Cn + 1:] = (base + m)[:, None]
+            offsets[idx] = o
+            rows = base[:, None] + torch.arange(m, device=dev)
+            kv_k[idx[:, None], rows] = torch.gather(kn, 1, order[..., None].expand(-1, -1, D))
+            kv_v[idx[:, None], rows] = torch.gather(vn, 1, order[..., None].expand(-1, -1, Dv))
+        # steady zones: drop the moved tokens, keep the sink and the rest in order
+        shift = torch.tensor(move, device=dev)[:, None]
+        sink = torch.tensor(self.sink_len, device=dev)[:, None]
+        j = torch.arange(self.s_cap, device=dev)[None, :]
+        src = torch.where(j < sink, j, (j + shift).clamp(max=self.s_cap - 1))
+        self.steady_k = torch.gather(self.steady_k, 1, src[..., None].expand(-1, -1, D))
+        self.steady_v = torch.gather(self.steady_v, 1, src[..., None].expand(-1, -1, Dv))
+        self.steady_len = [st - m for st, m in zip(self.steady_len, move)]
+        self.mid_len = [md + m for md, m in zip(self.mid_len, move)]
+        self.n, self.C = n1, C
+        self.centroids, self.sizes, self.value_sums, self.offsets = centroids, sizes_all, vsums, offsets
+        self.key_var = kvar
+        self._set_kv(kv_k.reshape(G * n1, D), kv_v.reshape(G * n1, Dv))
         self._finish_build()
 
     # ------------------------------------------------------------------ persistence
     _STATE_TENSORS = ("steady_k", "steady_v", "kv_k", "kv_v", "centroids", "sizes", "value_sums", "key_var",
                       "offsets")
-    _STATE_INTS = ("B", "Hkv", "D", "Dv", "n", "length", "C", "sink_used", "steady_used", "s_cap")
+    _STATE_INTS = ("B", "Hkv", "D", "Dv", "n", "C", "s_cap")
+    _STATE_LISTS = ("seq_len", "sink_len", "steady_len", "mid_len")
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Everything the layer holds, for :meth:`KVStore.save`: ``(meta, arrays)``, arrays as numpy (bfloat16
         widened to float32, losslessly)."""
         from ..attention.heads import to_numpy
 
-        meta = {"config": self.cfg.to_dict(), "dtype": str(self.dtype), **{k: int(getattr(self, k))
-                                                                           for k in self._STATE_INTS}}
+        meta = {"config": self.cfg.to_dict(), "dtype": str(self.dtype),
+                **{k: int(getattr(self, k)) for k in self._STATE_INTS},
+                **{k: [int(x) for x in getattr(self, k)] for k in self._STATE_LISTS}}
         return meta, {name: to_numpy(getattr(self, name)) for name in self._STATE_TENSORS}
 
     @classmethod
@@ -596,13 +668,29 @@ class GpuWaveLayer:
         dtype = _DTYPES.get(meta.get("dtype"))
         if dtype is None:
             raise ValueError(f"unknown dtype {meta.get('dtype')!r}")
+        if not isinstance(meta.get("config"), dict):
+            raise ValueError("config must be a dict")
         cfg = WaveGpuConfig(**meta["config"])
-        ints = {k: meta[k] for k in cls._STATE_INTS}
+        if "seq_len" not in meta and "steady_used" in meta:      # a layer saved before per-sequence lengths
+            B, H = meta["B"], meta["Hkv"]
+            meta = dict(meta, seq_len=[meta["length"]] * B, sink_len=[meta["sink_used"]] * (B * H),
+                        steady_len=[meta["steady_used"]] * (B * H), mid_len=[meta["n"]] * (B * H))
+        ints = {k: meta.get(k) for k in cls._STATE_INTS}
         for k, v in ints.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 40:
                 raise ValueError(f"{k} must be an int >= 0, got {v!r}")
         B, H, D, Dv, n, C, s_cap = (ints[k] for k in ("B", "Hkv", "D", "Dv", "n", "C", "s_cap"))
         G = B * H
+        lists = {k: meta.get(k) for k in cls._STATE_LISTS}
+        for k, v in lists.items():
+            want = B if k == "seq_len" else G
+            if not isinstance(v, list) or len(v) != want or any(isinstance(x, bool) or not isinstance(x, int)
+                                                                 or x < 0 for x in v):
+                raise ValueError(f"{k} must be a list of {want} ints >= 0")
+        for g in range(G):
+            if not (lists["sink_len"][g] <= lists["steady_len"][g] <= s_cap and lists["mid_len"][g] <= n
+                    and lists["steady_len"][g] + lists["mid_len"][g] == lists["seq_len"][g // H]):
+                raise ValueError(f"inconsistent lengths of slot {g}")
         shapes = {"steady_k": (G, s_cap, D), "steady_v": (G, s_cap, Dv), "kv_k": (G * n, D), "kv_v": (G * n, Dv),
                   "centroids": (G, C, D), "sizes": (G, C), "value_sums": (G, C, Dv), "key_var": (G, C),
                   "offsets": (G, C + 1)}
@@ -611,16 +699,18 @@ class GpuWaveLayer:
                 raise ValueError(f"missing array {name}")
             if tuple(arrays[name].shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(arrays[name].shape)}, expected {shape}")
-        if not ints["sink_used"] <= ints["steady_used"] <= s_cap or G == 0:
-            raise ValueError("inconsistent steady zone")
+        if G == 0:
+            raise ValueError("a layer holds at least one slot")
         offsets = np.asarray(arrays["offsets"])
-        if offsets.dtype.kind != "i" or (C and ((offsets[:, 0] != 0).any() or (offsets[:, -1] != n).any()
-                                               or (np.diff(offsets, axis=1) < 0).any())):
-            raise ValueError("offsets are not a CSR of the slot rows")
+        mid = np.asarray(lists["mid_len"])
+        if offsets.dtype.kind != "i" or (offsets[:, 0] != 0).any() or (offsets[:, -1] != mid).any() \
+                or (np.diff(offsets, axis=1) < 0).any() or not np.array_equal(
+                    np.diff(offsets, axis=1).astype(np.float64), np.asarray(arrays["sizes"], dtype=np.float64)):
+            raise ValueError("offsets are not a CSR of the slot rows matching the sizes")
         self = cls()
         self.cfg = cfg
         self.device, self.dtype = torch.device(device), dtype
-        for k, v in ints.items():
+        for k, v in {**ints, **lists}.items():
             setattr(self, k, v)
         self.G, self.scale = G, 1.0 / math.sqrt(D)
 
@@ -660,7 +750,7 @@ class GpuWaveLayer:
             gpu_kv, host = steady + kv_all, 0
         else:
             gpu_kv, host = steady + (self.cache_k.numel() + self.cache_v.numel()) * el, kv_all
-        full = self.G * self.length * (self.D + self.Dv) * el
+        full = self.Hkv * sum(self.seq_len) * (self.D + self.Dv) * el
         out: dict[str, Any] = {"mode": self.cfg.mode, "gpu_bytes": gpu_kv + meta, "gpu_kv_bytes": gpu_kv,
                                "meta_bytes": meta, "host_bytes": host, "full_kv_bytes": full,
                                "build_seconds": self.build_seconds, "clusters_per_slot": self.C,
@@ -672,10 +762,10 @@ class GpuWaveLayer:
             step, Hg = self._last["step"], self._last["Hg"]
             exact = int((step.exact_rows >= 0).sum())
             zone = int((step.candidates >= 0).sum() + (step.estimation >= 0).sum())
-            read = (int(step.candidate_rows.sum()) * self.D * el + (exact + self.G * self.steady_used)
+            read = (int(step.candidate_rows.sum()) * self.D * el + (exact + sum(self.steady_len))
                     * (self.D + self.Dv) * el + index_read + (zone + self.G) * self.Dv * 4)
             out["read_fraction"] = read / full
-            out["tokens_exact"] = exact / self.G + self.steady_used
+            out["tokens_exact"] = (exact + sum(self.steady_len)) / self.G
             out["tokens_scored"] = int(step.candidate_rows.sum()) / self.G
         elif self._last:
             tokens = int(self._last["run_len"].sum())
