@@ -167,5 +167,5 @@ def test_store_passes_the_estimator_to_the_gpu_layer():
     store = KVStore(1, k.shape[1], k.shape[-1], StoreConfig(gpu_estimator="fs_iso", check_finite=False),
                     device="cuda")
     store.prefill(0, k.cuda(), v.cuda())
-    assert store._heads[0].cfg.estimator == "fs_iso"
+    assert store.layer_cache(0).layer.cfg.estimator == "fs_iso"
     assert bool(torch.isfinite(store.attend(0, qs[0].cuda()[:, :, None])).all())

@@ -271,12 +271,15 @@ def test_store_with_a_gpu_layer_saves_and_loads(tmp_path):
     B, H, Hg, N, D = 1, 2, 2, 700, 16
     k, v = _kv(B, H, N, D, seed=13)
     store = KVStore(2, H, D, StoreConfig(method="wave", segment_len=256))
-    store._heads[1] = GpuWaveLayer.build(k, v, WaveGpuConfig(segment_len=256, backend="torch", cuda_graph=False),
-                                         device="cpu")                # what a CUDA store builds, here on the CPU
+    from kvstore.layers import WaveLayer
+
+    store._layers[1] = WaveLayer(GpuWaveLayer.build(k, v, WaveGpuConfig(segment_len=256, backend="torch",
+                                                                        cuda_graph=False), device="cpu"))
+    # what a CUDA store builds, here on the CPU
     store.batch_size = B
     store.save(tmp_path / "s.kvs")
     loaded = KVStore.load(tmp_path / "s.kvs")
-    assert isinstance(loaded._heads[1], GpuWaveLayer) and loaded._heads[0] is None
+    assert isinstance(loaded.layer_cache(1), WaveLayer) and loaded.layer_cache(0) is None
     q = torch.randn(B, H * Hg, 1, D)
     assert torch.equal(loaded.attend(1, q), store.attend(1, q))
     raw = bytearray((tmp_path / "s.kvs").read_bytes())

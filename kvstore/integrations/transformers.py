@@ -95,7 +95,7 @@ class KVStoreLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
-        self.owner.store._heads[self.layer_idx] = None
+        self.owner.store.reset(self.layer_idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("KVStoreCache does not support beam search")
@@ -124,7 +124,7 @@ class KVStoreCache(Cache):
         self._pending: dict[int, tuple] = {}
         super().__init__(layers=[KVStoreLayer(self, i) for i in range(fp["num_hidden_layers"])])
         for i, layer in enumerate(self.layers):
-            if store._heads[i] is not None:
+            if store.layer_cache(i) is not None:
                 layer.length = max(store.seq_lengths(i))
                 layer.is_initialized = True
 

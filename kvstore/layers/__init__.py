@@ -40,13 +40,14 @@ def _kinds() -> dict[str, type[LayerCache]]:
     return {c.kind: c for c in (HeadsLayer, WaveLayer, GraphSplitLayer, DenseLayer)}
 
 
-def layer_class(config: StoreConfig, device: torch.device) -> type[LayerCache]:
+def layer_class(config: StoreConfig, device: torch.device, mask: torch.Tensor | None = None) -> type[LayerCache]:
     """The layer implementation for ``config.method`` on ``device``: the batched GPU layers on CUDA, the per-head
-    reference elsewhere (and for the methods without a batched layer)."""
+    reference elsewhere and for the methods without a batched layer (streaming, quest, and graph with a padded
+    batch: ``mask [B, N]`` with padding)."""
     kinds = _kinds()
     if device.type == "cuda":
         batched = {"wave": "wave", "graph": "graph_split", "full": "dense"}.get(config.method)
-        if batched is not None:
+        if batched is not None and (batched != "graph_split" or mask is None or bool(mask.all())):
             return kinds[batched]
     return kinds["heads"]
 
