@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from kvstore import StoreConfig
+
 from kvstore.attention.core import attention_with_lse
 from kvstore.benchmarks import decode as bd
 from kvstore.benchmarks import e2e
@@ -236,13 +238,14 @@ def _row(context, batch, mode, speedup, err=0.01, status="ok", **kw):
            "error_median": err, "error_p99": 4 * err, "gpu_bytes": kv // 5, "gpu_kv_bytes": kv // 10,
            "gpu_kv_fraction": 0.1, "alloc_delta_bytes": kv // 5, "hit_ratio": 0.9 if mode == "offload" else None,
            "read_fraction": 0.05, "build_s": 0.2, "prefill_s": 10.0, "build_over_prefill": 0.02,
+           "oracle_error_median": 0.008, "oracle_error_p99": 0.03, "ratio_to_oracle": err / 0.008,
            "attention": {n: stat for n in ("top_fraction_mass", "top_k_mass", "sink_mass", "window_mass",
                                            "entropy", "effective_support")}}
     row.update(kw)
     return row
 
 
-FAKE = [_row(131072, 8, "gpu_only", 9.5), _row(131072, 8, "offload", 2.5),
+FAKE = [_row(131072, 8, "gpu_only", 9.5), _row(131072, 8, "offload", 2.5), _row(131072, 8, "store", 8.0),
         _row(1 << 20, 1, "gpu_only", 25.0, err=0.06), _row(1 << 20, 8, "offload", 4.0),
         _row(1 << 20, 8, "gpu_only", 1.0, status="skipped", note="needs ~90 GiB"),
         _row(32768, 1, "graph_split", 0.5, build_over_prefill=3.0)]
@@ -250,11 +253,15 @@ FAKE = [_row(131072, 8, "gpu_only", 9.5), _row(131072, 8, "offload", 2.5),
 
 def test_check_targets():
     t = {x["target"]: x for x in bd.check_targets(FAKE)}
-    assert t["gpu_only 128K batch 8 >= 8x SDPA"]["met"] is True
-    assert t["gpu_only 1M batch 1 >= 20x SDPA"]["value"] == 25.0
-    assert t["median error <= 0.05 (every wave point)"]["met"] is False  # 0.06 at 1M
+    assert t["gpu_only 128K batch 8 >= 6x SDPA"]["met"] is True
+    assert t["gpu_only 1M batch 1 >= 6x SDPA"]["value"] == 25.0
+    assert t["gpu_only 128K batch 8: median error <= 2x the oracle at equal bytes"]["met"] is True   # 0.01 / 0.008
+    assert t["gpu_only 1M batch 1: median error <= 2x the oracle at equal bytes"]["met"] is False    # 0.06 / 0.008
+    assert t["KVStore.attend 128K batch 8 >= 5x SDPA"]["met"] is True
+    assert t["KVStore.attend 128K batch 8 within 10% of the bare layer"]["met"] is False              # 9.5x vs 8x
+    assert t["KVStore.attend 1M batch 1 >= 5x SDPA"]["met"] is None
     assert t["offload (<= 10% of KV on GPU) >= 3x at 128K batch 8"]["met"] is False
-    assert t["1M contexts at batch 8"]["met"] is True
+    assert t["offload >= 4x at 1M batch 8"]["met"] is True
     assert t["index build <= 5% of prefill at 128K"]["met"] is True  # the graph row is not a wave row
     none = {x["target"]: x["met"] for x in bd.check_targets([])}
     assert set(none.values()) == {None}
@@ -267,11 +274,11 @@ def test_report_writes_json_markdown_and_plot(tmp_path):
     env = {"torch": torch.__version__, "python": "3", "device": "cuda:0", "gpu": "NVIDIA H100"}
     md = bd.report(FAKE, env, {"reps": 50, "query_sets": 8, "warmup": 10}, tmp_path, 12.0)
     data = json.loads((tmp_path / "decode.json").read_text())
-    assert len(data["rows"]) == len(FAKE) and len(data["targets"]) == 6
+    assert len(data["rows"]) == len(FAKE) and len(data["targets"]) == 12
     text = (tmp_path / "decode.md").read_text()
     assert "| context | batch | mode | kvstore ms |" in text and "| 128K | 8 | gpu_only | 0.105 |" in text
     assert "9.5x" in text and "Not measured" in text and "needs ~90 GiB" in text
-    assert "### Targets" in text and "### Generated attention" in text
+    assert "### Goals" in text and "### Generated attention" in text
     assert md.strip() in text
     png = (tmp_path / "decode.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -354,7 +361,7 @@ def test_decode_pipeline_cpu_smoke(tmp_path):
                   "--query-sets", "2", "--graph-train-queries", "8", "--out", str(tmp_path)])
     assert rc == 0
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
-    assert {r["mode"] for r in rows} == {"gpu_only", "offload", "graph_split"}
+    assert {r["mode"] for r in rows} == {"gpu_only", "offload", "store", "graph_split"}
     for r in rows:
         assert r["sdpa_error_median"] < 1e-2
         if r["mode"] == "graph_split" or _wave_ops_present():
@@ -401,13 +408,19 @@ def test_decode_benchmark_on_gpu(tmp_path):
 
 
 def test_wave_options_reach_the_layer_config_and_the_report(tmp_path):
-    a = bd.build_parser().parse_args(["--estimator", "fs_iso", "--retrieval", "0.05", "--estimation", "0.116"])
-    assert (a.estimator, a.retrieval, a.estimation) == ("fs_iso", 0.05, 0.116)
+    a = bd.build_parser().parse_args(["--estimator", "fs_iso", "--retrieval", "0.05", "--estimation", "0.116",
+                                      "--preset", "retroinfer", "--distribution", "flat"])
+    assert (a.estimator, a.retrieval, a.estimation, a.preset, a.distribution) == ("fs_iso", 0.05, 0.116,
+                                                                                    "retroinfer", "flat")
     cfg = bd._wave_config("gpu_only", bd.Options(estimator="fs_iso", retrieval=0.05, estimation=0.116))
-    assert (cfg.estimator, cfg.retrieval, cfg.estimation) == ("fs_iso", 0.05, 0.116)
+    assert (cfg.estimator, cfg.retrieval, cfg.estimation, cfg.candidates) == ("fs_iso", 0.05, 0.116,
+                                                                             StoreConfig().candidates)
+    ri = bd._wave_config("offload", bd.Options(preset="retroinfer"))
+    assert (ri.mode, ri.tokens_per_cluster, ri.calibrate) == ("offload", 16, False)
     env = {"torch": torch.__version__, "python": "3", "device": "cuda:0", "gpu": "NVIDIA H100"}
     bd.report(FAKE, env, {"reps": 50, "query_sets": 8, "warmup": 10, "estimator": "fs_iso", "retrieval": 0.05,
-                          "estimation": 0.116}, tmp_path, 1.0)
-    assert "wave: estimator fs_iso, retrieval 5%, estimation 11.6%" in (tmp_path / "decode.md").read_text()
+                          "estimation": 0.116, "preset": "defaults"}, tmp_path, 1.0)
+    assert "wave: StoreConfig defaults (retrieval 0.05, estimation 0.116), estimator fs_iso" in \
+        (tmp_path / "decode.md").read_text()
     with pytest.raises(SystemExit):
         bd.build_parser().parse_args(["--estimator", "magic"])
