@@ -125,5 +125,5 @@ def test_generation_with_full_budgets_equals_full_attention(interval):
         expected = ref.generate(ids, max_new_tokens=60, do_sample=False)
         cache = KVStoreCache(cfg, StoreConfig(method="wave", window=16, update_interval=interval, tokens_per_cluster=16,
                                               **FULL["wave"]))
-        got = ours.generate(ids, max_new_tokens=60, do_sample=False, past_key_values=cache)
+        got = ours.generate(ids, max_new_tokens=60, do_sample=False, cache=cache)
     assert torch.equal(got, expected)
