@@ -182,11 +182,12 @@ def _logsumexp_where(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(x.masked_fill(~keep, -math.inf), -1)
 
 
-def _mixture(weights: torch.Tensor, values: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A partial from masses ``exp(ref) * weights`` (``[G, Hg, M]``, >= 0) over values ``[G, M, Dv]``."""
-    tot = weights.sum(-1)
-    o = torch.bmm(weights, values) / torch.where(tot > 0, tot, torch.ones_like(tot))[..., None]
-    return o, torch.where(tot > 0, ref + torch.log(tot), torch.full_like(tot, -math.inf))
+def _masked_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partial over entries of log-mass ``logits [G, Hg, M]`` (``-inf``: absent) and values ``[G, M, Dv]``:
+    ``(o [G, Hg, Dv], lse [G, Hg])``; an empty part has ``lse = -inf`` and ``o = 0``."""
+    lse = torch.logsumexp(logits, -1)
+    ref = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.bmm(torch.exp(logits - ref[..., None]), values), lse
 
 
 def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: WaveBudget | SlotBudgets,
@@ -237,7 +238,7 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     s_tok, run_lse = candidate_scores(q, slots.keys, run_row, run_len, run_pos, width, scale, backend=backend)
     valid = torch.isfinite(s_tok[:, 0])                                       # [G, width]
     lse_all = torch.logsumexp(run_lse, -1, keepdim=True)                      # [G, Hg, 1] over every candidate
-    ref = torch.where(torch.isfinite(lse_all), lse_all, torch.zeros_like(lse_all))
+    ref = torch.where(torch.isfinite(lse_all), lse_all, torch.zeros_like(lse_all))   # a reference point of exp
     # exact tokens: the t candidates of largest group weight
     t = min(bound.tokens, width)
     u = torch.where(valid, torch.exp(s_tok - ref).sum(1), torch.full_like(valid, -1.0, dtype=torch.float32))
@@ -262,40 +263,37 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
                     torch.arange(G + 1, device=dev, dtype=torch.int32) * (t + 1))
     sources = [KVSource(slots.keys, slots.values), KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))]
     o_ex, lse_ex = sparse_decode_attention(q, sources, runs, None, scale, backend=backend)
-    parts = [(o_ex.to(dt), lse_ex.to(dt))]
-    mv = slots.mean_values.to(dt)
-    if r:
-        # part 2: candidates not attended: exact mass (all of the run's, less the exact tokens'), mean value
-        w_run = torch.exp(run_lse - ref).to(dt)                               # [G, Hg, r]
-        w_pick = torch.exp(s_tok.gather(2, pick[:, None, :].expand(G, Hg, t)) - ref).to(dt) * picked[:, None, :]
-        w_sel = torch.zeros_like(w_run).scatter_add_(2, run_of_pick[:, None, :].expand(G, Hg, t), w_pick)
-        w_un = w_run - w_sel
-        w_un = torch.where(w_un > 1e-5 * w_run, w_un, torch.zeros_like(w_un))  # float rounding of a fully read run
-        parts.append(_mixture(w_un, mv.gather(1, cand[..., None].expand(G, r, Dv)), ref[..., 0].to(dt)))
+    # parts 2-4 (everything not attended exactly) as one mixture over the k ranked clusters and the rest:
+    # entry j < r a candidate's unattended tokens (exact mass, mean value), an estimation-zone cluster's
+    # calibrated mass, or nothing; entry k the rest (calibrated mass, the slot's mean value)
     est_logits = s_cl + torch.log(slots.sizes.to(dt))[:, None, :]            # [G, Hg, C] log estimated mass
+    ke = est_logits.gather(2, order[:, None, :].expand(G, Hg, k))             # [G, Hg, k]
+    ref = ref.to(dt)
     offset = torch.zeros(G, Hg, 1, dtype=dt, device=dev)
-    if bound.calibrate and r:
-        # exact over estimated mass of the calibration clusters: the lower half of the candidates by rank
-        n_cand = is_cand.sum(1, keepdim=True)
-        low = (is_cand & (torch.arange(r, device=dev)[None, :] >= n_cand // 2))[:, None, :].expand(G, Hg, r)
-        off = _logsumexp_where(run_lse.to(dt), low) - _logsumexp_where(est_logits.gather(2, cand[:, None, :].expand(
-            G, Hg, r)), low)
-        offset = torch.where(torch.isfinite(off), off, torch.zeros_like(off)).clamp(-8.0, 8.0)[..., None]
+    logits = torch.full((G, Hg, k + 1), -math.inf, dtype=dt, device=dev)
+    if r:
+        # the candidates' mass less their exact tokens' (all exact: the scores are known)
+        w_run = torch.exp(run_lse.to(dt) - ref)                               # [G, Hg, r]
+        w_pick = torch.exp(s_tok.gather(2, pick[:, None, :].expand(G, Hg, t)).to(dt) - ref) * picked[:, None, :]
+        w_un = w_run - torch.zeros_like(w_run).scatter_add_(2, run_of_pick[:, None, :].expand(G, Hg, t), w_pick)
+        w_un = torch.where(w_un > 1e-5 * w_run, w_un, torch.zeros_like(w_un))  # float rounding of a fully read run
+        logits[..., :r] = torch.log(w_un) + ref
+        if bound.calibrate:
+            # exact over estimated mass of the calibration clusters: the lower half of the candidates by rank
+            n_cand = is_cand.sum(1, keepdim=True)
+            low = (is_cand & (torch.arange(r, device=dev)[None, :] >= n_cand // 2))[:, None, :].expand(G, Hg, r)
+            off = _logsumexp_where(run_lse.to(dt), low) - _logsumexp_where(ke[..., :r], low)
+            offset = torch.where(torch.isfinite(off), off, torch.zeros_like(off)).clamp(-8.0, 8.0)[..., None]
     if bound.estimation:
-        # part 3: estimation zone
-        ke = est_logits.gather(2, order[:, None, :].expand(G, Hg, k)) + offset
-        le = ke.masked_fill(~is_est[:, None, :], -math.inf)
-        m = le.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        parts.append(_mixture(torch.exp(le - m), mv.gather(1, order[..., None].expand(G, k, Dv)), m[..., 0]))
+        logits[..., :k] = torch.where(is_est[:, None, :], ke + offset, logits[..., :k])
     if bound.rest and C:
-        # part 4: every other cluster, with the slot's mean value
         in_zone = is_est.clone()
         in_zone[:, :r] |= is_cand
         zone = torch.zeros(G, C, dtype=torch.bool, device=dev).scatter_(1, order, in_zone)
-        lr = _logsumexp_where(est_logits, ~zone[:, None, :]) + offset[..., 0]
-        parts.append((slots.value_mean.to(dt)[:, None, :].expand(G, Hg, Dv), lr))
-    o, lse = merge_partials(parts)
+        logits[..., k] = _logsumexp_where(est_logits, ~zone[:, None, :]) + offset[..., 0]
+    values = torch.cat([slots.mean_values.to(dt).gather(1, order[..., None].expand(G, k, Dv)),
+                        slots.value_mean.to(dt)[:, None, :]], 1)                # [G, k + 1, Dv]
+    o, lse = merge_partials([(o_ex.to(dt), lse_ex.to(dt)), _masked_part(logits, values)])
     est_ids = torch.where(is_est, order, -1)
     cand_ids = torch.where(is_cand, cand, -1)
     return o, lse, WaveStep(cand_ids, est_ids, torch.where(picked, rows - slots.slot_base[:, None], -1), valid.sum(1))
