@@ -336,3 +336,31 @@ def test_ragged_batch_equals_each_sequence_alone(budgets):
     again = GpuWaveLayer.from_state(meta, arrays, "cpu")
     q = torch.randn(len(lengths), H * Hg, D, generator=g)
     assert torch.equal(again.decode(q), batch.decode(q))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_ragged_batch_of_eight_equals_each_alone():
+    """Eight prompts of 16K-128K tokens (Llama-3-8B layout, bf16) in one batched layer through KVStore on CUDA:
+    every sequence's output equals the same sequence run alone, to bf16 tolerance."""
+    if not _cuda_ready():
+        pytest.skip("kvstore._cuda not built")
+    from kvstore.datasets.attention_like import AttentionLikeSpec, decode_queries, generate_kv
+
+    spec = AttentionLikeSpec()
+    lengths = [16384, 131072, 32768, 65536, 24576, 98304, 49152, 114688]
+    N = max(lengths)
+    k, v = generate_kv(len(lengths), N, spec, device="cuda", seed=4)
+    mask = torch.zeros(len(lengths), N, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, N - n:] = True
+    store = KVStore(1, spec.num_kv_heads, spec.head_dim, StoreConfig(), device="cuda")
+    store.prefill(0, k, v, mask=mask)
+    assert store.stats()["layers"][0]["layer"] == "wave" and store.seq_lengths() == lengths
+    q = torch.stack([decode_queries(k[b:b + 1, :, N - n:], spec, num_sets=1, seed=4)[0, 0]
+                     for b, n in enumerate(lengths)])
+    got = store.attend(0, q[:, :, None])
+    for b, n in enumerate(lengths):
+        alone = KVStore(1, spec.num_kv_heads, spec.head_dim, StoreConfig(), device="cuda")
+        alone.prefill(0, k[b:b + 1, :, N - n:], v[b:b + 1, :, N - n:])
+        assert _rel(got[b:b + 1].float(), alone.attend(0, q[b:b + 1, :, None]).float()) < 2e-2, b
