@@ -16,7 +16,7 @@ from ._validate import INT32_MAX, MAX_COUNT, check_num_threads, check_positive_i
 GPU_MODES = ("gpu_only", "offload")
 GPU_ESTIMATORS = ("centroid", "fs_iso")  # kvstore.gpu.estimation
 
-METHODS = ("full", "wave", "graph", "streaming", "quest")
+METHODS = ("full", "wave", "graph", "streaming", "quest", "oracle")
 
 def budget_context(context: int) -> int:
     """The context length fractional budgets apply to: ``context`` rounded up to a multiple of the largest power of
@@ -32,7 +32,10 @@ class StoreConfig:
     Attributes:
         method: ``"wave"`` (RetroInfer tripartite attention), ``"graph"``
             (RetrievalAttention), ``"streaming"`` (StreamingLLM: sink + window
-            only), ``"quest"`` (Quest-style page selection) or ``"full"``.
+            only), ``"quest"`` (Quest-style page selection), ``"full"``, or
+            ``"oracle"`` (each query head attends its ``retrieval`` keys of
+            highest true score: the yardstick of the accuracy benchmarks; it
+            scores every key to find them).
         sink: first tokens always attended exactly.
         window: most recent tokens always attended exactly.
         candidates: wave: tokens of the best-ranked clusters whose keys are
@@ -40,7 +43,7 @@ class StoreConfig:
             tokens); at least ``candidates_floor`` tokens.
         retrieval: wave: tokens attended exactly, the best of the candidates
             by exact score (their values are read); at least
-            ``retrieval_floor``.
+            ``retrieval_floor``. oracle: tokens attended per query head.
         estimation: wave: tokens' worth of the next clusters, estimated from
             centroid, size and mean value.
         candidates_floor, retrieval_floor: wave: the least tokens of each, so

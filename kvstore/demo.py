@@ -32,21 +32,25 @@ def passkey_prompt(tok, n_tokens: int, key: str, depth: float) -> str:
 
 
 def method_configs(a: argparse.Namespace) -> list[tuple[str, StoreConfig | None]]:
+    """(label, config) per method: the StoreConfig defaults, with the budgets given on the command line."""
     out: list[tuple[str, StoreConfig | None]] = []
     for m in a.methods:
         if m == "full":
             out.append(("full attention", None))
-        elif m == "wave":
-            out.append((f"kvstore wave (r={a.retrieval}, e={a.estimation})",
-                        StoreConfig(method="wave", sink=a.sink, window=a.window, retrieval=a.retrieval,
-                                    estimation=a.estimation)))
+            continue
+        kw: dict = {"method": m}
+        for name in ("sink", "window", "candidates", "retrieval", "estimation", "top_k", "ef"):
+            if getattr(a, name) is not None:
+                kw[name] = getattr(a, name)
+        cfg = StoreConfig(**kw)
+        if m == "wave":
+            label = (f"kvstore wave (candidates {cfg.candidates:g}, retrieval {cfg.retrieval:g}, "
+                     f"estimation {cfg.estimation:g})")
         elif m == "graph":
-            out.append((f"kvstore graph (top_k={a.top_k})",
-                        StoreConfig(method="graph", sink=a.sink, window=a.window, top_k=a.top_k, ef=a.ef)))
-        elif m in ("streaming", "quest"):
-            out.append((f"{m}", StoreConfig(method=m, sink=a.sink, window=a.window)))
+            label = f"kvstore graph (top_k {cfg.top_k})"
         else:
-            raise SystemExit(f"unknown method {m!r}")
+            label = m
+        out.append((label, cfg))
     return out
 
 
@@ -61,12 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--depth", type=float, default=0.5, help="where the key sits, 0..1 (default 0.5)")
     p.add_argument("--methods", nargs="+", default=["full", "wave", "graph"],
                    choices=["full", "wave", "graph", "streaming", "quest"], help="(default: full wave graph)")
-    p.add_argument("--sink", type=int, default=4)
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--retrieval", type=_fraction, default=0.018, help="wave: fraction of context (or tokens)")
-    p.add_argument("--estimation", type=_fraction, default=0.232, help="wave: fraction of context (or clusters)")
-    p.add_argument("--top-k", type=int, default=100, help="graph: keys per query head")
-    p.add_argument("--ef", type=int, default=128, help="graph: search beam width")
+    p.add_argument("--sink", type=int, default=None, help="tokens at the start kept exact (default: StoreConfig's)")
+    p.add_argument("--window", type=int, default=None, help="recent tokens kept exact (default: StoreConfig's)")
+    p.add_argument("--candidates", type=_fraction, default=None,
+                   help="wave: tokens whose keys are scored, fraction of context or tokens (default: StoreConfig's)")
+    p.add_argument("--retrieval", type=_fraction, default=None,
+                   help="wave: tokens attended exactly, fraction of context or tokens (default: StoreConfig's)")
+    p.add_argument("--estimation", type=_fraction, default=None,
+                   help="wave: tokens' worth of clusters estimated (default: StoreConfig's)")
+    p.add_argument("--top-k", type=int, default=None, help="graph: keys per query head (default: StoreConfig's)")
+    p.add_argument("--ef", type=int, default=None, help="graph: search beam width (default: StoreConfig's)")
     p.add_argument("--model", default=None, help="a local transformers model directory (default: SmolLM2-135M)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="picks the pass key")
@@ -90,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"prompt: {ids.shape[1]} tokens, pass key {key} at depth {a.depth}")
     rows = []
     for label, cfg in method_configs(a):
+        print(f"  {label}: generating ...", flush=True)
         ans = answer(model, tok, ids, cfg, max_new_tokens=12)
         rows.append((label, ans, key in ans.text))
         print(f"  {label}: {ans.text!r} ({ans.seconds:.1f}s)", flush=True)

@@ -313,8 +313,28 @@ class QuestHead(HeadCache):
         return 4 * 2 * self.kmin.numel()
 
 
+class OracleHead(FullHead):
+    """The oracle at a budget: every query head attends exactly its ``retrieval`` keys of highest true score (and
+    the steady zone), the rest dropped. It scores every key to find them, so it is a yardstick for what a sparse
+    method could reach reading that many tokens, not a fast method; ``Access`` counts the tokens attended."""
+
+    def decode(self, q):
+        k, v, pos = self.steady()
+        n = k.shape[0]
+        m = min(n, max(1, self.cfg._tokens(self.cfg.retrieval, self.length)))
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s = (q.to(dt) @ k.to(dt).T) * self.scale                           # [G, n]
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, torch.topk(s, m, dim=1).indices, True)
+        s = s.masked_fill(~keep, -math.inf)
+        o = torch.softmax(s, -1) @ v.to(dt)
+        read = keep.any(0)
+        return o, torch.logsumexp(s, -1), Access(key_vectors=int(read.sum()), value_vectors=int(read.sum()),
+                                                 exact_positions=pos[read])
+
+
 HEADS: dict[str, type[HeadCache]] = {
     "full": FullHead, "wave": WaveHead, "graph": GraphHead, "streaming": StreamingHead, "quest": QuestHead,
+    "oracle": OracleHead,
 }
 
 

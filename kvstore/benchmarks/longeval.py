@@ -9,19 +9,21 @@ method; the score is exact match (fraction of the expected answers in the
 output). The prompt is prefilled exactly; the methods differ in what each
 decode step reads.
 
-Budgets (``--budget``, default 0.10: the fraction of the KV a decode step may
-read, metadata included):
+Methods: full attention; wave and graph with the :class:`~kvstore.StoreConfig`
+defaults (``--candidates``/``--retrieval``/``--estimation``/``--top-k``/``--ef``
+override them); and at the same bytes (``--budget``, default 0.10: the
+fraction of the KV a decode step may read, metadata included):
 
-* wave: the StoreConfig defaults (retrieval 1.8% of the context exact,
-  estimation 23.2% from centroids), sink 4, window 64;
-* graph: top_k 100 keys per query head, ef 128, sink 4, window 64;
-* streaming: sink 4 + a window of ``budget * N - 4`` tokens, so it reads
-  exactly the budget;
+* streaming: sink 4 + a window of ``budget * N - 4`` tokens;
 * quest: sink 4 + window 64 + pages of ``--quest-page-size`` (default 32)
   tokens; the best pages get ``budget * N - 68 - N / page_size`` tokens (the
-  per-page min/max keys cost ``N / page_size`` tokens' worth of reads: at
-  16-token pages that alone is 6.25% of the KV, which is why the default page
-  is 32).
+  per-page min/max keys cost ``N / page_size`` tokens' worth of reads);
+* oracle: each query head attends exactly its ``budget * N`` keys of highest
+  true score (the yardstick: what a selection reading that much could reach).
+
+Beside the score, every method gets its **agreement** with full attention: the
+share of runs whose greedy output equals full attention's (a finer measure of
+fidelity than the task score on a small model).
 
 ``N`` is the prompt length. The KV fraction each method really read (mean
 over layers of the last decode step) is recorded and plotted.
@@ -54,7 +56,7 @@ from ..config import StoreConfig
 from ..evaluation.tasks import HAYSTACKS, KINDS, make_task, score
 from ._output import Results, add_out_argument, pyplot, save_plot
 
-METHODS = ("full", "wave", "graph", "streaming", "quest")
+METHODS = ("full", "wave", "graph", "streaming", "quest", "oracle")
 CAN_DO = 0.5   # a task full attention "can do": its mean full-attention score at that context
 
 
@@ -62,17 +64,18 @@ def method_config(method: str, n: int, a: argparse.Namespace) -> StoreConfig | N
     """The StoreConfig of ``method`` for a prompt of ``n`` tokens (None: full attention)."""
     if method == "full":
         return None
-    if method == "wave":
-        return StoreConfig(method="wave", sink=a.sink, window=a.window, retrieval=a.retrieval,
-                           estimation=a.estimation)
-    if method == "graph":
-        return StoreConfig(method="graph", sink=a.sink, window=a.window, top_k=a.top_k, ef=max(a.ef, a.top_k))
+    if method in ("wave", "graph"):
+        kw = {k: getattr(a, k) for k in ("candidates", "retrieval", "estimation", "top_k", "ef")
+              if getattr(a, k, None) is not None}
+        return StoreConfig(method=method, **kw)
     if method == "streaming":
         return StoreConfig(method="streaming", sink=a.sink, window=max(1, int(round(a.budget * n)) - a.sink))
     if method == "quest":
         P = a.quest_page_size
         tokens = int(round(a.budget * n - a.sink - a.window - n / P))
         return StoreConfig(method="quest", sink=a.sink, window=a.window, page_size=P, pages=max(P, tokens))
+    if method == "oracle":
+        return StoreConfig(method="oracle", retrieval=float(a.budget))
     raise ValueError(f"unknown method {method!r} (choose from {METHODS})")
 
 
@@ -104,6 +107,7 @@ def summarize(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, A
                 "score_full_can_do": _mean([per_task[m][str(c)][t] for t in can if t in per_task[m][str(c)]]),
                 "tasks_full_can_do": can,
                 "read_fraction": _mean([r["read_fraction"] for r in rs]),
+                "agreement": _mean([r.get("agrees_with_full") for r in rs]),
                 "seconds": _mean([r["seconds"] for r in rs]),
                 "runs": len(rs),
             }
@@ -112,7 +116,8 @@ def summarize(runs: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, A
         pts = [overall[m][str(c)] for c in contexts if str(c) in overall[m]]
         all_ctx[m] = {"score": _mean([p["score"] for p in pts]),
                       "score_full_can_do": _mean([p["score_full_can_do"] for p in pts]),
-                      "read_fraction": _mean([p["read_fraction"] for p in pts])}
+                      "read_fraction": _mean([p["read_fraction"] for p in pts]),
+                      "agreement": _mean([p["agreement"] for p in pts])}
     return {"per_task": per_task, "overall": overall, "mean_over_contexts": all_ctx, "contexts": contexts,
             "tasks": tasks}
 
@@ -126,19 +131,21 @@ def table(summary: dict[str, Any], methods: Sequence[str], title: str) -> str:
     ov, pt = summary["overall"], summary["per_task"]
     out = [f"## {title}", "",
            "### Mean score (%) per method and context, and KV read per decode step (% of full attention)", "",
-           "| method | " + " | ".join(f"{c}: score | {c}: score, tasks full can do | {c}: KV read" for c in cs)
-           + " | all: score, tasks full can do | all: Δ vs full (points) |",
-           "|---|" + "---|---|---|" * len(cs) + "---|---|"]
+           "| method | " + " | ".join(f"{c}: score | {c}: score, tasks full can do | {c}: KV read | {c}: agreement"
+                                    for c in cs)
+           + " | all: score, tasks full can do | all: Δ vs full (points) | all: agreement |",
+           "|---|" + "---|---|---|---|" * len(cs) + "---|---|---|"]
     full_all = summary["mean_over_contexts"].get("full", {}).get("score_full_can_do", math.nan)
     for m in methods:
         cells = []
         for c in cs:
             o = ov[m].get(c)
-            cells += ["—"] * 3 if o is None else [_pct(o["score"]), _pct(o["score_full_can_do"]),
-                                                   _pct(o["read_fraction"]) + "%"]
+            cells += ["—"] * 4 if o is None else [_pct(o["score"]), _pct(o["score_full_can_do"]),
+                                                   _pct(o["read_fraction"]) + "%", _pct(o.get("agreement")) + "%"]
         a = summary["mean_over_contexts"][m]["score_full_can_do"]
         delta = "—" if math.isnan(a) or math.isnan(full_all) else f"{100 * (a - full_all):+.1f}"
-        out.append(f"| {m} | " + " | ".join(cells) + f" | {_pct(a)} | {delta} |")
+        agree = _pct(summary["mean_over_contexts"][m].get("agreement"))
+        out.append(f"| {m} | " + " | ".join(cells) + f" | {_pct(a)} | {delta} | {agree}% |")
     for c in cs:
         can = ov.get("full", {}).get(c, {}).get("tasks_full_can_do", [])
         out.append("")
@@ -197,12 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--budget", type=float, default=0.10,
                    help="KV fraction per step that sets the streaming window and the quest pages (default 0.10)")
-    p.add_argument("--sink", type=int, default=4)
-    p.add_argument("--window", type=int, default=64, help="wave, graph, quest: recent tokens exact")
-    p.add_argument("--retrieval", type=float, default=StoreConfig.retrieval, help="wave: fraction exact")
-    p.add_argument("--estimation", type=float, default=StoreConfig.estimation, help="wave: fraction estimated")
-    p.add_argument("--top-k", type=int, default=100, help="graph: keys per query head (default 100)")
-    p.add_argument("--ef", type=int, default=128, help="graph: search beam width (default 128)")
+    p.add_argument("--sink", type=int, default=StoreConfig.sink, help="streaming, quest: first tokens exact")
+    p.add_argument("--window", type=int, default=StoreConfig.window, help="quest: recent tokens exact")
+    p.add_argument("--candidates", type=float, default=None, help="wave: override the candidates budget")
+    p.add_argument("--retrieval", type=float, default=None, help="wave: override the retrieval budget")
+    p.add_argument("--estimation", type=float, default=None, help="wave: override the estimation budget")
+    p.add_argument("--top-k", type=int, default=None, help="graph: override top_k")
+    p.add_argument("--ef", type=int, default=None, help="graph: override ef")
     p.add_argument("--quest-page-size", type=int, default=32, help="quest: tokens per page (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="cap on generated tokens (default 64)")
     p.add_argument("--model", default=None, help="a local transformers model directory (default: SmolLM2-135M)")
@@ -266,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ids = torch.cat([ids, pre], dim=1)
             ans_tokens = len(tok(", ".join(task.answers), add_special_tokens=False)["input_ids"])
             new = min(a.max_new_tokens, ans_tokens + 12)
-            for m in a.methods:
+            full_text = None
+            for m in sorted(a.methods, key=lambda x: x != "full"):     # full first: the others agree with it or not
                 cfg = method_config(m, int(ids.shape[1]), a)
                 bar.set_postfix_str(f"{c} {kind}/{h} d={depth} {m}")
                 ans = answer(model, tok, ids, cfg, max_new_tokens=new)
@@ -275,7 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "answers": task.answers, "prompt_tokens": ans.prompt_tokens,
                              "max_new_tokens": new, "read_fraction": ans.read_fraction,
                              "fast_device_bytes": ans.fast_device_bytes, "seconds": ans.seconds,
+                             "agrees_with_full": None if full_text is None else ans.text == full_text,
                              "config": None if cfg is None else cfg.to_dict()})
+                if m == "full":
+                    full_text = ans.text
                 bar.update(1)
                 doc["seconds"] = time.perf_counter() - t0
                 results.write_json("longeval.json", doc)   # partial results survive
@@ -293,9 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc["seconds"] = time.perf_counter() - t0
     results.write_json("longeval.json", doc)
     md = table(summary, a.methods, title)
-    md += (f"\nBudget {100 * a.budget:.0f}% of the KV per step for streaming (window) and quest (pages of "
-           f"{a.quest_page_size}); wave r={a.retrieval} e={a.estimation}; graph top_k={a.top_k} ef={a.ef}; "
-           f"sink {a.sink}, window {a.window}. Total {doc['seconds'] / 60:.1f} min on "
+    md += (f"\nBudget {100 * a.budget:.0f}% of the KV per step for streaming (window), quest (pages of "
+           f"{a.quest_page_size}) and the oracle; wave and graph: the StoreConfig defaults"
+           + "".join(f", {k} {getattr(a, k)}" for k in ("candidates", "retrieval", "estimation", "top_k", "ef")
+                     if getattr(a, k) is not None)
+           + f". Agreement: runs whose greedy output equals full attention's. Total {doc['seconds'] / 60:.1f} min on "
            f"{torch.get_num_threads()} threads."
            + (f" Interrupted: {doc['interrupted']}." if "interrupted" in doc else "") + "\n")
     results.write_text("longeval.md", md)
