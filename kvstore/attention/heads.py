@@ -375,6 +375,27 @@ def head_state(head: HeadCache) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, arrays
 
 
+def _check_head_parts(head: HeadCache, d: int, dv: int) -> None:
+    """What a loaded head holds must be what its method reads at ``decode`` (``ValueError`` otherwise)."""
+    index = getattr(head, "index", None)
+    n_index = 0 if index is None else index.ntotal
+    if isinstance(head, WaveHead):
+        if n_index != head.indexed or head.positions.shape[0] != n_index:
+            raise ValueError("the wave index, its positions and the indexed count disagree")
+        if n_index and index.value_dim != dv:
+            raise ValueError(f"the wave index holds values of dim {index.value_dim}, the store {dv}")
+    if isinstance(head, GraphHead):
+        if not (n_index == head.keys.shape[0] == head.values.shape[0] == head.positions.shape[0] == head.indexed):
+            raise ValueError("the graph index, its keys, values, positions and the indexed count disagree")
+    if isinstance(head, QuestHead):
+        n, P = head.keys.shape[0], head.page_start.shape[0]
+        if not (n == head.values.shape[0] == head.positions.shape[0] == head.indexed) \
+                or tuple(head.kmin.shape) != (P, d) or tuple(head.kmax.shape) != (P, d) \
+                or (n and (P == 0 or int(head.page_start[0]) != 0 or bool((head.page_start.diff() <= 0).any())
+                           or int(head.page_start[-1]) >= n)):
+            raise ValueError("quest pages do not match the keys")
+
+
 def head_from_state(cls: type[HeadCache], cfg: StoreConfig, d: int, dv: int, device: torch.device, meta: dict,
                     arrays: dict[str, np.ndarray]) -> HeadCache:
     """Rebuild a head saved by :func:`head_state`; ``ValueError`` on anything inconsistent."""
@@ -399,12 +420,27 @@ def head_from_state(cls: type[HeadCache], cfg: StoreConfig, d: int, dv: int, dev
         t = torch.from_numpy(a)
         setattr(head, name, t.long() if a.dtype.kind == "i" else t.to(device, dtype if name in ("keys", "values")
                                                                           else torch.float32))
-    head.length, head.indexed = int(meta["length"]), int(meta["indexed"])
+    for name in ("length", "indexed"):
+        x = meta.get(name)
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {x!r}")
+    head.length, head.indexed = meta["length"], meta["indexed"]
     if head.sink_k.shape[0] != head.sink_v.shape[0] or head.recent_k.shape[0] != head.recent_v.shape[0] \
             or head.recent_k.shape[0] != head.recent_pos.shape[0] \
             or head.sink_k.shape[0] + head.recent_k.shape[0] + head.indexed != head.length:
         raise ValueError("token counts do not add up")
+    for name in ("recent_pos", "positions"):
+        p = getattr(head, name, None)
+        if p is not None and p.numel() and (int(p.min()) < 0 or int(p.max()) >= head.length):
+            raise ValueError(f"{name} must lie in [0, length)")
+    for name in ("sink_k", "sink_v", "recent_k", "recent_v", "keys", "values", "kmin", "kmax"):
+        t = getattr(head, name, None)
+        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf")
     if "index" in meta:
+        if not isinstance(meta["index"], dict):
+            raise ValueError("index metadata must be a dict")
         iarrays = {k[len("index."):]: v for k, v in arrays.items() if k.startswith("index.")}
         head.index = type(head.index)._from_state(meta["index"], iarrays)
+    _check_head_parts(head, d, dv)
     return head
