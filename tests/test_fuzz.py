@@ -281,8 +281,8 @@ def small_store(method: str, seed: int) -> tuple[KVStore, torch.Tensor]:
 
 
 def head_parts(meta: dict) -> list[dict]:
-    return [m for rows in meta["layers"] if isinstance(rows, list) for row in rows for m in row
-            if isinstance(m, dict)]
+    rows = [e["state"]["rows"] for e in meta["layers"] if isinstance(e, dict) and e.get("kind") == "heads"]
+    return [m for r in rows for row in r for m in row if isinstance(m, dict)]
 
 
 @FUZZ
@@ -290,8 +290,7 @@ def head_parts(meta: dict) -> list[dict]:
 def test_crafted_store_files_index_parts(tmp_path_factory, method, seed, data):
     """Crafted head indexes and arrays inside a store (valid checksum): refused at load, or attendable.
 
-    (Crafted store-level metadata, the layout and config, is checked by the
-    store itself; the index and file layers below it are fuzzed here.)
+    (Crafted store-level metadata is fuzzed by ``test_crafted_store_metadata``.)
     """
     from kvstore._fileformat import read_container, write_container
 
@@ -319,6 +318,66 @@ def test_crafted_store_files_index_parts(tmp_path_factory, method, seed, data):
     except CorruptFileError as e:
         assert e.path == str(path)
         event("refused")
+        return
+    event("loaded")
+    out = back.attend(0, q)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+def _mutations() -> st.SearchStrategy:
+    """A JSON value a crafted file might put anywhere: wrong types, huge or negative ints, nesting."""
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=False),
+                     st.text(max_size=4), st.sampled_from([0, 1, -1, 10 ** 9, 2 ** 31, 2 ** 64]))
+    return st.recursive(leaf, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=3), c,
+                                                                                          max_size=3)), max_leaves=6)
+
+
+def _paths(x, prefix=()):
+    """Every (path, value) inside a JSON value."""
+    yield prefix, x
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _paths(v, prefix + (i,))
+
+
+@FUZZ
+@given(st.sampled_from(["wave", "graph", "quest", "streaming", "full", "oracle"]), st.integers(0, 10**6), st.data())
+def test_crafted_store_metadata(tmp_path_factory, method, seed, data):
+    """Any field of a store's metadata replaced by a crafted value (valid checksum): ``CorruptFileError`` at
+    load, or a store that attends."""
+    import time
+
+    from kvstore._fileformat import read_container, write_container
+
+    store, q = small_store(method, seed)
+    path = tmp_path_factory.mktemp("crafted") / "s.kvstore"
+    store.save(path)
+    kind, meta, arrays = read_container(path)
+    paths = [p for p, _ in _paths(meta) if p]
+    where = data.draw(st.sampled_from(paths), label="field")
+    node = meta
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = data.draw(_mutations(), label="value")
+    try:
+        write_container(path, kind, meta, arrays)
+    except (TypeError, ValueError):
+        return
+    t0 = time.perf_counter()
+    try:
+        back = KVStore.load(path)
+    except CorruptFileError as e:
+        assert e.path == str(path)
+        assert time.perf_counter() - t0 < 10, "a crafted file must be refused before any large allocation"
+        event("refused")
+        return
+    if back.layer_cache(0) is None:                 # a store whose layer is empty: valid, prefill comes first
+        with pytest.raises(RuntimeError, match="prefill"):
+            back.attend(0, q)
+        event("loaded an empty layer")
         return
     event("loaded")
     out = back.attend(0, q)
