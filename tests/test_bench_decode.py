@@ -274,7 +274,7 @@ def test_report_writes_json_markdown_and_plot(tmp_path):
     env = {"torch": torch.__version__, "python": "3", "device": "cuda:0", "gpu": "NVIDIA H100"}
     md = bd.report(FAKE, env, {"reps": 50, "query_sets": 8, "warmup": 10}, tmp_path, 12.0)
     data = json.loads((tmp_path / "decode.json").read_text())
-    assert len(data["rows"]) == len(FAKE) and len(data["targets"]) == 12
+    assert len(data["rows"]) == len(FAKE) and len(data["targets"]) == 14
     text = (tmp_path / "decode.md").read_text()
     assert "| context | batch | mode | kvstore ms |" in text and "| 128K | 8 | gpu_only | 0.105 |" in text
     assert "9.5x" in text and "Not measured" in text and "needs ~90 GiB" in text
