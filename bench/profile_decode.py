@@ -1,6 +1,5 @@
 """Per-kernel CUDA time of one GpuWaveLayer decode step (torch.profiler), to see where a step goes; with
-``--parts``, also CUDA-event timings of the sparse attention with only its exact part and only its
-estimation part.
+``--parts``, also CUDA-graph timings of the gpu_only step's stages (the StoreConfig defaults).
 
     python bench/profile_decode.py --context 131072 --batch 8 [--mode gpu_only|offload] [--parts]
 """
@@ -38,36 +37,34 @@ def _median_ms(fn, reps: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def time_parts(layer: GpuWaveLayer, q: torch.Tensor) -> None:
-    """Sparse attention of one gpu_only step: whole, exact runs only, estimation only (steady run kept)."""
-    from kvstore.gpu.attention_ops import Estimation, KVSource, RunTable, sparse_decode_attention
-    from kvstore.gpu.cluster_ops import cluster_runs
+def time_stages(layer: GpuWaveLayer, q: torch.Tensor) -> None:
+    """CUDA-graph timings of the gpu_only step's stages, each run alone on the layer's index: ranking (centroid
+    scores), rank order (select + sort of the candidates and estimation zone), candidate scores, and the whole
+    step; the rest (token selection, exact attention, the estimated mixture) is the difference."""
+    from kvstore.attention.selection import _rank_order
+    from kvstore.gpu.cluster_ops import candidate_scores, cluster_scores
 
     G, Hg = layer.G, q.shape[1] // layer.Hkv
     qg = q.reshape(G, Hg, layer.D)
-    scores, ret, est, _ = layer._rank(qg)
-    r, e = ret.shape[1], est.shape[1]
-    row, length = cluster_runs(ret, layer.offsets, layer.slot_base, layer._steady_row, layer._steady_len_dev.view(G))
-    src, offsets = layer._run_layout(r)
-    runs = RunTable(src, row.reshape(-1), length.reshape(-1), offsets)
-    steady = RunTable(torch.ones(G, dtype=torch.int32, device=q.device), layer._steady_row,
-                      layer._steady_len_dev.view(G), torch.arange(G + 1, dtype=torch.int32, device=q.device))
-    sources = [KVSource(layer.kv_k, layer.kv_v), KVSource(layer.steady_k.view(-1, layer.D),
-                                                          layer.steady_v.view(-1, layer.Dv))]
-    estim = Estimation(scores, layer.sizes, layer.value_sums, est)
-    ns, es = layer._splits(Hg, r, e)
-    ns0, _ = layer._splits(Hg, r, 0)
-    _, es1 = layer._splits(Hg, 0, e)
+    budget = layer._budget()
+    bound = getattr(budget, "bound", budget)
+    k = layer.bounds.clusters_for(bound.candidates + bound.estimation)
+    r = layer.bounds.clusters_for(bound.candidates)
+    scores, probs = cluster_scores(qg, layer.centroids, layer.sizes, layer.scale)
+    order = _rank_order(probs, k, "auto")
+    cand = order[:, :r]
+    start = layer.offsets.gather(1, cand)
+    run_len = layer.offsets.gather(1, cand + 1) - start
+    run_pos = torch.cumsum(run_len, 1) - run_len
+    run_row = start + layer.slot_base[:, None]
+    width = layer.bounds.rows_for(bound.candidates, r)
     cases = {
-        f"whole ({ns} exact + {es} estimation blocks a slot)":
-            lambda: sparse_decode_attention(qg, sources, runs, estim, layer.scale, num_splits=ns, est_splits=es),
-        f"exact only ({ns0} blocks a slot)":
-            lambda: sparse_decode_attention(qg, sources, runs, None, layer.scale, num_splits=ns0),
-        f"estimation only (+ steady run; 1 + {es1} blocks a slot)":
-            lambda: sparse_decode_attention(qg, sources, steady, estim, layer.scale, num_splits=1, est_splits=es1),
-        "rank (scores + probs + select)": lambda: layer._rank(qg),
-        "cluster_runs": lambda: cluster_runs(ret, layer.offsets, layer.slot_base, layer._steady_row,
-                                             layer._steady_len_dev.view(G)),
+        f"cluster scores ({layer.C} clusters a slot)":
+            lambda: cluster_scores(qg, layer.centroids, layer.sizes, layer.scale),
+        f"rank order (top {k} of {layer.C}, sorted)": lambda: _rank_order(probs, k, "auto"),
+        f"candidate scores ({r} clusters, {width} rows a slot)":
+            lambda: candidate_scores(qg, layer.kv_k, run_row, run_len, run_pos, width, layer.scale),
+        "whole step (graph replay of layer.decode)": lambda: layer._decode_gpu_only(q),
     }
     for name, fn in cases.items():
         print(f"{name:60s} {_median_ms(fn) * 1000:8.1f} us")
@@ -78,11 +75,15 @@ def main() -> None:
     p.add_argument("--context", type=int, default=131072)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--mode", default="gpu_only", choices=["gpu_only", "offload"])
-    p.add_argument("--parts", action="store_true", help="also time the attention's exact / estimation parts")
+    p.add_argument("--retroinfer", action="store_true", help="the published budgets instead of the defaults")
+    p.add_argument("--parts", action="store_true", help="also time the gpu_only step's stages")
     a = p.parse_args()
     k, v = generate_kv(a.batch, a.context, device="cuda")
     q = decode_queries(k, num_sets=2)[0]
-    layer = GpuWaveLayer.build(k, v, WaveGpuConfig(mode=a.mode, cuda_graph=False))
+    from kvstore import StoreConfig
+
+    sc = StoreConfig.retroinfer() if a.retroinfer else StoreConfig()
+    layer = GpuWaveLayer.build(k, v, WaveGpuConfig.from_store(sc, mode=a.mode, cuda_graph=False))
     for _ in range(5):
         layer.decode(q)
     torch.cuda.synchronize()
@@ -92,11 +93,9 @@ def main() -> None:
             layer.decode(q)
         torch.cuda.synchronize()
     sort = "cuda_time_total" if a.mode == "gpu_only" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
     if a.parts and a.mode == "gpu_only":
-        time_parts(layer, q)
-        print(f"{'whole step (graph replay of layer.decode)':60s} "
-              f"{_median_ms(lambda: layer._decode_gpu_only(q)) * 1000:8.1f} us")
+        time_stages(layer, q)
 
 
 if __name__ == "__main__":
