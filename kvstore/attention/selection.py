@@ -178,6 +178,13 @@ def _rank_order(probs: torch.Tensor, k: int, backend: str) -> torch.Tensor:
     return ids.gather(1, torch.argsort(key, dim=1, descending=True))
 
 
+def _kernel_path(backend: str, q: torch.Tensor) -> bool:
+    """Whether this step runs the CUDA kernels (else torch ops)."""
+    from ..gpu.cluster_ops import use_cuda_kernel
+
+    return use_cuda_kernel(backend, q)
+
+
 def _logsumexp_where(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(x.masked_fill(~keep, -math.inf), -1)
 
@@ -251,18 +258,29 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
         picked = picked & (rank < T)
     run_of_pick = torch.searchsorted(run_end, pick, right=True).clamp(max=max(r - 1, 0))
     rows = run_row.gather(1, run_of_pick) + pick - run_pos.gather(1, run_of_pick) if r else pick
-    # part 1: steady zone + exact tokens, one run table (the steady run, then one row per exact token)
+    # part 1: steady zone + exact tokens
     S = steady.k.shape[1]
     slen = steady.length if isinstance(steady.length, torch.Tensor) else torch.full((G,), int(steady.length),
                                                                                    dtype=torch.int64, device=dev)
-    one = torch.ones(G, 1, dtype=torch.int32, device=dev)
-    src = torch.cat([one, torch.zeros(G, t, dtype=torch.int32, device=dev)], 1)
-    row = torch.cat([torch.arange(G, device=dev)[:, None] * S, torch.where(picked, rows, 0)], 1)
-    length = torch.cat([slen.reshape(G, 1).to(device=dev, dtype=torch.int32), picked.to(torch.int32)], 1)
-    runs = RunTable(src.reshape(-1), row.reshape(-1), length.reshape(-1),
-                    torch.arange(G + 1, device=dev, dtype=torch.int32) * (t + 1))
-    sources = [KVSource(slots.keys, slots.values), KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))]
-    o_ex, lse_ex = sparse_decode_attention(q, sources, runs, None, scale, backend=backend)
+    if _kernel_path(backend, q):
+        # one run table for the attention kernel: the steady run, then one row per exact token
+        one = torch.ones(G, 1, dtype=torch.int32, device=dev)
+        src = torch.cat([one, torch.zeros(G, t, dtype=torch.int32, device=dev)], 1)
+        row = torch.cat([torch.arange(G, device=dev)[:, None] * S, torch.where(picked, rows, 0)], 1)
+        length = torch.cat([slen.reshape(G, 1).to(device=dev, dtype=torch.int32), picked.to(torch.int32)], 1)
+        runs = RunTable(src.reshape(-1), row.reshape(-1), length.reshape(-1),
+                        torch.arange(G + 1, device=dev, dtype=torch.int32) * (t + 1))
+        sources = [KVSource(slots.keys, slots.values),
+                   KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))]
+        o_ex, lse_ex = sparse_decode_attention(q, sources, runs, None, scale, backend=backend)
+    else:
+        # the same maths with gathers (no run table to walk on the host)
+        xr = torch.where(picked, rows, 0).reshape(-1)
+        ke = torch.cat([steady.k, slots.keys[xr].reshape(G, t, D)], 1).to(dt)
+        ve = torch.cat([steady.v, slots.values[xr].reshape(G, t, Dv)], 1).to(dt)
+        ok = torch.cat([torch.arange(S, device=dev)[None, :] < slen.to(dev)[:, None], picked], 1)
+        s_ex = (torch.bmm(q.to(dt), ke.transpose(1, 2)) * scale).masked_fill(~ok[:, None, :], -math.inf)
+        o_ex, lse_ex = _masked_part(s_ex, ve)
     # parts 2-4 (everything not attended exactly) as one mixture over the k ranked clusters and the rest:
     # entry j < r a candidate's unattended tokens (exact mass, mean value), an estimation-zone cluster's
     # calibrated mass, or nothing; entry k the rest (calibrated mass, the slot's mean value)
