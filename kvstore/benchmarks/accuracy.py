@@ -44,17 +44,16 @@ def default_configs() -> list[tuple[str, StoreConfig]]:
     d = StoreConfig()
     out: list[tuple[str, StoreConfig]] = [("wave (defaults)", StoreConfig(method="wave")),
                                           ("wave RetroInfer budgets", StoreConfig.retroinfer())]
-    for c, r, e in ((0.04, 0.01, 0.05), (0.06, 0.015, 0.1), (0.12, 0.03, 0.1), (0.2, 0.05, 0.1)):
+    for c, r, e in ((0.04, 0.01, 0.05), (0.12, 0.03, 0.1), (0.2, 0.05, 0.1)):
         out.append((f"wave candidates={c} retrieval={r} estimation={e}",
                     StoreConfig(method="wave", candidates=c, retrieval=r, estimation=e)))
-    for r, e in ((0.05, 0.232), (0.1, 0.232)):
-        out.append((f"wave RetroInfer retrieval={r}", StoreConfig.retroinfer(candidates=r, estimation=e)))
+    out.append(("wave RetroInfer retrieval=0.05", StoreConfig.retroinfer(candidates=0.05)))
     out.append(("graph (defaults)", StoreConfig(method="graph")))
-    for k in (25, 50, 200):
+    for k in (50, 200):
         out.append((f"graph top_k={k}", StoreConfig(method="graph", top_k=k, ef=max(d.ef, k))))
-    for p in (0.02, 0.05, 0.1):
+    for p in (0.05, 0.1):
         out.append((f"quest pages={p}", StoreConfig(method="quest", pages=p)))
-    for w in (256, 512, 1024):
+    for w in (512, 1024):
         out.append((f"streaming window={w}", StoreConfig(method="streaming", window=w)))
     return out
 
