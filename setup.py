@@ -36,6 +36,7 @@ CUDA_SOURCES = [
     "python/cuda/attention_bindings.cpp",
     "python/cuda/cluster_bindings.cpp",
     "python/cuda/module.cpp",
+    "csrc/cuda/candidate_scores.cu",
     "csrc/cuda/cluster_rank.cu",
     "csrc/cuda/cluster_runs.cu",
     "csrc/cuda/copy_rows.cu",

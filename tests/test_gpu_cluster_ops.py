@@ -1,9 +1,9 @@
-"""kvstore.gpu.cluster_ops: cluster ranking, selection, ordering and the copy kernel.
+"""kvstore.gpu.cluster_ops: cluster ranking, selection, ordering, the copy kernel and the candidate scores.
 
 CPU tests check the torch reference against float64 references; GPU tests
 (marked ``gpu``) check the CUDA kernels against the torch reference on fresh
 random data (bf16 / fp16 / f32, head_dim 64 / 128 and odd sizes, GQA groups
-1, 4, 7, 8, empty clusters, unaligned inputs, pinned host sources)."""
+1, 4, 7, 8, empty clusters and runs, unaligned inputs, pinned host sources)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from kvstore.gpu.cluster_ops import cluster_order, cluster_runs, cluster_scores, copy_rows, select_clusters
+from kvstore.gpu.cluster_ops import (candidate_scores, cluster_order, cluster_runs, cluster_scores, copy_rows,
+                                     select_clusters)
 
 
 def _cuda_ready() -> bool:
@@ -263,6 +264,90 @@ def test_copy_rows_rejects_bad_input():
         copy_rows(dk, dv, sk, sv, sr, dr, ln, backend="cuda")
 
 
+# --------------------------------------------------------------------------- candidate scores (torch reference)
+
+def candidate_case(G, Hg, D, r, rows=3000, max_len=40, pad=7, dtype=torch.float32, gen=None, run_len=None,
+                   empty_frac=0.1):
+    """Queries, keys (a shared offset, like real keys) and r runs a slot (random rows, 0..max_len of them, some
+    empty, or the given run_len), laid out one after another; width = the longest slot + pad positions."""
+    q = torch.randn(G, Hg, D, generator=gen) * 2
+    keys = torch.randn(rows, D, generator=gen) + torch.randn(1, D, generator=gen)
+    if run_len is None:
+        run_len = torch.randint(0, max_len + 1, (G, r), generator=gen)
+        run_len[torch.rand(G, r, generator=gen) < empty_frac] = 0
+    run_row = (torch.rand(G, r, generator=gen) * (rows - run_len + 1)).long()       # row + len <= rows
+    run_pos = run_len.cumsum(1) - run_len
+    width = (int(run_len.sum(1).max()) if G * r else 0) + pad
+    return q.to(dtype), keys.to(dtype), run_row, run_len, run_pos, width
+
+
+def candidate_float64(q, keys, run_row, run_len, run_pos, width, scale):
+    """scores [G, Hg, width] and run_lse [G, Hg, r] in float64, run by run."""
+    G, Hg, _ = q.shape
+    r = run_row.shape[1]
+    s = torch.full((G, Hg, width), -math.inf, dtype=torch.float64)
+    lse = torch.full((G, Hg, r), -math.inf, dtype=torch.float64)
+    for g in range(G):
+        for j in range(r):
+            row, n, pos = int(run_row[g, j]), int(run_len[g, j]), int(run_pos[g, j])
+            if n:
+                v = q[g].double() @ keys[row:row + n].double().T * scale
+                s[g, :, pos:pos + n] = v
+                lse[g, :, j] = torch.logsumexp(v, dim=1)
+    return s, lse
+
+
+def assert_candidates_close(s, lse, s_ref, lse_ref, tol=1e-5):
+    """-inf exactly where the reference has it, the other scores and the run lse close."""
+    s, lse, s_ref, lse_ref = s.cpu(), lse.cpu(), s_ref.cpu(), lse_ref.cpu()
+    assert s.dtype == lse.dtype == torch.float32
+    assert s.shape == s_ref.shape and lse.shape == lse_ref.shape
+    assert torch.equal(s == -math.inf, s_ref == -math.inf) and not bool(s.isnan().any())
+    fin = s_ref != -math.inf
+    torch.testing.assert_close(s[fin].double(), s_ref[fin].double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), lse_ref.double(), rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G,Hg,D,r", [(3, 4, 64, 20), (2, 1, 128, 7), (1, 3, 72, 1), (4, 8, 16, 33)])
+def test_candidate_scores_torch_matches_float64(dtype, G, Hg, D, r):
+    gen = torch.Generator().manual_seed(G * 100 + r)
+    case = candidate_case(G, Hg, D, r, dtype=dtype, gen=gen, empty_frac=0.2)
+    s, lse = candidate_scores(*case, backend="torch")
+    assert s.shape == (G, Hg, case[-1]) and lse.shape == (G, Hg, r)
+    assert_candidates_close(s, lse, *candidate_float64(*case, 1 / math.sqrt(D)))
+
+
+def test_candidate_scores_torch_special_runs():
+    gen = torch.Generator().manual_seed(4)
+    lens = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 1], [500, 0, 3, 250], [0, 2, 0, 0]])  # empty slot, ones, long
+    case = candidate_case(4, 2, 32, 4, rows=1000, pad=30, gen=gen, run_len=lens)
+    s, lse = candidate_scores(*case, scale=0.2, backend="torch")
+    assert_candidates_close(s, lse, *candidate_float64(*case, 0.2))
+    assert bool((s[0] == -math.inf).all()) and bool((lse[0] == -math.inf).all())
+    assert bool((s[:, :, case[-1] - 30:] == -math.inf).all())                      # the padding tail
+    for r, pad in [(0, 5), (1, 0)]:                                                 # no runs; one run, no padding
+        case = candidate_case(3, 4, 16, r, pad=pad, gen=gen, empty_frac=0.0)
+        s, lse = candidate_scores(*case, backend="torch")
+        assert_candidates_close(s, lse, *candidate_float64(*case, 0.25))
+
+
+def test_candidate_scores_rejects_bad_input():
+    q, keys, row, length, pos, width = candidate_case(2, 4, 16, 5)
+    with pytest.raises(ValueError, match="keys"):
+        candidate_scores(q, keys.half(), row, length, pos, width)
+    with pytest.raises(ValueError, match="keys"):
+        candidate_scores(q, keys[:, :8], row, length, pos, width)
+    with pytest.raises(TypeError, match="run_len"):
+        candidate_scores(q, keys, row, length.int(), pos, width)
+    with pytest.raises(ValueError, match="run_pos"):
+        candidate_scores(q, keys, row, length, pos[:, :3], width)
+    with pytest.raises(ValueError, match="width"):
+        candidate_scores(q, keys, row, length, pos, -1)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        candidate_scores(q, keys, row, length, pos, width, backend="cuda")
+
+
 # --------------------------------------------------------------------------- GPU parity
 
 def poison_cuda_cache(nbytes: int) -> None:
@@ -384,3 +469,109 @@ def test_cluster_runs_kernel_matches_reference(G, C, r):
     erow, elen = expected_runs(*args)
     row, length = cluster_runs(*[t.cuda() for t in args], backend="cuda")
     assert torch.equal(row.cpu(), erow) and torch.equal(length.cpu(), elen)
+
+
+def candidate_cuda(case):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in case]
+
+
+def check_candidate_kernel(case, scale=None):
+    """The kernel on case (moved to the GPU) against the torch reference on the CPU (exact f32 products)."""
+    q, keys, row, length, pos, width = case
+    poison_cuda_cache(4 * q.shape[0] * q.shape[1] * (width + row.shape[1]))
+    s, lse = candidate_scores(*candidate_cuda(case), scale=scale, backend="cuda")
+    assert s.is_cuda and lse.is_cuda
+    assert_candidates_close(s, lse, *candidate_scores(*case, scale=scale, backend="torch"), tol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Hg", [1, 3, 4, 8])
+def test_candidate_scores_kernel_matches_reference(dtype, D, Hg):
+    gen = torch.Generator().manual_seed(D + Hg)
+    check_candidate_kernel(candidate_case(5, Hg, D, 60, dtype=dtype, gen=gen, empty_frac=0.2))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("G,Hg,D,r,max_len", [(64, 4, 128, 330, 40), (1, 4, 128, 2600, 64), (8, 16, 128, 40, 100),
+                                              (3, 32, 256, 9, 70), (4, 4, 256, 30, 40), (3, 4, 72, 25, 40),
+                                              (2, 5, 3, 40, 9)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_candidate_scores_kernel_shapes(G, Hg, D, r, max_len, dtype):
+    gen = torch.Generator().manual_seed(G + r)
+    check_candidate_kernel(candidate_case(G, Hg, D, r, rows=20_000, max_len=max_len, dtype=dtype, gen=gen))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_candidate_scores_kernel_special_runs(dtype):
+    gen = torch.Generator().manual_seed(6)
+    lens = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 1], [500, 0, 3, 250], [0, 2, 0, 0], [1000, 1, 499, 64]])
+    check_candidate_kernel(candidate_case(5, 4, 128, 4, rows=3000, pad=300, dtype=dtype, gen=gen, run_len=lens), 0.3)
+    for r, pad in [(0, 5), (1, 0), (1, 1)]:                                         # no runs; a single run
+        check_candidate_kernel(candidate_case(3, 4, 64, r, pad=pad, dtype=dtype, gen=gen, empty_frac=0.0))
+    # unaligned keys (2- or 4-byte aligned: the element-wise path)
+    q, keys, row, length, pos, width = candidate_case(4, 4, 128, 30, dtype=dtype, gen=gen)
+    buf = torch.empty(keys.numel() + 1, dtype=dtype, device="cuda")
+    ku = buf[1:].view(keys.shape)
+    ku.copy_(keys)
+    s, lse = candidate_scores(q.cuda(), ku, row.cuda(), length.cuda(), pos.cuda(), width, backend="cuda")
+    assert_candidates_close(s, lse, *candidate_scores(q, keys, row, length, pos, width, backend="torch"), tol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_candidate_scores_kernel_skips_out_of_range_runs():
+    gen = torch.Generator().manual_seed(8)
+    lens = torch.randint(1, 41, (3, 12), generator=gen)
+    q, keys, row, length, pos, width = candidate_case(3, 4, 128, 12, rows=1000, pad=20, dtype=torch.bfloat16,
+                                                      gen=gen, run_len=lens)
+    s_ref, lse_ref = candidate_scores(q, keys, row, length, pos, width, backend="torch")
+    for g, j in [(0, 2), (0, 5), (1, 0), (1, 7), (2, 11), (2, 3)]:                  # skipped: nothing written
+        s_ref[g, :, pos[g, j]:pos[g, j] + length[g, j]] = -math.inf
+        lse_ref[g, :, j] = math.nan
+    row[0, 2], length[0, 2] = 1000 - 3, 4                                           # reads past keys
+    row[0, 5] = -1                                                                  # negative row
+    length[1, 0] = -2                                                               # negative length
+    pos[1, 7] = -5                                                                  # negative position
+    pos[2, 11] = width - 2                                                          # writes past the width
+    length[2, 11] = 3
+    length[2, 3] = 1 << 62                                                          # overflows row + len
+    s, lse = candidate_scores(q.cuda(), keys.cuda(), row.cuda(), length.cuda(), pos.cuda(), width, backend="cuda")
+    s, lse = s.cpu(), lse.cpu()
+    nan = lse_ref.isnan()
+    assert torch.equal(lse.isnan(), nan)
+    assert_candidates_close(s, lse.masked_fill(nan, 0), s_ref, lse_ref.masked_fill(nan, 0), tol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_candidate_scores_kernel_in_a_cuda_graph():
+    gen = torch.Generator().manual_seed(9)
+    case = candidate_cuda(candidate_case(8, 4, 128, 50, dtype=torch.bfloat16, gen=gen))
+    q = case[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        candidate_scores(*case, backend="cuda")                                     # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        s, lse = candidate_scores(*case, backend="cuda")
+    q.copy_(torch.randn(q.shape, generator=gen).to(q.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = candidate_scores(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in case], backend="torch")
+    assert_candidates_close(s, lse, *ref, tol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_candidate_scores_kernel_limits():
+    q, keys, row, length, pos, width = candidate_cuda(candidate_case(2, 33, 16, 5))
+    with pytest.raises(ValueError, match="limits"):
+        candidate_scores(q, keys, row, length, pos, width, backend="cuda")

@@ -1,8 +1,9 @@
-// Device helpers of the cluster kernels (cluster_rank.cu, copy_rows.cu,
-// kmeans_update.cu) on top of cuda_common.cuh (dtype enum, conversions, warp
-// reductions): 16-byte vector loads converted to float, online softmax
-// statistics. CUDA headers only (no torch); the device part is hidden from
-// host compilers.
+// Device helpers of the cluster kernels (cluster_rank.cu, candidate_scores.cu,
+// copy_rows.cu, kmeans_update.cu) on top of cuda_common.cuh (dtype enum,
+// conversions, warp reductions): 16-byte vector loads converted to float,
+// queries in shared memory and their dot products with rows read by lane
+// groups, online softmax statistics. CUDA headers only (no torch); the device
+// part is hidden from host compilers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -58,6 +59,107 @@ __device__ __forceinline__ void load_float(const T* __restrict__ p, float (&out)
     }
 }
 
+// Query heads staged in shared memory as float for rows read in chunks of kVec elements (D = nch * kVec). With
+// 16-byte chunks the k-th float4 of every chunk lies in plane k of its head, so that the lanes of a group, reading
+// consecutive chunks, read consecutive float4s (no bank conflicts). n = heads * D elements of q; the caller syncs.
+template <typename T, int kVec>
+__device__ __forceinline__ void stage_queries(const T* __restrict__ q, int n, int D, float* qs) {
+    const int nch = D / kVec;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int d = i % D, ch = d / kVec, e = d % kVec;
+        const int at = kVec % 4 == 0 ? ((e / 4) * nch + ch) * 4 + e % 4 : d;
+        qs[i - d + at] = to_float(q[i]);
+    }
+}
+
+// qv = chunk ch of the head staged at qh (16-byte aligned when kVec % 4 == 0).
+template <int kVec>
+__device__ __forceinline__ void load_q_chunk(const float* qh, int ch, int nch, float (&qv)[kVec]) {
+    if constexpr (kVec % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < kVec / 4; ++k) {
+            const float4 t = reinterpret_cast<const float4*>(qh)[k * nch + ch];
+            qv[4 * k] = t.x;
+            qv[4 * k + 1] = t.y;
+            qv[4 * k + 2] = t.z;
+            qv[4 * k + 3] = t.w;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) qv[e] = qh[ch * kVec + e];
+    }
+}
+
+// Dot products of kU rows with kHb heads h0.. of the queries staged at qs, each row read by the kLpr lanes of a
+// lane group, kChunks chunks a lane in flight (lane li takes chunks li, li + kLpr, ...): acc[u][h] = this lane's
+// part of row u . head h0 + h (0 for heads >= Hg); the sum over the group (group_sum, group_reduce_scatter) is the
+// dot product. row(u) is row u's first element, nullptr for no row.
+template <typename T, int kVec, int kLpr, int kChunks, int kU, int kHb, typename RowPtr>
+__device__ __forceinline__ void rows_dot_heads(float (&acc)[kU][kHb], const float* qs, int D, int h0, int Hg, int li,
+                                               RowPtr row) {
+    const int nch = D / kVec;
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int h = 0; h < kHb; ++h) acc[u][h] = 0.0f;
+    for (int c0 = li; c0 < nch; c0 += kChunks * kLpr) {
+        float x[kU][kChunks][kVec];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const T* p = row(u);
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c) {
+                const int ch = c0 + c * kLpr;
+                if (p != nullptr && ch < nch) {
+                    load_float<T, kVec>(p + ch * kVec, x[u][c]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < kVec; ++e) x[u][c][e] = 0.0f;
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < kHb; ++h) {
+            if (h0 + h >= Hg) break;
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c) {
+                const int ch = c0 + c * kLpr;
+                if (ch >= nch) break;
+                float qv[kVec];
+                load_q_chunk<kVec>(qs + (h0 + h) * D, ch, nch, qv);
+#pragma unroll
+                for (int u = 0; u < kU; ++u)
+#pragma unroll
+                    for (int e = 0; e < kVec; ++e) acc[u][h] = fmaf(x[u][c][e], qv[e], acc[u][h]);
+            }
+        }
+    }
+}
+
+// Sums over each aligned group of kLpr lanes of the N values v of every lane (N, kLpr powers of two), scattered
+// over the group: lane li ends with the sums of values [v0, v0 + M) in v[0, M), M = max(N / kLpr, 1), where
+// v0 = li * M when N >= kLpr, else v0 = li / (kLpr / N) (kLpr / N lanes then hold each sum). log2(kLpr) steps that
+// halve the values a lane holds: about N shuffles instead of the N log2(kLpr) of N group_sums.
+template <int kLpr, int kN = 0, int N>
+__device__ __forceinline__ void group_reduce_scatter(float (&v)[N], int li) {
+    constexpr int n = kN == 0 ? N : kN;  // values still held
+    if constexpr (kLpr > 1) {
+        constexpr int o = kLpr / 2;
+        if constexpr (n == 1) {
+            v[0] += __shfl_xor_sync(kFullMask, v[0], o);
+        } else {
+            const bool upper = (li & o) != 0;  // keep the upper half, send the lower one
+#pragma unroll
+            for (int i = 0; i < n / 2; ++i) {
+                const float send = upper ? v[i] : v[i + n / 2];
+                const float keep = upper ? v[i + n / 2] : v[i];
+                v[i] = keep + __shfl_xor_sync(kFullMask, send, o);
+            }
+        }
+        group_reduce_scatter<o, n == 1 ? 1 : n / 2>(v, li);
+    }
+}
+
 // Online softmax statistics: (m, l) with l = sum exp(s - m); m = -inf, l = 0 for an empty set.
 struct MaxSum {
     float m;
@@ -79,6 +181,13 @@ __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
     const float m = fmaxf(a.m, b.m);
     if (m == -INFINITY) return {m, 0.0f};
     return {m, a.l * __expf(a.m - m) + b.l * __expf(b.m - m)};
+}
+
+// The statistics st[0], st[stride], ..., st[(n - 1) * stride] merged into one.
+__device__ __forceinline__ MaxSum maxsum_merge_strided(const MaxSum* st, int n, int stride) {
+    MaxSum s{-INFINITY, 0.0f};
+    for (int i = 0; i < n; ++i) s = maxsum_merge(s, st[i * stride]);
+    return s;
 }
 
 #endif  // __CUDACC__

@@ -49,13 +49,12 @@ scores_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* _
     const int c0 = blockIdx.x * tile;
     const int c1 = min(C, c0 + tile);
     const T* qg = q + static_cast<long long>(g) * Hg * D;
-    for (int i = threadIdx.x; i < Hg * D; i += kThreads) qs[i] = to_float(qg[i]);
+    stage_queries<T, kVec>(qg, Hg * D, D, qs);
     for (int i = threadIdx.x; i < kGroups * Hg; i += kThreads) st[i] = MaxSum{-INFINITY, 0.0f};
     __syncthreads();
 
     const int gi = threadIdx.x / kLpr;
     const int li = threadIdx.x % kLpr;
-    const int nch = D / kVec;
     const T* cg = cen + static_cast<long long>(g) * C * D;
     const float* sg = sizes + static_cast<long long>(g) * C;
 
@@ -67,45 +66,9 @@ scores_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* _
         const int cb = cw + sub * kU;
         for (int h0 = 0; h0 < Hg; h0 += kHb) {
             float acc[kU][kHb];
-#pragma unroll
-            for (int u = 0; u < kU; ++u)
-#pragma unroll
-                for (int h = 0; h < kHb; ++h) acc[u][h] = 0.0f;
-            for (int ch = li; ch < nch; ch += kLpr) {
-                float x[kU][kVec];
-#pragma unroll
-                for (int u = 0; u < kU; ++u) {
-                    if (cb + u < c1) {
-                        load_float<T, kVec>(cg + static_cast<long long>(cb + u) * D + ch * kVec, x[u]);
-                    } else {
-#pragma unroll
-                        for (int e = 0; e < kVec; ++e) x[u][e] = 0.0f;
-                    }
-                }
-#pragma unroll
-                for (int h = 0; h < kHb; ++h) {
-                    if (h0 + h >= Hg) break;
-                    const float* qh = qs + (h0 + h) * D + ch * kVec;
-                    float qv[kVec];
-                    if constexpr (kVec % 4 == 0) {
-#pragma unroll
-                        for (int e = 0; e < kVec; e += 4) {
-                            const float4 t = *reinterpret_cast<const float4*>(qh + e);
-                            qv[e] = t.x;
-                            qv[e + 1] = t.y;
-                            qv[e + 2] = t.z;
-                            qv[e + 3] = t.w;
-                        }
-                    } else {
-#pragma unroll
-                        for (int e = 0; e < kVec; ++e) qv[e] = qh[e];
-                    }
-#pragma unroll
-                    for (int u = 0; u < kU; ++u)
-#pragma unroll
-                        for (int e = 0; e < kVec; ++e) acc[u][h] = fmaf(x[u][e], qv[e], acc[u][h]);
-                }
-            }
+            rows_dot_heads<T, kVec, kLpr, 1, kU, kHb>(acc, qs, D, h0, Hg, li, [&](int u) {
+                return cb + u < c1 ? cg + static_cast<long long>(cb + u) * D : nullptr;
+            });
 #pragma unroll
             for (int u = 0; u < kU; ++u)
 #pragma unroll
@@ -131,8 +94,7 @@ scores_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* _
     }
     __syncthreads();
     for (int h = threadIdx.x; h < Hg; h += kThreads) {
-        MaxSum s{-INFINITY, 0.0f};
-        for (int i = 0; i < kGroups; ++i) s = maxsum_merge(s, st[i * Hg + h]);
+        const MaxSum s = maxsum_merge_strided(st + h, kGroups, Hg);
         tile_stats[(static_cast<long long>(g) * gridDim.x + blockIdx.x) * Hg + h] = make_float2(s.m, s.l);
     }
 }

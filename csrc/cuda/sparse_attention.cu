@@ -37,8 +37,6 @@ __device__ __forceinline__ float fast_log2(float x) {  // lg2.approx: log2(0) = 
     return y;
 }
 
-__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
-
 // Lane layout of the exact part for keys of D elements of T and values of DV.
 template <typename T, int D, int DV, int HG>
 struct KvLayout {

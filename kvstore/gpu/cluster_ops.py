@@ -8,6 +8,8 @@
 * :func:`copy_rows` - copies runs of rows (clusters) between KV buffers in one
   launch, reading pinned host memory zero-copy (wave buffer admissions).
 * :func:`cluster_order` - tokens sorted by cluster and the CSR offsets.
+* :func:`candidate_scores` - exact scores of the keys of each slot's candidate
+  runs and each run's log-sum-exp.
 
 Each op takes ``backend``: ``"torch"`` (the reference, any device),
 ``"cuda"`` (the kernel of ``kvstore._cuda``) or ``"auto"`` (the kernel when
@@ -24,8 +26,8 @@ __all__ = ["cluster_scores", "select_clusters", "copy_rows", "cluster_order"]
 
 BACKENDS = ("auto", "torch", "cuda")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_HG = 32              # csrc/cuda/cluster_rank.h: kRankMaxHg
-_MAX_HG_TIMES_D = 8192    # csrc/cuda/cluster_rank.h: kRankMaxHgTimesD
+_MAX_HG = 32              # csrc/cuda/cluster_rank.h: kRankMaxHg (candidate_scores.h: kCandMaxHg)
+_MAX_HG_TIMES_D = 8192    # csrc/cuda/cluster_rank.h: kRankMaxHgTimesD (candidate_scores.h: kCandMaxHgTimesD)
 _COPY_BLOCK_BYTES = 1 << 15  # bytes of a run one block of the copy kernel moves (sets blocks_per_run)
 
 
@@ -342,7 +344,11 @@ def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor,
       * scale``; positions no run covers hold ``-inf``;
     * run_lse float32 ``[G, Hg, r]``: the log-sum-exp of each run's scores (``-inf`` for an empty run).
 
-    The kernel reads each key row once; the torch reference gathers the rows.
+    The kernel (a warp per run) reads each key row once; the torch reference gathers the rows. Both accumulate
+    in f32. Runs that leave ``keys`` or the width (``run_row < 0``, ``run_len < 0``, ``run_pos < 0``,
+    ``run_row + run_len > rows``, ``run_pos + run_len > width``) are invalid input: the kernel skips them (their
+    positions stay ``-inf``, their run_lse is NaN), the reference's result for them is unspecified.
+    Kernel limits: ``Hg <= 32``, ``Hg * D <= 8192``, ``D >= 1``, ``G * r < 2**31``.
     """
     check_tensor(q, "q", 3, _FLOATS)
     check_tensor(keys, "keys", 2)
@@ -359,6 +365,9 @@ def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor,
     if use_cuda_kernel(backend, q, keys, run_row, run_len, run_pos):
         from ._ext import cuda_ext
 
+        if Hg > _MAX_HG or Hg * D > _MAX_HG_TIMES_D or D == 0 or G * r >= 2 ** 31:
+            raise ValueError(f"q [G={G}, Hg={Hg}, D={D}] with r={r} exceeds the kernel's limits (Hg <= {_MAX_HG}, "
+                             f"Hg * D <= {_MAX_HG_TIMES_D}, D >= 1, G * r < 2**31); use backend='torch'")
         if hasattr(cuda_ext(), "candidate_scores"):
             return cuda_ext().candidate_scores(q.contiguous(), keys.contiguous(), run_row.contiguous(),
                                                run_len.contiguous(), run_pos.contiguous(), width, scale)

@@ -1,7 +1,8 @@
 // Torch bindings of the cluster kernels (csrc/cuda/cluster_rank.cu,
-// copy_rows.cu, kmeans_update.cu) for kvstore._cuda. The Python layer
-// (kvstore/gpu/cluster_ops.py, kvstore/gpu/kmeans.py) checks arguments with
-// messages naming them; the checks here guard the kernels against misuse.
+// cluster_runs.cu, candidate_scores.cu, copy_rows.cu, kmeans_update.cu) for
+// kvstore._cuda. The Python layer (kvstore/gpu/cluster_ops.py,
+// kvstore/gpu/kmeans.py) checks arguments with messages naming them; the
+// checks here guard the kernels against misuse.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "candidate_scores.h"
 #include "cluster_rank.h"
 #include "cluster_runs.h"
 #include "copy_rows.h"
@@ -149,6 +151,46 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_runs(const torch::Tensor& ids, 
     return {row, len};
 }
 
+// q [G, Hg, D], keys [rows, D] (q's dtype), run_row / run_len / run_pos int64 [G, r]
+//   -> (scores f32 [G, Hg, width], run_lse f32 [G, Hg, r]): see candidate_scores.h.
+std::tuple<torch::Tensor, torch::Tensor> candidate_scores(const torch::Tensor& q, const torch::Tensor& keys,
+                                                          const torch::Tensor& run_row, const torch::Tensor& run_len,
+                                                          const torch::Tensor& run_pos, int64_t width, double scale) {
+    check_cuda(q, "q");
+    check_cuda(keys, "keys");
+    TORCH_CHECK(q.dim() == 3 && keys.dim() == 2, "q must be [G, Hg, D], keys [rows, D]");
+    const int64_t G = q.size(0), Hg = q.size(1), D = q.size(2);
+    TORCH_CHECK(keys.size(1) == D && keys.scalar_type() == q.scalar_type(),
+                "keys must be [rows, D] of q's D and dtype");
+    TORCH_CHECK(keys.device() == q.device(), "keys must be on q's device");
+    const torch::Tensor* runs[] = {&run_row, &run_len, &run_pos};
+    const char* names[] = {"run_row", "run_len", "run_pos"};
+    for (int i = 0; i < 3; ++i) {
+        check_cuda(*runs[i], names[i]);
+        TORCH_CHECK(runs[i]->dim() == 2 && runs[i]->size(0) == G && runs[i]->size(1) == run_row.size(1) &&
+                        runs[i]->scalar_type() == torch::kInt64,
+                    names[i], " must be int64 [G, r] like run_row");
+        TORCH_CHECK(runs[i]->device() == q.device(), names[i], " must be on q's device");
+    }
+    const int64_t r = run_row.size(1);
+    TORCH_CHECK(width >= 0, "width must be >= 0, got ", width);
+    TORCH_CHECK(Hg <= kvstore::cluster::kCandMaxHg && D >= 1 && Hg * D <= kvstore::cluster::kCandMaxHgTimesD &&
+                    G <= INT32_MAX && r <= INT32_MAX && G * r <= INT32_MAX,
+                "unsupported sizes G=", G, " Hg=", Hg, " D=", D, " r=", r);
+    const DType dt = kernel_dtype(q.scalar_type(), "q");
+    const c10::cuda::CUDAGuard guard(q.device());
+    auto f32 = q.options().dtype(torch::kFloat32);
+    torch::Tensor scores = torch::full({G, Hg, width}, -INFINITY, f32);  // the kernel writes the runs' positions
+    torch::Tensor lse = torch::empty({G, Hg, r}, f32);
+    check_launch(kvstore::cluster::candidate_scores_launch(
+                     q.data_ptr(), keys.data_ptr(), dt, static_cast<int>(G), static_cast<int>(Hg), static_cast<int>(D),
+                     static_cast<int>(r), keys.size(0), run_row.data_ptr<int64_t>(), run_len.data_ptr<int64_t>(),
+                     run_pos.data_ptr<int64_t>(), width, static_cast<float>(scale), scores.data_ptr<float>(),
+                     lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                 "candidate_scores");
+    return {scores, lse};
+}
+
 // probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r best and the next e, each in ascending id order.
 std::tuple<torch::Tensor, torch::Tensor> select_clusters(const torch::Tensor& probs, int64_t r, int64_t e) {
     check_cuda(probs, "probs");
@@ -264,6 +306,10 @@ void register_cluster_ops(pybind11::module_& m) {
     m.def("cluster_runs", &cluster_runs, pybind11::arg("ids"), pybind11::arg("offsets"), pybind11::arg("base"),
           pybind11::arg("head_row"), pybind11::arg("head_len"),
           "the run table of a wave decode step: (row int64 [G, r + 1], len int32 [G, r + 1])");
+    m.def("candidate_scores", &candidate_scores, pybind11::arg("q"), pybind11::arg("keys"),
+          pybind11::arg("run_row"), pybind11::arg("run_len"), pybind11::arg("run_pos"), pybind11::arg("width"),
+          pybind11::arg("scale"),
+          "exact scores of the candidate runs: (scores f32 [G, Hg, width], run_lse f32 [G, Hg, r])");
     m.def("copy_rows", &copy_rows, pybind11::arg("dst_k"), pybind11::arg("dst_v"), pybind11::arg("src_k"),
           pybind11::arg("src_v"), pybind11::arg("src_row"), pybind11::arg("dst_row"), pybind11::arg("length"),
           pybind11::arg("blocks_per_run") = 1, "Copy M runs of rows (k and optionally v) in one launch");

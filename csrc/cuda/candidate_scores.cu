@@ -1,0 +1,180 @@
+// Candidate scores (see candidate_scores.h). A block takes kRunsPerBlock consecutive runs of one slot (the
+// blocks of a slot are consecutive: they share its queries in L2) and stages the slot's Hg queries in shared
+// memory as float; then each warp takes a run at a time (the next run's table entry loaded ahead). The lane groups
+// of kLpr lanes of a warp take kU rows of the run at a time (group i: rows i, i + kGroups, ...); lane l of a group
+// reads the 16-byte chunks l, l + kLpr, ... of a row (8 lanes: a 128-byte line per row and load) and multiplies
+// them with the query chunks of kHb heads at once. The group's sums are scattered over its lanes
+// (group_reduce_scatter): each lane writes the scores of a few rows of one head and keeps that head's online
+// softmax statistics in shared memory, merged into the run's log-sum-exp when the run ends. Every key row is read
+// once.
+#include "candidate_scores.h"
+
+#include <type_traits>
+
+namespace kvstore {
+namespace cluster {
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kU = 4;             // rows per lane group in flight
+constexpr int kRunsPerBlock = 8;  // short blocks (2 runs a warp): a small tail when run lengths differ
+
+struct CandArgs {
+    const void* q;
+    const void* keys;
+    long long rows;
+    const std::int64_t* run_row;
+    const std::int64_t* run_len;
+    const std::int64_t* run_pos;
+    int G, Hg, D, r;
+    long long width;
+    float scale;
+    float* scores;
+    float* run_lse;
+};
+
+template <typename T, int kVec, int kLpr, int kChunks, int kHb>
+__global__ void __launch_bounds__(kThreads, 4) candidate_kernel(const CandArgs a) {
+    static_assert(kLpr % kHb == 0, "the lanes of a group split evenly over the heads");
+    constexpr int kGroups = 32 / kLpr;          // lane groups of a warp
+    constexpr int kLanesPerHead = kLpr / kHb;   // lanes of a group that end with one head's sums
+    constexpr int kN = kU * kHb;                // sums of a lane group per step (group_reduce_scatter)
+    constexpr int kM = kN >= kLpr ? kN / kLpr : 1;      // sums a lane ends with
+    constexpr int kShare = kN >= kLpr ? 1 : kLpr / kN;  // lanes that end with each sum
+    extern __shared__ float4 smem4[];
+    const int Hg = a.Hg, D = a.D, r = a.r;
+    const int passes = (Hg + kHb - 1) / kHb;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / kLpr, li = lane % kLpr;
+    // the first of this lane's kM rows of a step; the first lane of the kShare holding a sum (owner) writes it
+    const int u0 = li / kShare * kM % kU;
+    const bool owner = li % kShare == 0;
+    float* qs = reinterpret_cast<float*>(smem4);                                 // [Hg, D] (stage_queries)
+    MaxSum* st = reinterpret_cast<MaxSum*>(qs + Hg * D) + warp * passes * 32;  // this warp's [passes, 32 lanes]
+
+    const int blocks_per_slot = (r + kRunsPerBlock - 1) / kRunsPerBlock;
+    const long long g = blockIdx.x / blocks_per_slot;
+    const int j0 = static_cast<int>(blockIdx.x % blocks_per_slot) * kRunsPerBlock;
+    const int j1 = min(j0 + kRunsPerBlock, r);
+    stage_queries<T, kVec>(static_cast<const T*>(a.q) + g * Hg * D, Hg * D, D, qs);
+    __syncthreads();
+
+    const std::int64_t *run_row = a.run_row + g * r, *run_len = a.run_len + g * r, *run_pos = a.run_pos + g * r;
+    long long next_row = 0, next_len = 0, next_pos = 0;
+    if (j0 + warp < j1) {
+        next_row = run_row[j0 + warp];
+        next_len = run_len[j0 + warp];
+        next_pos = run_pos[j0 + warp];
+    }
+    for (int j = j0 + warp; j < j1; j += kWarps) {  // uniform over the warp: the shuffles need every lane
+        const long long row0 = next_row, len = next_len, pos0 = next_pos;
+        if (j + kWarps < j1) {
+            next_row = run_row[j + kWarps];
+            next_len = run_len[j + kWarps];
+            next_pos = run_pos[j + kWarps];
+        }
+        float* lse = a.run_lse + g * Hg * r + j;  // head h at lse[h * r]
+        if (len <= 0 || row0 < 0 || pos0 < 0 || row0 > a.rows - len || pos0 > a.width - len) {
+            const float v = len == 0 ? neg_inf() : quiet_nan();  // empty, or outside keys / the width: skipped
+            for (int h = lane; h < Hg; h += 32) lse[static_cast<long long>(h) * r] = v;
+            continue;
+        }
+        for (int p = 0; p < passes; ++p) st[p * 32 + lane] = MaxSum{-INFINITY, 0.0f};
+        const T* kr = static_cast<const T*>(a.keys) + row0 * D;
+        float* out = a.scores + g * Hg * a.width + pos0;  // head h at out[h * width]
+        for (long long base = 0; base < len; base += kGroups * kU) {
+            for (int h0 = 0; h0 < Hg; h0 += kHb) {
+                float acc[kU][kHb];
+                rows_dot_heads<T, kVec, kLpr, kChunks, kU, kHb>(acc, qs, D, h0, Hg, li, [&](int u) {
+                    const long long i = base + u * kGroups + gi;
+                    return i < len ? kr + i * D : nullptr;
+                });
+                // The group's sums scattered over its lanes: lane li gets rows u0 .. u0 + kM - 1 of head
+                // h0 + li / kLanesPerHead, writes their scores and keeps that head's statistics.
+                float part[kN];
+#pragma unroll
+                for (int h = 0; h < kHb; ++h)
+#pragma unroll
+                    for (int u = 0; u < kU; ++u) part[h * kU + u] = acc[u][h];
+                group_reduce_scatter<kLpr, kN>(part, li);
+                const int hh = h0 + li / kLanesPerHead;
+                if (owner && hh < Hg) {
+                    MaxSum s = st[(h0 / kHb) * 32 + lane];
+#pragma unroll
+                    for (int m = 0; m < kM; ++m) {
+                        const long long i = base + (u0 + m) * kGroups + gi;
+                        if (i >= len) break;
+                        const float v = part[m] * a.scale;
+                        out[hh * a.width + i] = v;
+                        maxsum_push(s, v);
+                    }
+                    st[(h0 / kHb) * 32 + lane] = s;
+                }
+            }
+        }
+        __syncwarp();
+        for (int h = lane; h < Hg; h += 32) {  // head h's statistics: kLanesPerHead lanes of each group
+            const MaxSum* sh = st + (h / kHb) * 32 + (h % kHb) * kLanesPerHead;
+            MaxSum s{-INFINITY, 0.0f};
+            for (int i = 0; i < kGroups; ++i)
+                s = maxsum_merge(s, maxsum_merge_strided(sh + i * kLpr, kLanesPerHead, 1));
+            lse[static_cast<long long>(h) * r] = s.l > 0.0f ? s.m + __logf(s.l) : -INFINITY;
+        }
+        __syncwarp();  // st is reset by the warp's next run
+    }
+}
+
+template <typename T, int kVec, int kLpr, int kChunks, int kHb>
+cudaError_t launch(const CandArgs& a, cudaStream_t stream) {
+    const size_t smem = sizeof(float) * a.Hg * a.D + sizeof(MaxSum) * kThreads * ((a.Hg + kHb - 1) / kHb);
+    const long long blocks = static_cast<long long>(a.G) * ((a.r + kRunsPerBlock - 1) / kRunsPerBlock);
+    candidate_kernel<T, kVec, kLpr, kChunks, kHb><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
+    return cudaGetLastError();
+}
+
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+template <typename T>
+cudaError_t dispatch(const CandArgs& a, cudaStream_t stream) {
+    auto heads = [&](auto vec, auto lpr, auto chunks) {
+        constexpr int kVec = decltype(vec)::value, kLpr = decltype(lpr)::value, kCh = decltype(chunks)::value;
+        if (a.Hg == 1) return launch<T, kVec, kLpr, kCh, 1>(a, stream);
+        if (a.Hg == 2) return launch<T, kVec, kLpr, kCh, 2>(a, stream);
+        if (a.Hg <= 4) return launch<T, kVec, kLpr, kCh, 4>(a, stream);
+        return launch<T, kVec, kLpr, kCh, 8>(a, stream);
+    };
+    // 16-byte chunks read by 8 lanes a row, two chunks a lane in flight when the row has them; otherwise element
+    // by element, 32 lanes a row.
+    constexpr int kVec = Vec16<T>::kN;
+    if (a.D % kVec != 0 || !is_aligned(a.keys, 16)) return heads(Int<1>{}, Int<32>{}, Int<1>{});
+    if (a.D / kVec >= 16) return heads(Int<kVec>{}, Int<8>{}, Int<2>{});
+    return heads(Int<kVec>{}, Int<8>{}, Int<1>{});
+}
+
+}  // namespace
+
+cudaError_t candidate_scores_launch(const void* q, const void* keys, DType dtype, int G, int Hg, int D, int r,
+                                    long long rows, const std::int64_t* run_row, const std::int64_t* run_len,
+                                    const std::int64_t* run_pos, long long width, float scale, float* scores,
+                                    float* run_lse, cudaStream_t stream) {
+    if (G < 0 || Hg < 0 || Hg > kCandMaxHg || D < 1 || static_cast<long long>(Hg) * D > kCandMaxHgTimesD || r < 0 ||
+        rows < 0 || width < 0 || static_cast<long long>(G) * r > 0x7fffffffLL)
+        return cudaErrorInvalidValue;
+    if (static_cast<long long>(G) * r == 0 || Hg == 0) return cudaSuccess;
+    const CandArgs a{q, keys, rows, run_row, run_len, run_pos, G, Hg, D, r, width, scale, scores, run_lse};
+    switch (dtype) {
+        case DType::F32:
+            return dispatch<float>(a, stream);
+        case DType::F16:
+            return dispatch<__half>(a, stream);
+        case DType::BF16:
+            return dispatch<__nv_bfloat16>(a, stream);
+        default:
+            return cudaErrorInvalidValue;
+    }
+}
+
+}  // namespace cluster
+}  // namespace kvstore
