@@ -392,6 +392,7 @@ class Options:
     budget_seconds: float = 1800.0
     graph_train_queries: int = 256
     estimator: str = _WAVE.estimator
+    prefill: bool = True
     preset: str = "defaults"
     candidates: float | None = None
     retrieval: float | None = None
@@ -627,7 +628,9 @@ def run_point(context: int, batch: int, methods: Sequence[str], modes: Sequence[
         data = make_point_data(batch, context, spec, opts, device)
         base["attention"] = attention_stats(data.q, data.k, sink=spec.sink_tokens, window=spec.window)
         base.update(measure_sdpa(data, opts, device))
-        if need_prefill:
+        if need_prefill and not opts.prefill:
+            prefill_cache[context] = math.nan
+        elif need_prefill:
             try:
                 prefill_cache[context] = measure_prefill(data, spec, opts, device)
             except torch.cuda.OutOfMemoryError as e:
@@ -911,6 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimation", type=float, default=None, help="wave: override the estimation budget")
     p.add_argument("--distribution", choices=sorted(DISTRIBUTIONS), default="default",
                    help="generated attention: default, or flat (the top 1%% of keys holds about a third of the mass)")
+    p.add_argument("--no-prefill", action="store_true", help="skip the prefill timing (and the build / prefill ratio)")
     p.add_argument("--seed", type=int, default=0)
     add_out_argument(p, "decode")
     return p
@@ -929,7 +933,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = Options(reps=a.reps, warmup=a.warmup, query_sets=a.query_sets, cache_ratio=a.cache_ratio,
                    prefill_chunk=a.prefill_chunk, graph_max_tokens=a.graph_max_tokens, cuda_graph=not a.no_cuda_graph,
                    backend=a.backend, seed=a.seed, headroom=a.headroom, budget_seconds=a.budget_seconds,
-                   graph_train_queries=a.graph_train_queries, estimator=a.estimator, preset=a.preset,
+                   graph_train_queries=a.graph_train_queries, estimator=a.estimator, prefill=not a.no_prefill,
+                   preset=a.preset,
                    candidates=a.candidates, retrieval=a.retrieval, estimation=a.estimation,
                    distribution=a.distribution)
     results = Results("decode", a.out)
