@@ -169,17 +169,17 @@ def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fraction
     m = (frac * N).round().clamp(1, N).long()                                   # [G]
     order = torch.argsort(s, dim=-1, descending=True)                           # [G, Hg, N]
     if shared:
-        keep = torch.zeros(G, Hg, N, dtype=torch.bool)
+        keep = torch.zeros(G, Hg, N, dtype=torch.bool, device=q.device)
         for g in range(G):
             # interleave the heads' rankings; the first m distinct keys are the union the group reads
             seq = order[g].T.reshape(-1)
-            first = torch.zeros(N, dtype=torch.bool)
+            first = torch.zeros(N, dtype=torch.bool, device=q.device)
             uniq = seq[_first_seen(seq, N)][: int(m[g])]
             first[uniq] = True
             keep[g] = first
     else:
         rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(N).expand_as(order).contiguous())
+        rank.scatter_(-1, order, torch.arange(N, device=q.device).expand_as(order).contiguous())
         keep = rank < m[:, None, None]
     p = torch.softmax(s.masked_fill(~keep, -math.inf), dim=-1)
     return p @ v
@@ -187,8 +187,8 @@ def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fraction
 
 def _first_seen(seq: torch.Tensor, n: int) -> torch.Tensor:
     """Positions in ``seq`` (values in [0, n)) where a value appears for the first time, in order."""
-    first = torch.full((n,), seq.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, seq, torch.arange(seq.numel()), "amin")
+    first = torch.full((n,), seq.numel(), dtype=torch.long, device=seq.device)
+    first.scatter_reduce_(0, seq, torch.arange(seq.numel(), device=seq.device), "amin")
     return torch.sort(first[first < seq.numel()]).values
 
 
