@@ -209,3 +209,4 @@ def test_saved_context_refused_by_another_model(tmp_path):
                                      num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="different model"):
         KVStoreCache.from_saved(tmp_path / "c.kvstore", other)
+

@@ -182,6 +182,20 @@ def test_pipeline_decodes_through_the_store(attends):
     assert len(attends) == 7 * cfg.num_hidden_layers
 
 
+
+def test_answer_runs_exact_attention_or_the_store():
+    """generation.answer: config=None runs the model's exact attention (kvstore is restored after), a StoreConfig
+    a KVStoreCache; with full budgets the answers agree."""
+    from kvstore.generation import answer
+
+    _, ours = models(llama_config())
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(8))
+    full = answer(ours, word_tokenizer(), ids, None, max_new_tokens=8)
+    assert ours.config._attn_implementation == "kvstore"
+    through = answer(ours, word_tokenizer(), ids, StoreConfig(window=16, **FULL), max_new_tokens=8)
+    assert full.text and full.text == through.text
+    assert (full.method, full.read_fraction, through.method) == ("full", 1.0, "wave")
+
 def test_cache_takes_device_and_dtype_from_the_key_states():
     """No device given: no store until the first update, then one on the keys' device (the store picks its layer
     implementation from it); after reset a batch of another size and dtype; a pinned device is checked."""
