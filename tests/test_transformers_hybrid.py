@@ -153,7 +153,7 @@ def test_attn_implementation_alone_decodes_through_the_store(make, attends):
     expected = generate(ref, ids, new=8)
     assert attends == []
     assert torch.equal(generate(ours, ids, new=8, cache_config=FULL), expected)
-    n_global = sum(t == "full_attention" for t in integ._layer_types(cfg)[0])
+    n_global = KVStoreCache(cfg).is_sliding.count(False)
     assert len(attends) == 7 * n_global  # every decode step of every global layer
     out = ours.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     assert isinstance(out.cache, KVStoreCache)
@@ -229,7 +229,7 @@ def test_reset_then_a_batch_of_another_size(make):
     first = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(6))
     generate(ours, first, new=4, cache=cache)
     cache.reset()
-    assert cache.get_seq_length() == 0 and not cache._unconsumed
+    assert cache.get_seq_length() == 0 and cache.store.batch_size is None
     ids = torch.randint(1, 128, (3, 36), generator=torch.Generator().manual_seed(7))
     assert torch.equal(generate(ours, ids, new=6, cache=cache), generate(ref, ids, new=6))
     assert cache.get_seq_length() == 36 + 5
@@ -304,3 +304,20 @@ def test_exact_attention_with_offset_window_and_softcap():
         expected = (torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v.repeat_interleave(2, 1)).transpose(1, 2)
         got = integ._chunked_exact(q, k, v, None, 0.3, cap, window)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("make", [llama_config, gemma3_config])
+def test_generate_on_cuda_with_defaults_runs_the_gpu_wave_layer(make):
+    """A CUDA model and KVStoreCache(model.config) with no device: the store lands on the model's GPU and runs the
+    batched GPU wave layer; with full budgets the tokens equal sdpa's."""
+    cfg = make()
+    ref, ours = (m.cuda() for m in models(cfg))
+    ids = torch.randint(1, 128, (2, 300), generator=torch.Generator().manual_seed(9)).cuda()
+    cache = KVStoreCache(ours.config)
+    generate(ours, ids, new=8, cache=cache)
+    assert cache.device.type == "cuda"
+    assert {s["layer"] for s in cache.store.stats()["layers"] if s} == {"wave"}
+    full = KVStoreCache(ours.config, StoreConfig(window=16, update_interval=8, **FULL))
+    assert torch.equal(generate(ours, ids, cache=full), generate(ref, ids))

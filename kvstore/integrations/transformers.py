@@ -133,7 +133,6 @@ class KVStoreLayer(CacheLayerMixin):
         self.length = 0  # positions seen, padding included (what transformers counts)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.owner._follow(key_states.device, self.layer_idx)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
@@ -141,6 +140,7 @@ class KVStoreLayer(CacheLayerMixin):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.owner._follow(key_states.device, self.layer_idx)
         self.owner._begin(_Step(self.owner, self.layer_idx, "prefill" if self.length == 0 else "extend",
                                 key_states, value_states))
         self.length += key_states.shape[2]
@@ -538,7 +538,12 @@ def _check_generation(model: Any, generation_config: Any, cache: Any, generation
     if impl not in (None, "dynamic"):
         raise ValueError(f"cache_implementation={impl!r} with attn_implementation={attn!r}: kvstore attention "
                          f"builds its own KVStoreCache; leave cache_implementation unset")
-    mode = getattr(generation_mode, "name", str(generation_mode)).lower()
+    from transformers.generation.configuration_utils import GenerationMode
+
+    if isinstance(generation_mode, GenerationMode):
+        mode = generation_mode.name.lower()
+    else:  # a transformers version that does not pass the mode here
+        mode = "beam_search" if (generation_config.num_beams or 1) > 1 else "sample"
     if mode not in ("greedy_search", "sample"):
         why = ("the store cannot reorder its sequences between beams (reorder_cache)" if "beam" in mode else
                "the store cannot remove the rejected draft tokens (crop)" if "assisted" in mode else
