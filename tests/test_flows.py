@@ -3,6 +3,8 @@ smaller than a cluster or a page, so clusters and pages of every size), attend, 
 store and through transformers generation."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -116,7 +118,7 @@ def test_generation_with_full_budgets_equals_full_attention(interval):
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(cfg).eval()
-    ours = transformers.LlamaForCausalLM(cfg).eval()
+    ours = transformers.LlamaForCausalLM(copy.deepcopy(cfg)).eval()
     ours.load_state_dict(ref.state_dict())
     ref.config._attn_implementation = "sdpa"
     ours.config._attn_implementation = "kvstore"

@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = Results("reuse", a.out)
 
     from ..datasets.text import long_text
-    from ..generation import load_model
+    from ..generation import exact_attention, load_model
     from ..integrations.transformers import KVStoreCache
 
     model, tok = load_model(a.model)
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def first_token_and_answer(ids: torch.Tensor, cache) -> tuple[float, str, float]:
         t0 = time.perf_counter()
         with torch.no_grad():
-            kw = {} if cache is None else {"past_key_values": cache}
+            kw = {} if cache is None else {"cache": cache}
             first = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
                                    do_sample=False, pad_token_id=tok.eos_token_id, **kw)
         ttft = time.perf_counter() - t0
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with torch.no_grad():
             full = model.generate(input_ids=first, attention_mask=torch.ones_like(first),
                                   max_new_tokens=a.new_tokens - 1, do_sample=False, pad_token_id=tok.eos_token_id,
-                                  **({} if cache is None else {"past_key_values": cache}))
+                                  **({} if cache is None else {"cache": cache}))
         return ttft, tok.decode(full[0, ids.shape[1]:], skip_special_tokens=True), time.perf_counter() - t1
 
     import warnings
@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"question {i}/{len(QUESTIONS)} ...", flush=True)
             q = tok("\n\n" + qtext + "\nAnswer:", return_tensors="pt")["input_ids"]
             ids = torch.cat([doc, q], 1)
-            full_ttft, full_ans, _ = first_token_and_answer(ids, None)
+            with exact_attention(model):
+                full_ttft, full_ans, _ = first_token_and_answer(ids, None)
             fresh_ttft, fresh_ans, _ = first_token_and_answer(ids, KVStoreCache(model.config, cfg))
             t1 = time.perf_counter()
             saved = KVStoreCache.from_saved(path, model.config)
