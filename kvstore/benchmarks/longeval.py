@@ -6,7 +6,8 @@ haystacks of repeated filler and of real text shipped with Python).
 
 Every (context, task, depth, sample) prompt is answered greedily by every
 method; the score is exact match (fraction of the expected answers in the
-output). The prompt is prefilled exactly; the methods differ in what each
+output). The prompt is prefilled exactly, once for all methods
+(:func:`kvstore.generation.answer_methods`); the methods differ in what each
 decode step reads.
 
 Methods: full attention; wave and graph with the :class:`~kvstore.StoreConfig`
@@ -234,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from ..generation import answer, chat_ids, load_model
+    from ..generation import answer_methods, chat_ids, load_model
 
     try:
         from tqdm import tqdm
@@ -274,11 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ids = torch.cat([ids, pre], dim=1)
             ans_tokens = len(tok(", ".join(task.answers), add_special_tokens=False)["input_ids"])
             new = min(a.max_new_tokens, ans_tokens + 12)
+            methods = sorted(a.methods, key=lambda x: x != "full")     # full first: the others agree with it or not
+            cfgs = [method_config(m, int(ids.shape[1]), a) for m in methods]
+            bar.set_postfix_str(f"{c} {kind}/{h} d={depth}")
+            answers = answer_methods(model, tok, ids, cfgs, max_new_tokens=new)   # one exact prefill for all
             full_text = None
-            for m in sorted(a.methods, key=lambda x: x != "full"):     # full first: the others agree with it or not
-                cfg = method_config(m, int(ids.shape[1]), a)
-                bar.set_postfix_str(f"{c} {kind}/{h} d={depth} {m}")
-                ans = answer(model, tok, ids, cfg, max_new_tokens=new)
+            for m, cfg, ans in zip(methods, cfgs, answers):
                 runs.append({"context": c, "task": f"{kind}/{h}", "kind": kind, "haystack": h, "depth": depth,
                              "seed": seed, "method": m, "score": score(task, ans.text), "output": ans.text,
                              "answers": task.answers, "prompt_tokens": ans.prompt_tokens,
@@ -289,8 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if m == "full":
                     full_text = ans.text
                 bar.update(1)
-                doc["seconds"] = time.perf_counter() - t0
-                results.write_json("longeval.json", doc)   # partial results survive
+            doc["seconds"] = time.perf_counter() - t0
+            results.write_json("longeval.json", doc)   # partial results survive
     except KeyboardInterrupt:
         doc["interrupted"] = f"stopped after {len(runs)} of {len(jobs) * len(a.methods)} runs"
         print(f"\ninterrupted: {doc['interrupted']}; summarizing what ran")
