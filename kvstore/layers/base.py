@@ -17,6 +17,24 @@ class Layout(NamedTuple):
     value_dim: int
 
 
+class TokenStepLayer:
+    """A layer implementation around a batched layer that appends one token per sequence at a time
+    (``inner.append(k1 [B, Hkv, D], v1 [B, Hkv, Dv])``) and holds ``B`` sequences (``inner.B``)."""
+
+    layer: Any
+
+    @property
+    def batch_size(self) -> int:
+        return self.layer.B
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if mask is not None and not bool(mask.all()):
+            raise ValueError(f"append: the {self.kind} layer takes a token for every sequence at every step "
+                             "(no padding in decoded tokens)")
+        for t in range(k.shape[2]):
+            self.layer.append(k[:, :, t], v[:, :, t])
+
+
 class LayerCache(abc.ABC):
     """One layer's KV for a batch of ``B`` sequences.
 

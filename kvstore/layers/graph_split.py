@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import LayerCache
+from .base import LayerCache, TokenStepLayer
 
 
-class GraphSplitLayer(LayerCache):
+class GraphSplitLayer(TokenStepLayer, LayerCache):
     kind = "graph_split"
 
     def __init__(self, layer) -> None:
@@ -34,17 +34,6 @@ class GraphSplitLayer(LayerCache):
         from ..gpu.graph_split import GraphSplitLayer as Split
 
         return cls(Split.build(k.to(device), v.to(device), None if q is None else q.to(device), cls._config(config)))
-
-    @property
-    def batch_size(self) -> int:
-        return self.layer.B
-
-    def append(self, k, v, mask):
-        if mask is not None and not bool(mask.all()):
-            raise ValueError("append: the graph layer takes a token for every sequence at every step "
-                             "(no padding in decoded tokens)")
-        for t in range(k.shape[2]):
-            self.layer.append(k[:, :, t], v[:, :, t])
 
     def attend(self, q):
         return self.layer.decode(q, return_lse=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import LayerCache
+from .base import LayerCache, TokenStepLayer
 
 
-class WaveLayer(LayerCache):
+class WaveLayer(TokenStepLayer, LayerCache):
     kind = "wave"
 
     def __init__(self, layer) -> None:
@@ -20,17 +20,6 @@ class WaveLayer(LayerCache):
         lengths = None if mask is None else mask.sum(1)
         return cls(GpuWaveLayer.build(k, v, WaveGpuConfig.from_store(config), device=device, mask=mask,
                                       lengths=lengths))
-
-    @property
-    def batch_size(self) -> int:
-        return self.layer.B
-
-    def append(self, k, v, mask):
-        if mask is not None and not bool(mask.all()):
-            raise ValueError("append: the batched wave layer takes a token for every sequence at every step "
-                             "(no padding in decoded tokens)")
-        for t in range(k.shape[2]):
-            self.layer.append(k[:, :, t], v[:, :, t])
 
     def attend(self, q):
         return self.layer.decode_with_lse(q)
