@@ -330,23 +330,23 @@ def test_e2e_runs_a_tiny_llama_on_cpu():
         assert r["final_length"] == 300 + 1 + 3  # prompt, warm-up step, timed steps
         assert r["tokens_per_s"] > 0 and r["prefill_s"] > 0
     assert res[0]["store_config"] is None  # full attention: a DynamicCache
-    assert res[1]["store_config"]["method"] == "wave" and res[1]["store_config"]["check_finite"] is False
+    assert res[1]["store_config"] == StoreConfig().to_dict()  # KVStoreCache(model.config): the defaults
 
 
-def test_e2e_records_check_finite_off(tmp_path, monkeypatch):
-    """kvstore methods run without the per-step NaN/inf check; e2e.json and decode.md say so."""
-    assert e2e.STORE_OPTIONS == {"check_finite": False}
+def test_e2e_runs_the_defaults(tmp_path, monkeypatch):
+    """kvstore methods run KVStoreCache(model.config), the StoreConfig defaults; e2e.json and decode.md say so."""
+    assert e2e.STORE_OPTIONS == {}
     res = [{"method": "kvstore", "batch": 1, "context": 1024, "status": "ok", "prefill_s": 1.0, "tokens_per_s": 8.0,
-            "ms_per_step": 125.0, "peak_gpu_bytes": None, "tried": [], "store_config": {"check_finite": False}}]
+            "ms_per_step": 125.0, "peak_gpu_bytes": None, "tried": [], "store_config": StoreConfig().to_dict()}]
     monkeypatch.setattr(e2e, "require_cuda", lambda what: None)
     monkeypatch.setattr(e2e, "run", lambda *a, **kw: res)
     monkeypatch.setattr(e2e, "environment", lambda device: {"device": str(device)})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert e2e.main(["--context", "1K", "--layers", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "e2e.json").read_text())
-    assert data["store_options"] == {"check_finite": False}
-    assert data["results"][0]["store_config"]["check_finite"] is False
-    assert "StoreConfig(check_finite=False)" in (tmp_path / "decode.md").read_text()
+    assert data["store_options"] == {}
+    assert data["results"][0]["store_config"]["candidates"] == StoreConfig().candidates
+    assert "KVStoreCache(model.config): the StoreConfig defaults" in (tmp_path / "decode.md").read_text()
 
 
 def _wave_ops_present() -> bool:

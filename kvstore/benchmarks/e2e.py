@@ -6,18 +6,18 @@ theta 500 000) is built from the configuration with random weights (nothing
 is downloaded), in bf16 on the GPU; ``--layers`` keeps fewer layers (weights
 ~16 GB at 32 layers; the KV of a 128K-token sequence is 16 GiB over 32
 layers). After a random prompt of ``--context`` tokens, ``--new-tokens``
-tokens are generated greedily by a manual loop of model forward calls with the
-cache, with
+tokens are generated greedily by ``model.generate``, the way users run it:
 
-* ``full``: ``attn_implementation="sdpa"`` and a ``DynamicCache``;
-* ``kvstore`` / ``kvstore-offload``: ``attn_implementation="kvstore"``
-  (:func:`kvstore.integrations.transformers.register`) and a
-  :class:`~kvstore.integrations.transformers.KVStoreCache` with
-  ``StoreConfig(method="wave", gpu_mode="gpu_only" | "offload", check_finite=False)``
-  on the GPU. ``check_finite=False`` (:data:`STORE_OPTIONS`) drops the NaN/inf
-  check of every step's keys, values and queries: on the GPU that check waits
-  for the device at every layer of every step. Each kvstore result records its
-  ``store_config``.
+* ``full``: ``attn_implementation="sdpa"`` and transformers' own cache;
+* ``kvstore``: ``attn_implementation="kvstore"`` and
+  ``cache=KVStoreCache(model.config)``: the :class:`~kvstore.StoreConfig`
+  defaults, on the model's device;
+* ``kvstore-offload``: the same with ``StoreConfig(gpu_mode="offload")``.
+
+A logits processor reads the clock after every step (synchronising the GPU), so
+the first step is the prefill (for kvstore it includes building the index) and
+the steps after ``--warmup-steps`` more are the timed decode. Each kvstore
+result records its ``store_config``.
 
 Each method runs at the largest of ``--batches`` that fits (tried from the
 largest down; an out-of-memory error frees everything and tries the next).
@@ -45,9 +45,8 @@ from ._output import Results, add_out_argument
 from .decode import GiB, environment, fmt_size, parse_size, require_cuda, write_section
 
 METHODS = ("full", "kvstore", "kvstore-offload")
-# StoreConfig fields the kvstore methods set beyond method/gpu_mode: no per-step NaN/inf check (a GPU sync
-# per layer per step); recorded in e2e.json and decode.md.
-STORE_OPTIONS = {"check_finite": False}
+# StoreConfig fields the kvstore methods set beyond the defaults (recorded in e2e.json and decode.md)
+STORE_OPTIONS: dict[str, Any] = {}
 
 
 def llama3_8b_config(layers: int = 32, max_positions: int = 131072):
@@ -70,25 +69,30 @@ def build_model(config: Any, device: torch.device, seed: int = 0):
     return model.eval()
 
 
-def _new_cache(model: Any, method: str, device: torch.device):
+def _new_cache(model: Any, method: str) -> Any:
+    """None (transformers' own cache, exact attention) for ``full``; a KVStoreCache for the kvstore methods."""
     if method == "full":
-        from transformers import DynamicCache
-
         model.set_attn_implementation("sdpa")
-        return DynamicCache(config=model.config)
+        return None
     from ..config import StoreConfig
     from ..integrations.transformers import KVStoreCache  # registers attn_implementation="kvstore"
 
     model.set_attn_implementation("kvstore")
-    mode = "offload" if method == "kvstore-offload" else "gpu_only"
-    return KVStoreCache(model.config, StoreConfig(method="wave", gpu_mode=mode, **STORE_OPTIONS), device=device)
+    if method == "kvstore-offload":
+        return KVStoreCache(model.config, StoreConfig(gpu_mode="offload", **STORE_OPTIONS))
+    return KVStoreCache(model.config, StoreConfig(**STORE_OPTIONS)) if STORE_OPTIONS else KVStoreCache(model.config)
 
 
-def _cache_kw(model: Any) -> str:
-    """The forward argument that takes the cache: ``cache`` in newer transformers, ``past_key_values`` before."""
-    import inspect
+class _StepClock:
+    """A logits processor that reads the clock after every generation step (the device synchronised)."""
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def _sync(device: torch.device) -> None:
@@ -114,32 +118,27 @@ def generate(model: Any, method: str, batch: int, context: int, new_tokens: int,
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    from transformers import LogitsProcessorList
+
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cache = _new_cache(model, method, device)
-    kw = {_cache_kw(model): cache, "use_cache": True}
+    cache = _new_cache(model, method)
+    clock = _StepClock(device)
+    steps = 1 + warmup_steps + new_tokens
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, logits_to_keep=1, **kw)
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
-    del out
-    for _ in range(warmup_steps):
-        tok = model(input_ids=tok, **kw).logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    t1 = time.perf_counter()
-    for _ in range(new_tokens):
-        tok = model(input_ids=tok, **kw).logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    decode_s = time.perf_counter() - t1
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                   do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]),
+                   **({} if cache is None else {"cache": cache}))
+    prefill_s = clock.times[0] - t0
+    decode_s = clock.times[-1] - clock.times[warmup_steps]
+    length = context + steps - 1
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    length = cache.get_seq_length()
     store = getattr(cache, "store", None)
     store_config = None if store is None else store.config.to_dict()
-    del cache, kw, store
+    del cache, store
     return {"method": method, "batch": batch, "context": context, "new_tokens": new_tokens,
             "final_length": int(length), "prefill_s": prefill_s, "decode_s": decode_s,
             "tokens_per_s": batch * new_tokens / decode_s, "ms_per_step": 1e3 * decode_s / new_tokens,
@@ -194,9 +193,10 @@ def run(config: Any, methods: Sequence[str], batches: Sequence[int], context: in
 
 
 def store_options_note() -> str:
-    """The kvstore methods' extra StoreConfig options, for the markdown report."""
-    opts = ", ".join(f"{k}={v!r}" for k, v in STORE_OPTIONS.items())
-    return f"StoreConfig({opts}) (no NaN/inf check of each step's q/k/v: it would sync the GPU at every layer)"
+    """The kvstore methods' StoreConfig, for the markdown report."""
+    if not STORE_OPTIONS:
+        return "KVStoreCache(model.config): the StoreConfig defaults"
+    return "StoreConfig(" + ", ".join(f"{k}={v!r}" for k, v in STORE_OPTIONS.items()) + ")"
 
 
 def build_parser() -> argparse.ArgumentParser:
