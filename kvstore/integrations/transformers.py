@@ -47,6 +47,12 @@ How the pieces behave (transformers' own conventions where it has one):
   ``query_pre_attn_scalar``). Attention-logit softcapping
   (``attn_logit_softcapping``, Gemma 2) cannot be applied inside the store and
   is refused; bidirectional attention too.
+* **Tensor parallelism** (transformers' ``tp_plan`` / ``DistributedConfig(tp_size=N)``, or torch's
+  ``parallelize_module``): each rank's attention sees only its own KV heads, and its KVStoreCache stores and
+  attends just those; the head count comes from the key states, the rank's slice of the model's heads from the
+  sharded ``k_proj`` weight, and both go into the store's fingerprint (``"shard"``). Decoding adds no
+  cross-rank traffic. :meth:`KVStoreCache.save` is then collective: one file per rank plus a manifest (see
+  ``docs/tensor_parallel.md``).
 * **Beam search, assisted/speculative decoding, crop.** The store cannot
   reorder, duplicate or drop its sequences' tokens, so ``reorder_cache``,
   ``crop`` (other than ``crop(0)``), ``batch_repeat_interleave`` and
@@ -116,6 +122,114 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a == b or a.type == b.type == "cpu"
 
 
+# --- tensor parallelism -----------------------------------------------------------------------
+MANIFEST_KIND = "kvstore_tp_manifest"   # the container kind of the manifest a sharded save writes at ``path``
+_MANIFEST_MAX_BYTES = 4 << 20           # a larger file at ``path`` is a store, never a manifest
+_DIGEST_BYTES = 32                      # the SHA-256 that ends every container file (kvstore/_fileformat.py)
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)`` of torch.distributed's default group; ``(0, 1)`` when it is not initialised."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _kv_head_slice(module: torch.nn.Module, local: int, total: int, head_dim: int, layer: int) -> tuple[int, int]:
+    """``[start, stop)``: which of the model's ``total`` KV heads this process's attention ``module`` holds, its
+    key states having ``local`` heads.
+
+    Read from the sharded ``k_proj`` weight when it is a DTensor (transformers' tensor parallelism and torch's
+    ``parallelize_module`` both shard it by rows, ``head_dim`` rows per head); else every head when none is
+    missing; else, on ``world`` ranks each holding ``total / world`` heads, the rank-ordered even split.
+    """
+    weight = getattr(getattr(module, "k_proj", None), "weight", None)
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+            if shape[0] == local * head_dim and offset[0] % head_dim == 0:
+                start = offset[0] // head_dim
+                return start, start + local
+    if local == total:
+        return 0, total
+    rank, world = _distributed()
+    if world > 1 and local * world == total:
+        return rank * local, (rank + 1) * local
+    raise ValueError(f"layer {layer}: the key states have {local} KV heads, config.num_key_value_heads is {total}, "
+                     f"and kvstore cannot tell which of them this process holds (k_proj.weight is not a DTensor and "
+                     f"the {total} heads are not split evenly over a torch.distributed world of {world}); shard the "
+                     f"model with transformers' tensor parallelism (DistributedConfig(tp_size=...)) or torch's "
+                     f"parallelize_module")
+
+
+def _shard_text(shard: dict | None, total: int) -> str:
+    if not shard:
+        return f"all {total} KV heads (no tensor-parallel shard)"
+    a, b = shard["kv_heads"]
+    return f"KV heads [{a}, {b}) of {total}, rank {shard['rank']} of {shard['world_size']}"
+
+
+def _store_shard(store: KVStore) -> dict | None:
+    """The ``"shard"`` a store's fingerprint records (None: the store holds every KV head of the model)."""
+    return store.fingerprint.get("shard") if isinstance(store.fingerprint, dict) else None
+
+
+def _fingerprint_diff(saved: Any, expected: dict) -> str:
+    """What differs between two fingerprints, field by field (``name: saved X, this model Y``)."""
+    if not isinstance(saved, dict):
+        return f"saved {saved!r}, expected {expected}"
+    keys = [k for k in list(expected) + [k for k in saved if k not in expected] if saved.get(k) != expected.get(k)]
+    return "; ".join(f"{k}: saved {saved.get(k)!r}, this model {expected.get(k)!r}" for k in keys)
+
+
+def _file_digest(path: str) -> str:
+    """The SHA-256 a container file ends with (hex): it identifies the file's contents."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < _DIGEST_BYTES:
+            return ""  # no container: matches no recorded digest
+        f.seek(-_DIGEST_BYTES, os.SEEK_END)
+        return f.read(_DIGEST_BYTES).hex()
+
+
+def shard_path(path: str | os.PathLike, rank: int, world_size: int) -> str:
+    """The file rank ``rank`` of ``world_size`` saves its store to when a context is saved at ``path``."""
+    return f"{os.fspath(path)}.rank{rank}-of-{world_size}"
+
+
+def _read_manifest(path: str) -> dict | None:
+    """The manifest at ``path``, or None when ``path`` holds something else (a store)."""
+    from .._fileformat import CorruptFileError, read_container
+
+    if os.path.getsize(path) > _MANIFEST_MAX_BYTES:
+        return None
+    kind, meta, _ = read_container(path)
+    if kind != MANIFEST_KIND:
+        return None
+    try:
+        world = meta["world_size"]
+        shards = meta["shards"]
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+            raise ValueError("world_size must be an int >= 1")
+        if not isinstance(meta["fingerprint"], dict):
+            raise ValueError("fingerprint must be a dict")
+        if not isinstance(shards, list) or len(shards) != world:
+            raise ValueError("shards must list one entry per rank")
+        for r, e in enumerate(shards):
+            heads = e["kv_heads"]
+            if (e["rank"] != r or not isinstance(e["file"], str) or os.path.basename(e["file"]) != e["file"]
+                    or not isinstance(e["sha256"], str) or not isinstance(heads, list) or len(heads) != 2
+                    or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads)):
+                raise ValueError(f"shard entry {r} is malformed")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptFileError(path, f"inconsistent manifest ({e})") from None
+    return meta
+
+
 class KVStoreLayer(CacheLayerMixin):
     """One global-attention decoder layer's view of the shared :class:`kvstore.KVStore`.
 
@@ -140,7 +254,7 @@ class KVStoreLayer(CacheLayerMixin):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.owner._follow(key_states.device, self.layer_idx)
+        self.owner._follow(key_states, self.layer_idx)
         self.owner._begin(_Step(self.owner, self.layer_idx, "prefill" if self.length == 0 else "extend",
                                 key_states, value_states))
         self.length += key_states.shape[2]
@@ -237,7 +351,10 @@ class KVStoreCache(Cache):
         store: a :class:`KVStore` to continue from (see :meth:`from_saved`);
             it fixes the device and the store config.
 
-    ``store`` is ``None`` until the first update when ``device`` is not given.
+    ``store`` is ``None`` until the first update when ``device`` is not given. The store's KV head count is
+    that of the first key states: under tensor parallelism each rank's store holds only the heads of its shard
+    (``config.num_key_value_heads / tp_size``), and its fingerprint records which (``"shard"``: the rank, the
+    world size and the slice ``kv_heads`` of the model's KV heads, read from the sharded ``k_proj`` weight).
     """
 
     def __init__(self, config: Any, store_config: StoreConfig | None = None, device: str | torch.device | None = None,
@@ -267,12 +384,14 @@ class KVStoreCache(Cache):
         self.fingerprint = fp
         self._device = None if device is None else torch.device(device)
         self._unconsumed: set[int] = set()  # layers updated whose attention has not run yet
+        self._bound: set[int] = set()       # layers whose KV head slice was checked against the store's
+        self._shard_open = store is None    # a new store takes its shard from its first prefill
         self.store: KVStore | None = store
         if store is not None:
             self._check_store(store, layers)
             self._device = store.device
         elif self._device is not None:
-            self.store = self._new_store(self._device)
+            self.store = self._new_store(self._device, self.fingerprint["num_key_value_heads"])
         super().__init__(layers=layers)
         if store is not None:
             for i, layer in enumerate(self.layers):
@@ -280,42 +399,83 @@ class KVStoreCache(Cache):
                     layer.length = max(store.seq_lengths(i))
                     layer.device, layer.is_initialized = store.device, True
 
-    def _new_store(self, device: torch.device) -> KVStore:
+    def _new_store(self, device: torch.device, num_kv_heads: int) -> KVStore:
+        """An empty store on ``device`` for ``num_kv_heads`` KV heads (the key states'); its shard is set by the
+        first prefill (:meth:`_bind_shard`)."""
         fp = self.fingerprint
-        return KVStore(fp["num_hidden_layers"], fp["num_key_value_heads"], fp["head_dim"], self.store_config, device,
-                       fingerprint=fp)
+        self._bound.clear()
+        self._shard_open = True
+        return KVStore(fp["num_hidden_layers"], num_kv_heads, fp["head_dim"], self.store_config, device,
+                       fingerprint=dict(fp))
 
     def _check_store(self, store: KVStore, layers: list) -> None:
         fp = self.fingerprint
-        want = (fp["num_hidden_layers"], fp["num_key_value_heads"], fp["head_dim"])
         if not isinstance(store, KVStore):
             raise TypeError(f"store must be a KVStore, got {type(store).__name__}")
+        shard = _store_shard(store)
+        heads = fp["num_key_value_heads"] if not shard else shard["kv_heads"][1] - shard["kv_heads"][0]
+        want = (fp["num_hidden_layers"], heads, fp["head_dim"])
         if (store.num_layers, store.num_kv_heads, store.head_dim) != want:
             raise ValueError(f"store holds (num_layers, num_kv_heads, head_dim) = "
-                             f"{(store.num_layers, store.num_kv_heads, store.head_dim)}, the model {want}")
+                             f"{(store.num_layers, store.num_kv_heads, store.head_dim)}, the model {want}"
+                             + (f" ({_shard_text(shard, fp['num_key_value_heads'])})" if shard else ""))
         if store.batch_size is not None and any(layer.is_sliding for layer in layers):
             raise ValueError("a KVStore holding tokens cannot continue a model with sliding-window layers: their "
                              "windows are not part of the store")
+
+    def _bind_shard(self, layer: int, module: torch.nn.Module, key: torch.Tensor) -> None:
+        """Record (a new store's first prefill) or check (every other layer, a loaded store) which of the model's
+        KV heads this process's attention holds against the store's (``fingerprint["shard"]["kv_heads"]``; all
+        of them without a shard). Host-only, once per layer."""
+        fp = self.fingerprint
+        total = fp["num_key_value_heads"]
+        heads = list(_kv_head_slice(module, key.shape[1], total, fp["head_dim"], layer))
+        rank, world = _distributed()
+        store = self.store
+        if self._shard_open:
+            sharded = world > 1 or heads != [0, total]
+            store.fingerprint = {**fp, "shard": {"rank": rank, "world_size": world, "kv_heads": heads}} if sharded \
+                else dict(fp)
+            self._shard_open = False
+        else:
+            have = _store_shard(store)
+            if (have["kv_heads"] if have else [0, total]) != heads:
+                mine = {"rank": rank, "world_size": world, "kv_heads": heads}
+                raise ValueError(f"layer {layer}: this process's attention holds {_shard_text(mine, total)}, the "
+                                 f"store {_shard_text(have, total)}: a context filled or saved under one "
+                                 f"tensor-parallel sharding continues only under the same one (same world size, "
+                                 f"each rank the same KV heads)")
+        self._bound.add(layer)
 
     @property
     def device(self) -> torch.device | None:
         """The store's device (None before the first update when it follows the key states)."""
         return None if self.store is None else self.store.device
 
-    def _follow(self, device: torch.device, layer: int) -> None:
-        """Put the store on ``device`` (the first key states') unless it is pinned or holds tokens elsewhere."""
+    def _follow(self, key_states: torch.Tensor, layer: int) -> None:
+        """Put the store on the first key states' device with their KV head count (a tensor-parallel rank's
+        shard has fewer than the config), unless it is pinned to a device or holds tokens."""
+        device, heads = key_states.device, key_states.shape[1]
         store = self.store
-        if store is not None and _same_device(store.device, device):
+        same_device = store is not None and _same_device(store.device, device)
+        if same_device and store.num_kv_heads == heads:
             return
-        if self._device is None and (store is None or store.batch_size is None):
-            self.store = self._new_store(device)
+        empty = store is None or store.batch_size is None
+        if empty and (self._device is None or same_device):
+            self.store = self._new_store(device if self._device is None else self._device, heads)
             return
-        if store.batch_size is None:
-            why = f"KVStoreCache(device={self._device}) keeps its store there; leave device unset to follow the model"
-        else:
-            why = ("the store keeps every global layer on one device and already holds tokens there (a model split "
-                   "over devices is not supported; load a saved context with from_saved(..., device=...))")
-        raise ValueError(f"layer {layer}: the key states are on {device}, the store on {store.device}: {why}")
+        if not same_device:
+            if store.batch_size is None:
+                why = (f"KVStoreCache(device={self._device}) keeps its store there; leave device unset to follow "
+                       f"the model")
+            else:
+                why = ("the store keeps every global layer on one device and already holds tokens there (a model "
+                       "split over devices is not supported; load a saved context with from_saved(..., device=...))")
+            raise ValueError(f"layer {layer}: the key states are on {device}, the store on {store.device}: {why}")
+        held = _shard_text(_store_shard(store), self.fingerprint["num_key_value_heads"])
+        raise ValueError(f"layer {layer}: the key states have {heads} KV heads, the store holds "
+                         f"{store.num_kv_heads} ({held}): a context filled or saved under one tensor-parallel "
+                         f"sharding continues only under the same one")
 
     def _begin(self, step: _Step) -> None:
         if step.layer in self._unconsumed:
@@ -353,13 +513,80 @@ class KVStoreCache(Cache):
     # --- saved contexts -------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Save the context (see :meth:`kvstore.KVStore.save`) for :meth:`from_saved`. Models with sliding-window
-        layers cannot be saved (their windows are not part of the store)."""
+        layers cannot be saved (their windows are not part of the store).
+
+        In one process: one file at ``path``. On a torch.distributed world of ``W > 1`` ranks (tensor
+        parallelism: each rank's store holds its own KV heads) this is collective, like the model's forward:
+        every rank must call it with the same ``path``. Each rank writes its store to
+        ``path.rank{r}-of-{W}`` (:func:`shard_path`); the ranks then exchange what they wrote (one small
+        ``all_gather_object``, which is also a barrier), and rank 0 writes the manifest at ``path``: the world
+        size, the model fingerprint, and per rank its file, KV heads and the file's SHA-256, so that a shard
+        rewritten by a later or failed save is refused at load. A last ``broadcast_object_list`` reports the
+        manifest's write to every rank: when ``save`` returns on any rank, the whole context is on disk. Every
+        file is written atomically; a failure on any rank raises on every rank (``RuntimeError`` naming the rank)
+        and leaves the previous manifest in place. Decoding itself never communicates across ranks.
+        """
+        rank, world = _distributed()
+        if world == 1:
+            self._check_savable()
+            self.store.save(path)
+            return
+        dist = torch.distributed
+        own = shard_path(path, rank, world)
+        error: BaseException | None = None
+        try:
+            self._check_savable()
+            store = self.store
+            model = {k: v for k, v in (store.fingerprint or {}).items() if k != "shard"}
+            held = _store_shard(store)
+            heads = held["kv_heads"] if held else [0, self.fingerprint["num_key_value_heads"]]
+            store.fingerprint = {**model, "shard": {"rank": rank, "world_size": world, "kv_heads": heads}}
+            store.save(own)
+            report: Any = {"rank": rank, "file": os.path.basename(own), "kv_heads": heads,
+                           "sha256": _file_digest(own), "fingerprint": model}
+        except Exception as e:  # reported to every rank below, so that none waits for this one
+            error, report = e, f"{type(e).__name__}: {e}"
+        reports: list[Any] = [None] * world
+        dist.all_gather_object(reports, report)
+        failed = [(r, x) for r, x in enumerate(reports) if not isinstance(x, dict)]
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"KVStoreCache.save({os.fspath(path)!r}): rank {failed[0][0]} failed "
+                               f"({failed[0][1]}); no manifest was written")
+        status = [None]
+        if rank == 0:
+            try:
+                self._write_manifest(path, reports, world)
+            except Exception as e:
+                status = [f"{type(e).__name__}: {e}"]
+        dist.broadcast_object_list(status, src=0)
+        if status[0] is not None:
+            raise RuntimeError(f"KVStoreCache.save({os.fspath(path)!r}): rank 0 could not write the manifest "
+                               f"({status[0]})")
+
+    def _check_savable(self) -> None:
         if any(self.is_sliding):
             raise NotImplementedError("KVStoreCache.save: a model with sliding-window layers cannot be saved, their "
                                       "windows are not part of the store")
         if self.store is None:
             raise RuntimeError("KVStoreCache.save: the cache holds no tokens yet")
-        self.store.save(path)
+
+    def _write_manifest(self, path: str | os.PathLike, reports: list[dict], world: int) -> None:
+        """Rank 0: the manifest of a sharded save, after checking the ranks saved one model, one sharding."""
+        from .._fileformat import write_container
+
+        fp = self.fingerprint
+        for r in reports:
+            if r["fingerprint"] != fp:
+                raise ValueError(f"rank {r['rank']} saved a store of another model "
+                                 f"({_fingerprint_diff(r['fingerprint'], fp)})")
+            a, b = r["kv_heads"]
+            if not 0 <= a < b <= fp["num_key_value_heads"]:
+                raise ValueError(f"rank {r['rank']}'s store holds KV heads [{a}, {b}), not a slice of the model's "
+                                 f"{fp['num_key_value_heads']}")
+        shards = [{k: r[k] for k in ("rank", "file", "kv_heads", "sha256")} for r in reports]
+        write_container(path, MANIFEST_KIND, {"world_size": world, "fingerprint": fp, "shards": shards}, {})
 
     @classmethod
     def from_saved(cls, path: str | os.PathLike, config: Any, device: str | torch.device = "cpu", mmap: bool = True
@@ -367,8 +594,49 @@ class KVStoreCache(Cache):
         """A cache holding a saved context, on ``device`` (the model's: the store cannot move once it holds
         tokens): generation continues from it with new tokens (pass the context's ids followed by the new ones
         to ``generate``; only the new ones are computed). Refuses a store saved for another model. One sequence
-        per saved context."""
-        store = KVStore.load(path, device, fingerprint=model_fingerprint(config), mmap=mmap)
+        per saved context.
+
+        A context saved by ``W`` tensor-parallel ranks (a manifest at ``path``): each of ``W`` ranks calls this
+        and loads its own shard; no communication. Refused with a ``ValueError`` naming what differs when this
+        world's size is not ``W``, the model differs, or the shard file is not the one the manifest was saved
+        with; the rank's KV heads are checked against the shard's at each layer's first step (the model's
+        sharding is known only then).
+        """
+        fp = model_fingerprint(config)
+        name = os.fspath(path)
+        manifest = _read_manifest(name)
+        if manifest is None:
+            store = KVStore.load(path, device, mmap=mmap)
+            if store.fingerprint != fp:
+                saved = store.fingerprint if isinstance(store.fingerprint, dict) else {}
+                if saved.get("shard") and {k: v for k, v in saved.items() if k != "shard"} == fp:
+                    raise ValueError(f"{name} is one shard of a tensor-parallel context "
+                                     f"({_shard_text(saved['shard'], fp['num_key_value_heads'])}): load the "
+                                     f"manifest the save wrote next to it, on every rank")
+                raise ValueError(f"{name} was saved for a different model or layout: "
+                                 f"{_fingerprint_diff(store.fingerprint, fp)}")
+            return cls(config, store=store)
+        world = manifest["world_size"]
+        rank, have = _distributed()
+        if have != world:
+            initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+            where = (f"this torch.distributed world has world_size={have}" if initialised
+                     else "torch.distributed is not initialised (one process)")
+            raise ValueError(f"{name} was saved by a tensor-parallel world of world_size={world}, {where}: load it "
+                             f"on {world} ranks sharded as when it was saved")
+        if manifest["fingerprint"] != fp:
+            raise ValueError(f"{name} was saved for a different model or layout: "
+                             f"{_fingerprint_diff(manifest['fingerprint'], fp)}")
+        entry = manifest["shards"][rank]
+        own = os.path.join(os.path.dirname(name), entry["file"])
+        if _file_digest(own) != entry["sha256"]:
+            raise ValueError(f"{own} is not the shard {name} was saved with (its SHA-256 differs): a later or "
+                             f"interrupted save rewrote it; save the context again")
+        store = KVStore.load(own, device, mmap=mmap)
+        want = {**fp, "shard": {"rank": rank, "world_size": world, "kv_heads": entry["kv_heads"]}}
+        if store.fingerprint != want:
+            raise ValueError(f"{own} does not hold what {name} lists for rank {rank}: "
+                             f"{_fingerprint_diff(store.fingerprint, want)}")
         return cls(config, store=store)
 
 
@@ -489,7 +757,10 @@ def kvstore_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return _exact_prefill(query, key, value, attention_mask, scaling, softcap, sliding_window), None
     if step.kind == "window":
         return _exact_prefill(query, key, value, attention_mask, scaling, softcap, sliding_window), None
-    store = step.cache.store
+    cache = step.cache
+    if layer not in cache._bound:  # which KV heads this rank holds: recorded or checked, once per layer
+        cache._bind_shard(layer, module, key)
+    store = cache.store
     if step.kind == "prefill":
         out = _exact_prefill(query, key, value, attention_mask, scaling, softcap)
         store.prefill(layer, key, value, q=query, mask=_padding_mask(attention_mask, query.shape[0], key.shape[2]))
