@@ -42,6 +42,7 @@ CUDA_SOURCES = [
     "csrc/cuda/copy_rows.cu",
     "csrc/cuda/kmeans_update.cu",
     "csrc/cuda/sparse_attention.cu",
+    "csrc/cuda/weighted_rows.cu",
 ]
 CORE_INCLUDE_DIRS = ["csrc"]
 CUDA_INCLUDE_DIRS = ["csrc/cuda", "python/cuda"]

@@ -37,12 +37,14 @@ if has test; then
         2>&1 | tail -40 | tee -a "$LOG"
 fi
 if has profile; then
-    timeout 90 python3 bench/profile_decode.py --context 131072 --batch 8 --parts 2>&1 | grep -v Warn \
-        | tail -32 | tee -a "$LOG"
-    timeout 90 python3 bench/profile_decode.py --context 1048576 --batch 1 --parts 2>&1 | grep -v Warn \
-        | tail -32 | tee -a "$LOG"
-    timeout 90 python3 bench/profile_decode.py --context 131072 --batch 8 --mode offload 2>&1 | grep -v Warn \
-        | tail -26 >> "$LOG"
+    # whole tables into files of their own (the per-kernel table is long), the stage timings into the log
+    for pt in "131072 8 gpu_only" "1048576 1 gpu_only" "131072 8 offload"; do
+        set -- $pt
+        f="$OUT/profile_$1_b$2_$3.txt"
+        timeout 90 python3 bench/profile_decode.py --context $1 --batch $2 --mode $3 --parts 2>&1 | grep -v Warn > "$f"
+        echo "profile $pt: $f" | tee -a "$LOG"
+        grep -E "^(cluster scores|rank order|candidate scores|whole step)" "$f" | tee -a "$LOG"
+    done
 fi
 if has decode; then
     timeout ${DECODE_S:-420} python3 -m kvstore.cli bench decode --out "$OUT" ${DECODE_ARGS:-} 2>&1 \

@@ -92,8 +92,8 @@ def main() -> None:
         for _ in range(10):
             layer.decode(q)
         torch.cuda.synchronize()
-    sort = "cuda_time_total" if a.mode == "gpu_only" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    sort = "self_cuda_time_total" if a.mode == "gpu_only" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=60))
     if a.parts and a.mode == "gpu_only":
         time_stages(layer, q)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvstore.gpu.cluster_ops import (candidate_scores, cluster_order, cluster_runs, cluster_scores, copy_rows,
-                                     select_clusters)
+                                     select_clusters, weighted_rows)
 
 
 def _cuda_ready() -> bool:
@@ -575,3 +575,63 @@ def test_candidate_scores_kernel_limits():
     q, keys, row, length, pos, width = candidate_cuda(candidate_case(2, 33, 16, 5))
     with pytest.raises(ValueError, match="limits"):
         candidate_scores(q, keys, row, length, pos, width, backend="cuda")
+
+
+# --------------------------------------------------------------------------- weighted rows
+
+def weighted_case(G, Hg, t, R, Dv, dtype=torch.float32, gen=None, skip_frac=0.2):
+    w = torch.rand(G, Hg, t, generator=gen)
+    rows = torch.randint(0, max(R, 1), (G, t), generator=gen)
+    rows[torch.rand(G, t, generator=gen) < skip_frac] = -1
+    if R and t:
+        rows[0, 0] = R        # out of range: skipped too
+    values = torch.randn(R, Dv, generator=gen).to(dtype)
+    return w, rows, values
+
+
+def weighted_float64(w, rows, values):
+    out = torch.zeros(w.shape[0], w.shape[1], values.shape[1], dtype=torch.float64)
+    for g in range(w.shape[0]):
+        for i in range(w.shape[2]):
+            r = int(rows[g, i])
+            if 0 <= r < values.shape[0]:
+                out[g] += w[g, :, i].double()[:, None] * values[r].double()[None, :]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G,Hg,t,R,Dv", [(3, 4, 50, 40, 64), (1, 1, 1, 1, 5), (2, 9, 300, 1000, 128), (2, 3, 0, 10, 8),
+                                         (2, 2, 7, 0, 8)])
+def test_weighted_rows_torch_matches_float64(dtype, G, Hg, t, R, Dv):
+    case = weighted_case(G, Hg, t, R, Dv, dtype, torch.Generator().manual_seed(t + R))
+    out = weighted_rows(*case, backend="torch")
+    assert out.shape == (G, Hg, Dv) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), weighted_float64(*case), rtol=1e-5, atol=1e-5)
+    w64 = case[0].double()
+    assert weighted_rows(w64, *case[1:], backend="torch").dtype == torch.float64
+
+
+def test_weighted_rows_rejects_bad_input():
+    w, rows, values = weighted_case(2, 3, 10, 20, 8)
+    with pytest.raises(ValueError, match="rows"):
+        weighted_rows(w, rows[:, :5], values)
+    with pytest.raises(TypeError, match="rows"):
+        weighted_rows(w, rows.int(), values)
+    with pytest.raises(TypeError, match="w"):
+        weighted_rows(w.half(), rows, values)
+    with pytest.raises(ValueError, match="values"):
+        weighted_rows(w, rows, values[0])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("G,Hg,t,R,Dv", [(64, 4, 2600, 500_000, 128), (8, 4, 21000, 100_000, 128), (3, 9, 300, 1000, 64),
+                                         (2, 1, 5, 7, 256), (4, 12, 1001, 3000, 100), (1, 3, 0, 10, 64), (2, 2, 9, 0, 8)])
+def test_weighted_rows_kernel_matches_reference(dtype, G, Hg, t, R, Dv):
+    case = weighted_case(G, Hg, t, R, Dv, dtype, torch.Generator().manual_seed(G + t))
+    poison_cuda_cache(1 << 24)
+    out = weighted_rows(*(x.cuda() for x in case), backend="cuda")
+    torch.cuda.synchronize()
+    ref = weighted_rows(*case, backend="torch")
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-3)

@@ -173,9 +173,7 @@ def _rank_order(probs: torch.Tensor, k: int, backend: str) -> torch.Tensor:
 
     ids = select_clusters(probs, k, 0, backend=backend)[0]                   # the best k, ascending ids
     p = probs.gather(1, ids).float() + 0.0                                   # -0.0 -> +0.0
-    bits = p.view(torch.int32).to(torch.int64)
-    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) * (1 << 32) + ((1 << 32) - 1 - ids)
-    return ids.gather(1, torch.argsort(key, dim=1, descending=True))
+    return ids.gather(1, torch.sort(p, dim=1, descending=True, stable=True).indices)   # stable: ties by id
 
 
 def _kernel_path(backend: str, q: torch.Tensor) -> bool:
@@ -211,7 +209,7 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     float64 on the torch backend) and the :class:`WaveStep`. Makes no host synchronisation on CUDA.
     """
     from ..gpu.attention_ops import KVSource, RunTable, sparse_decode_attention
-    from ..gpu.cluster_ops import candidate_scores, cluster_scores, select_clusters
+    from ..gpu.cluster_ops import candidate_scores, cluster_scores, select_clusters, weighted_rows
 
     G, Hg, D = q.shape
     C = slots.sizes.shape[1]
@@ -258,41 +256,41 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
         picked = picked & (rank < T)
     run_of_pick = torch.searchsorted(run_end, pick, right=True).clamp(max=max(r - 1, 0))
     rows = run_row.gather(1, run_of_pick) + pick - run_pos.gather(1, run_of_pick) if r else pick
-    # part 1: steady zone + exact tokens
+    # part 1: the steady zone, attended exactly
     S = steady.k.shape[1]
     slen = steady.length if isinstance(steady.length, torch.Tensor) else torch.full((G,), int(steady.length),
                                                                                    dtype=torch.int64, device=dev)
     if _kernel_path(backend, q):
-        # one run table for the attention kernel: the steady run, then one row per exact token
-        one = torch.ones(G, 1, dtype=torch.int32, device=dev)
-        src = torch.cat([one, torch.zeros(G, t, dtype=torch.int32, device=dev)], 1)
-        row = torch.cat([torch.arange(G, device=dev)[:, None] * S, torch.where(picked, rows, 0)], 1)
-        length = torch.cat([slen.reshape(G, 1).to(device=dev, dtype=torch.int32), picked.to(torch.int32)], 1)
-        runs = RunTable(src.reshape(-1), row.reshape(-1), length.reshape(-1),
-                        torch.arange(G + 1, device=dev, dtype=torch.int32) * (t + 1))
-        sources = [KVSource(slots.keys, slots.values),
-                   KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))]
-        o_ex, lse_ex = sparse_decode_attention(q, sources, runs, None, scale, backend=backend)
+        runs = RunTable(torch.zeros(G, dtype=torch.int32, device=dev), torch.arange(G, device=dev) * S,
+                        slen.to(device=dev, dtype=torch.int32).reshape(G),
+                        torch.arange(G + 1, device=dev, dtype=torch.int32))
+        o_st, lse_st = sparse_decode_attention(q, [KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))],
+                                               runs, None, scale, backend=backend)
     else:
-        # the same maths with gathers (no run table to walk on the host)
-        xr = torch.where(picked, rows, 0).reshape(-1)
-        ke = torch.cat([steady.k, slots.keys[xr].reshape(G, t, D)], 1).to(dt)
-        ve = torch.cat([steady.v, slots.values[xr].reshape(G, t, Dv)], 1).to(dt)
-        ok = torch.cat([torch.arange(S, device=dev)[None, :] < slen.to(dev)[:, None], picked], 1)
-        s_ex = (torch.bmm(q.to(dt), ke.transpose(1, 2)) * scale).masked_fill(~ok[:, None, :], -math.inf)
-        o_ex, lse_ex = _masked_part(s_ex, ve)
-    # parts 2-4 (everything not attended exactly) as one mixture over the k ranked clusters and the rest:
+        ok = torch.arange(S, device=dev)[None, :] < slen.to(dev)[:, None]
+        s_st = (torch.bmm(q.to(dt), steady.k.to(dt).transpose(1, 2)) * scale).masked_fill(~ok[:, None, :], -math.inf)
+        o_st, lse_st = _masked_part(s_st, steady.v.to(dt))
+    # part 2: the exact tokens; their scores are known from stage 2, so only their values are read
+    ref = ref.to(dt)
+    w_pick = torch.exp(s_tok.gather(2, pick[:, None, :].expand(G, Hg, t)).to(dt) - ref) * picked[:, None, :]
+    d_pick = w_pick.sum(-1)                                                   # [G, Hg]
+    n_pick = weighted_rows(w_pick, torch.where(picked, rows, -1), slots.values, backend=backend)
+    has_pick = d_pick > 0
+    o_pick = n_pick / torch.where(has_pick, d_pick, torch.ones_like(d_pick))[..., None]
+    lse_pick = torch.where(has_pick, ref[..., 0] + torch.log(torch.where(has_pick, d_pick, torch.ones_like(d_pick))),
+                           torch.full_like(d_pick, -math.inf))
+    # parts 3-5 (everything not attended exactly) as one mixture over the k ranked clusters and the rest:
     # entry j < r a candidate's unattended tokens (exact mass, mean value), an estimation-zone cluster's
     # calibrated mass, or nothing; entry k the rest (calibrated mass, the slot's mean value)
     est_logits = s_cl + torch.log(slots.sizes.to(dt))[:, None, :]            # [G, Hg, C] log estimated mass
     ke = est_logits.gather(2, order[:, None, :].expand(G, Hg, k))             # [G, Hg, k]
-    ref = ref.to(dt)
     offset = torch.zeros(G, Hg, 1, dtype=dt, device=dev)
     logits = torch.full((G, Hg, k + 1), -math.inf, dtype=dt, device=dev)
+    in_zone = is_est.clone()
+    in_zone[:, :r] |= is_cand
     if r:
         # the candidates' mass less their exact tokens' (all exact: the scores are known)
         w_run = torch.exp(run_lse.to(dt) - ref)                               # [G, Hg, r]
-        w_pick = torch.exp(s_tok.gather(2, pick[:, None, :].expand(G, Hg, t)).to(dt) - ref) * picked[:, None, :]
         w_un = w_run - torch.zeros_like(w_run).scatter_add_(2, run_of_pick[:, None, :].expand(G, Hg, t), w_pick)
         w_un = torch.where(w_un > 1e-5 * w_run, w_un, torch.zeros_like(w_un))  # float rounding of a fully read run
         logits[..., :r] = torch.log(w_un) + ref
@@ -305,13 +303,15 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     if bound.estimation:
         logits[..., :k] = torch.where(is_est[:, None, :], ke + offset, logits[..., :k])
     if bound.rest and C:
-        in_zone = is_est.clone()
-        in_zone[:, :r] |= is_cand
         zone = torch.zeros(G, C, dtype=torch.bool, device=dev).scatter_(1, order, in_zone)
         logits[..., k] = _logsumexp_where(est_logits, ~zone[:, None, :]) + offset[..., 0]
-    values = torch.cat([slots.mean_values.to(dt).gather(1, order[..., None].expand(G, k, Dv)),
-                        slots.value_mean.to(dt)[:, None, :]], 1)                # [G, k + 1, Dv]
-    o, lse = merge_partials([(o_ex.to(dt), lse_ex.to(dt)), _masked_part(logits, values)])
+    lse_mix = torch.logsumexp(logits, -1)                                    # [G, Hg]
+    w_mix = torch.exp(logits - torch.where(torch.isfinite(lse_mix), lse_mix, torch.zeros_like(lse_mix))[..., None])
+    mean_rows = torch.where(in_zone, order + torch.arange(G, device=dev)[:, None] * C, -1)
+    o_mix = (weighted_rows(w_mix[..., :k].contiguous(), mean_rows, slots.mean_values.reshape(G * C, Dv),
+                           backend=backend)
+             + w_mix[..., k:] * slots.value_mean.to(dt)[:, None, :])
+    o, lse = merge_partials([(o_st.to(dt), lse_st.to(dt)), (o_pick, lse_pick), (o_mix, lse_mix)])
     est_ids = torch.where(is_est, order, -1)
     cand_ids = torch.where(is_cand, cand, -1)
     return o, lse, WaveStep(cand_ids, est_ids, torch.where(picked, rows - slots.slot_base[:, None], -1), valid.sum(1))

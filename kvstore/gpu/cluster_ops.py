@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cluster_scores", "select_clusters", "copy_rows", "cluster_order"]
+__all__ = ["cluster_scores", "select_clusters", "copy_rows", "cluster_order", "candidate_scores", "weighted_rows"]
 
 BACKENDS = ("auto", "torch", "cuda")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -382,13 +382,43 @@ def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor,
         inside = torch.zeros(G, width, dtype=torch.bool, device=dev)
         row = torch.zeros(G, width, dtype=torch.int64, device=dev)
     row = torch.where(inside, row, 0).clamp(0, max(keys.shape[0] - 1, 0))
-    k = keys[row.reshape(-1)].reshape(G, width, D).float() if keys.shape[0] else keys.new_zeros(G, width, D).float()
-    s = (torch.bmm(q.float(), k.transpose(1, 2)) * scale).masked_fill(~inside[:, None, :], -math.inf)
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k = keys[row.reshape(-1)].reshape(G, width, D).to(ct) if keys.shape[0] else keys.new_zeros(G, width, D).to(ct)
+    s = (torch.bmm(q.to(ct), k.transpose(1, 2)) * scale).masked_fill(~inside[:, None, :], -math.inf)
     run_of = torch.where(inside, j, r)                                          # r: a bin for padding
-    m = torch.full((G, Hg, r + 1), -math.inf, device=dev).scatter_reduce(
+    m = torch.full((G, Hg, r + 1), -math.inf, device=dev, dtype=ct).scatter_reduce(
         2, run_of[:, None, :].expand(G, Hg, width), s, "amax")
     ref = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    tot = torch.zeros(G, Hg, r + 1, device=dev).scatter_add_(
+    tot = torch.zeros(G, Hg, r + 1, device=dev, dtype=ct).scatter_add_(
         2, run_of[:, None, :].expand(G, Hg, width), torch.exp(s - ref.gather(2, run_of[:, None, :].expand(G, Hg, width))))
     lse = torch.where(tot > 0, ref + torch.log(tot), torch.full_like(tot, -math.inf))
     return s, lse[..., :r]
+
+
+# --------------------------------------------------------------------------- weighted rows
+
+def weighted_rows(w: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``out[g, h] = sum_i w[g, h, i] * values[rows[g, i]]``: the value part of attention over rows whose weights
+    are already known (the wave step's exact tokens, and its clusters' mean values).
+
+    w float32/float64 ``[G, Hg, t]``; rows int64 ``[G, t]`` (``-1``: skipped); values ``[R, Dv]``. Returns
+    ``[G, Hg, Dv]`` in w's dtype. The kernel (float32 w, ``Dv <= 256``) reads each row once and adds the sums of
+    a slot's blocks with atomics; the torch reference gathers the rows.
+    """
+    check_tensor(w, "w", 3, (torch.float32, torch.float64))
+    check_tensor(rows, "rows", 2, (torch.int64,))
+    check_tensor(values, "values", 2, (*_FLOATS, torch.float64))
+    G, Hg, t = w.shape
+    if tuple(rows.shape) != (G, t):
+        raise ValueError(f"rows must be [G={G}, t={t}] like w, got {tuple(rows.shape)}")
+    R, Dv = values.shape
+    if w.dtype == torch.float32 and 1 <= Dv <= 256 and G < 65536 and use_cuda_kernel(backend, w, rows, values):
+        from ._ext import cuda_ext
+
+        if hasattr(cuda_ext(), "weighted_rows"):
+            return cuda_ext().weighted_rows(w.contiguous(), rows.contiguous(), values.contiguous())
+    ok = (rows >= 0) & (rows < R)
+    if R == 0 or t == 0:
+        return w.new_zeros(G, Hg, Dv)
+    vals = values[torch.where(ok, rows, 0).reshape(-1)].reshape(G, t, Dv).to(w.dtype)
+    return torch.bmm(w * ok[:, None, :], vals)

@@ -1,5 +1,5 @@
 // Torch bindings of the cluster kernels (csrc/cuda/cluster_rank.cu,
-// cluster_runs.cu, candidate_scores.cu, copy_rows.cu, kmeans_update.cu) for
+// cluster_runs.cu, candidate_scores.cu, copy_rows.cu, kmeans_update.cu, weighted_rows.cu) for
 // kvstore._cuda. The Python layer (kvstore/gpu/cluster_ops.py,
 // kvstore/gpu/kmeans.py) checks arguments with messages naming them; the
 // checks here guard the kernels against misuse.
@@ -15,6 +15,7 @@
 #include "cluster_runs.h"
 #include "copy_rows.h"
 #include "kmeans_update.h"
+#include "weighted_rows.h"
 #include "registry.h"
 
 namespace {
@@ -291,6 +292,30 @@ torch::Tensor kmeans_means(const torch::Tensor& x, const torch::Tensor& order, c
     return means;
 }
 
+// w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> f32 [G, Hg, Dv]: see weighted_rows.h.
+torch::Tensor weighted_rows(const torch::Tensor& w, const torch::Tensor& rows, const torch::Tensor& values) {
+    check_cuda(w, "w");
+    check_cuda(rows, "rows");
+    check_cuda(values, "values");
+    TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kFloat32, "w must be float32 [G, Hg, t]");
+    const int64_t G = w.size(0), Hg = w.size(1), t = w.size(2);
+    TORCH_CHECK(rows.dim() == 2 && rows.size(0) == G && rows.size(1) == t && rows.scalar_type() == torch::kInt64,
+                "rows must be int64 [G, t] like w");
+    TORCH_CHECK(values.dim() == 2 && values.size(1) >= 1 && values.size(1) <= kvstore::cluster::kWeightedMaxDv,
+                "values must be [R, Dv] with 1 <= Dv <= ", kvstore::cluster::kWeightedMaxDv);
+    TORCH_CHECK(w.device() == rows.device() && w.device() == values.device(), "tensors on different devices");
+    TORCH_CHECK(G < 65536 && Hg <= INT32_MAX, "unsupported sizes G=", G, " Hg=", Hg);
+    const DType dt = kernel_dtype(values.scalar_type(), "values");
+    const c10::cuda::CUDAGuard guard(w.device());
+    torch::Tensor out = torch::zeros({G, Hg, values.size(1)}, w.options());
+    check_launch(kvstore::cluster::weighted_rows_launch(
+                     w.data_ptr<float>(), rows.data_ptr<int64_t>(), values.data_ptr(), dt, static_cast<int>(G),
+                     static_cast<int>(Hg), t, values.size(0), static_cast<int>(values.size(1)),
+                     out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                 "weighted_rows");
+    return out;
+}
+
 }  // namespace
 
 void register_cluster_ops(pybind11::module_& m) {
@@ -316,4 +341,6 @@ void register_cluster_ops(pybind11::module_& m) {
     m.def("kmeans_means", &kmeans_means, pybind11::arg("x"), pybind11::arg("order"), pybind11::arg("offsets"),
           pybind11::arg("fallback") = pybind11::none(),
           "x [R, D], order int64, offsets int64 [K + 1], fallback f32 [K, D] or None -> means f32 [K, D]");
+    m.def("weighted_rows", &weighted_rows, pybind11::arg("w"), pybind11::arg("rows"), pybind11::arg("values"),
+          "w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> f32 [G, Hg, Dv]: sum_i w[g, h, i] values[rows[g, i]]");
 }
