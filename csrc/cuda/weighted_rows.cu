@@ -1,7 +1,8 @@
-// Weighted row sums (see weighted_rows.h). A block takes kChunk consecutive rows of one slot; its threads form
-// 256 / tpr row lanes of tpr threads (tpr: Dv rounded up to a warp), thread c of a row lane holding channel c.
-// Each row lane walks its rows (reads its values once per pass of kHb heads: one pass when Hg <= kHb), the lanes'
-// sums are reduced in shared memory and added to the output with one atomic per head and channel.
+// Weighted row sums (see weighted_rows.h). A warp takes one chunk of a slot's rows: its lanes form 32 / tpr row
+// lanes of tpr lanes, each lane holding kJ chunks of kVec channels of a row (16-byte loads when the rows allow
+// it). A row lane keeps kU rows in flight (their indices, weights and values loaded before any multiply), so a
+// warp waits on several independent loads at once; the row lanes' sums meet by shuffles and the warp adds them
+// to the output with one atomic per head and channel.
 #include "weighted_rows.h"
 
 namespace kvstore {
@@ -10,81 +11,154 @@ namespace cluster {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kChunk = 256;  // rows a block
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int kU = 4;  // rows in flight per row lane
 
 struct WeightedArgs {
     const float* w;
     const std::int64_t* rows;
     const void* values;
     int G, Hg, Dv, tpr;
-    long long t, R;
+    long long t, R, chunk, chunks;  // chunk: rows a warp; chunks: warps a slot
     float* out;
 };
 
-template <typename T, int kHb>
+template <typename T, int kVec>
+__device__ __forceinline__ void load_chunk(const T* p, bool ok, float (&out)[kVec]) {
+    if (ok) {
+        load_float<T, kVec>(p, out);
+    } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) out[e] = 0.f;
+    }
+}
+
+template <typename T, int kVec, int kJ, int kHb>
 __global__ void __launch_bounds__(kThreads) weighted_rows_kernel(const WeightedArgs a) {
-    extern __shared__ float red[];  // [lanes, kHb, tpr]
-    const int tpr = a.tpr, lanes = kThreads / tpr;
-    const int lane = threadIdx.x / tpr, c = threadIdx.x % tpr;
-    const long long g = blockIdx.y;
-    const long long i0 = static_cast<long long>(blockIdx.x) * kChunk;
-    const long long i1 = min(i0 + kChunk, a.t);
+    const long long warp = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+    if (warp >= static_cast<long long>(a.G) * a.chunks) return;  // no block-wide syncs below
+    const int lane = threadIdx.x % 32, tpr = a.tpr, rpw = 32 / tpr;
+    const int rl = lane / tpr, li = lane % tpr;
+    const long long g = warp / a.chunks;
+    const long long i0 = (warp % a.chunks) * a.chunk;
+    const long long i1 = min(i0 + a.chunk, a.t);
     const float* wg = a.w + g * a.Hg * a.t;
     const std::int64_t* rg = a.rows + g * a.t;
     const T* vals = static_cast<const T*>(a.values);
-    const bool active = lane < lanes && c < a.Dv;
     for (int h0 = 0; h0 < a.Hg; h0 += kHb) {
-        float acc[kHb];
+        float acc[kHb][kJ][kVec];
 #pragma unroll
-        for (int hh = 0; hh < kHb; ++hh) acc[hh] = 0.f;
-        if (active) {
-            for (long long i = i0 + lane; i < i1; i += lanes) {
-                const long long row = rg[i];
-                if (row < 0 || row >= a.R) continue;
-                const float v = to_float(vals[row * a.Dv + c]);
+        for (int hh = 0; hh < kHb; ++hh)
+#pragma unroll
+            for (int j = 0; j < kJ; ++j)
+#pragma unroll
+                for (int e = 0; e < kVec; ++e) acc[hh][j][e] = 0.f;
+        for (long long i = i0 + rl; i < i1; i += static_cast<long long>(rpw) * kU) {
+            long long row[kU];
+            bool ok[kU];
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                const long long ii = i + static_cast<long long>(u) * rpw;
+                row[u] = ii < i1 ? rg[ii] : -1;
+                ok[u] = row[u] >= 0 && row[u] < a.R;
+            }
+            float wv[kU][kHb];
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                const long long ii = i + static_cast<long long>(u) * rpw;
 #pragma unroll
                 for (int hh = 0; hh < kHb; ++hh) {
-                    if (h0 + hh < a.Hg) acc[hh] += wg[(h0 + hh) * a.t + i] * v;
+                    wv[u][hh] = ok[u] && h0 + hh < a.Hg ? wg[(h0 + hh) * a.t + ii] : 0.f;
                 }
             }
-        }
-        if (lanes > 1) {
-            if (lane < lanes) {
+            float v[kU][kJ][kVec];
 #pragma unroll
-                for (int hh = 0; hh < kHb; ++hh) red[(lane * kHb + hh) * tpr + c] = acc[hh];
-            }
-            __syncthreads();
-            if (lane == 0) {
-                for (int l = 1; l < lanes; ++l) {
+            for (int u = 0; u < kU; ++u)
 #pragma unroll
-                    for (int hh = 0; hh < kHb; ++hh) acc[hh] += red[(l * kHb + hh) * tpr + c];
+                for (int j = 0; j < kJ; ++j) {
+                    const int c = (j * tpr + li) * kVec;
+                    load_chunk<T, kVec>(vals + (ok[u] ? row[u] : 0) * a.Dv + c, ok[u] && c < a.Dv, v[u][j]);
                 }
-            }
-            __syncthreads();
+#pragma unroll
+            for (int u = 0; u < kU; ++u)
+#pragma unroll
+                for (int hh = 0; hh < kHb; ++hh)
+#pragma unroll
+                    for (int j = 0; j < kJ; ++j)
+#pragma unroll
+                        for (int e = 0; e < kVec; ++e) acc[hh][j][e] += wv[u][hh] * v[u][j][e];
         }
-        if (lane == 0 && c < a.Dv) {
+        // the row lanes of the warp hold the same channels: sum them, then one atomic per head and channel
+        for (int off = tpr; off < 32; off *= 2) {
+#pragma unroll
+            for (int hh = 0; hh < kHb; ++hh)
+#pragma unroll
+                for (int j = 0; j < kJ; ++j)
+#pragma unroll
+                    for (int e = 0; e < kVec; ++e) acc[hh][j][e] += __shfl_xor_sync(0xffffffffu, acc[hh][j][e], off);
+        }
+        if (rl == 0) {
 #pragma unroll
             for (int hh = 0; hh < kHb; ++hh) {
-                if (h0 + hh < a.Hg) atomicAdd(a.out + (g * a.Hg + h0 + hh) * a.Dv + c, acc[hh]);
+                if (h0 + hh >= a.Hg) continue;
+                float* o = a.out + (g * a.Hg + h0 + hh) * a.Dv;
+#pragma unroll
+                for (int j = 0; j < kJ; ++j)
+#pragma unroll
+                    for (int e = 0; e < kVec; ++e) {
+                        const int c = (j * tpr + li) * kVec + e;
+                        if (c < a.Dv) atomicAdd(o + c, acc[hh][j][e]);
+                    }
             }
         }
     }
 }
 
-template <typename T, int kHb>
+template <typename T, int kVec, int kJ, int kHb>
 cudaError_t launch_typed(const WeightedArgs& a, cudaStream_t stream) {
-    const dim3 grid(static_cast<unsigned>((a.t + kChunk - 1) / kChunk), static_cast<unsigned>(a.G));
-    const size_t smem = static_cast<size_t>(kThreads / a.tpr) * kHb * a.tpr * sizeof(float);
-    weighted_rows_kernel<T, kHb><<<grid, kThreads, smem, stream>>>(a);
+    const long long warps = static_cast<long long>(a.G) * a.chunks;
+    const long long blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    if (blocks > 2147483647LL) return cudaErrorInvalidValue;
+    weighted_rows_kernel<T, kVec, kJ, kHb><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
     return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, int kVec, int kJ>
 cudaError_t launch_heads(const WeightedArgs& a, cudaStream_t stream) {
-    if (a.Hg <= 1) return launch_typed<T, 1>(a, stream);
-    if (a.Hg <= 2) return launch_typed<T, 2>(a, stream);
-    if (a.Hg <= 4) return launch_typed<T, 4>(a, stream);
-    return launch_typed<T, 8>(a, stream);
+    if (a.Hg <= 1) return launch_typed<T, kVec, kJ, 1>(a, stream);
+    if (a.Hg <= 4) return launch_typed<T, kVec, kJ, 4>(a, stream);
+    return launch_typed<T, kVec, kJ, 8>(a, stream);
+}
+
+int pow2_at_least(int x) {
+    int p = 1;
+    while (p < x) p *= 2;
+    return p;
+}
+
+template <typename T>
+cudaError_t launch_layout(WeightedArgs a, cudaStream_t stream) {
+    constexpr int kV = 16 / static_cast<int>(sizeof(T));
+    const bool vec = a.Dv % kV == 0 && is_aligned(a.values, 16);
+    const int chunks16 = vec ? a.Dv / kV : 0;  // 16-byte chunks of a row
+    // rows a warp: enough warps to fill the GPU (~4K), never fewer rows than one pass of the row lanes
+    auto plan = [&](int tpr) {
+        a.tpr = tpr;
+        const long long per_pass = static_cast<long long>(32 / tpr) * kU;
+        const long long want = (static_cast<long long>(a.G) * a.t + 4095) / 4096;
+        a.chunk = (std::max(want, per_pass) + per_pass - 1) / per_pass * per_pass;
+        a.chunks = (a.t + a.chunk - 1) / a.chunk;
+    };
+    if (vec && chunks16 <= 32) {
+        plan(pow2_at_least(chunks16));
+        return launch_heads<T, kV, 1>(a, stream);
+    }
+    if (vec && chunks16 <= 64) {
+        plan(32);
+        return launch_heads<T, kV, 2>(a, stream);
+    }
+    plan(32);  // element loads: lane l holds channels l, l + 32, ... (Dv <= 256)
+    return launch_heads<T, 1, 8>(a, stream);
 }
 
 }  // namespace
@@ -95,15 +169,14 @@ cudaError_t weighted_rows_launch(const float* w, const std::int64_t* rows, const
         return cudaErrorInvalidValue;
     }
     if (G == 0 || Hg == 0 || t == 0 || R == 0) return cudaSuccess;
-    if ((t + kChunk - 1) / kChunk > 2147483647LL) return cudaErrorInvalidValue;
-    WeightedArgs a{w, rows, values, G, Hg, Dv, (Dv + 31) / 32 * 32, t, R, out};
+    WeightedArgs a{w, rows, values, G, Hg, Dv, 32, t, R, 1, 1, out};
     switch (dtype) {
         case DType::F32:
-            return launch_heads<float>(a, stream);
+            return launch_layout<float>(a, stream);
         case DType::F16:
-            return launch_heads<__half>(a, stream);
+            return launch_layout<__half>(a, stream);
         case DType::BF16:
-            return launch_heads<__nv_bfloat16>(a, stream);
+            return launch_layout<__nv_bfloat16>(a, stream);
     }
     return cudaErrorInvalidValue;
 }
