@@ -75,7 +75,7 @@ import torch
 from ..config import StoreConfig
 from ..store import KVStore
 
-SUPPORTED = ">=5.17,<6"  # transformers versions this module supports (tested with 5.24)
+SUPPORTED = ">=5.24,<6"  # transformers versions this module is tested with
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text")
 PREFILL_CHUNK = 1024
 
@@ -94,7 +94,7 @@ def _require_transformers():
     found = _installed_version()
     m = re.match(r"(\d+)\.(\d+)", found)
     major, minor = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    if major != 5 or minor < 17:
+    if major != 5 or minor < 24:
         raise ImportError(f"kvstore.integrations.transformers supports transformers {SUPPORTED}, found {found}")
     return transformers
 
