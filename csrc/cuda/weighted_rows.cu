@@ -1,9 +1,11 @@
 // Weighted row sums (see weighted_rows.h). A warp takes one chunk of a slot's rows: its lanes form 32 / tpr row
 // lanes of tpr lanes, each lane holding kJ chunks of kVec channels of a row (16-byte loads when the rows allow
 // it). A row lane keeps kU rows in flight (their indices, weights and values loaded before any multiply), so a
-// warp waits on several independent loads at once; the row lanes' sums meet by shuffles and the warp adds them
-// to the output with one atomic per head and channel.
+// warp waits on several independent loads at once; the row lanes' sums meet by shuffles and the warp writes its
+// chunk's partial sums (no atomics: the caller sums the chunks, so results do not depend on timing).
 #include "weighted_rows.h"
+
+#include <algorithm>
 
 namespace kvstore {
 namespace cluster {
@@ -101,13 +103,13 @@ __global__ void __launch_bounds__(kThreads) weighted_rows_kernel(const WeightedA
 #pragma unroll
             for (int hh = 0; hh < kHb; ++hh) {
                 if (h0 + hh >= a.Hg) continue;
-                float* o = a.out + (g * a.Hg + h0 + hh) * a.Dv;
+                float* o = a.out + ((g * a.chunks + warp % a.chunks) * a.Hg + h0 + hh) * a.Dv;
 #pragma unroll
                 for (int j = 0; j < kJ; ++j)
 #pragma unroll
                     for (int e = 0; e < kVec; ++e) {
                         const int c = (j * tpr + li) * kVec + e;
-                        if (c < a.Dv) atomicAdd(o + c, acc[hh][j][e]);
+                        if (c < a.Dv) o[c] = acc[hh][j][e];
                     }
             }
         }
@@ -136,47 +138,67 @@ int pow2_at_least(int x) {
     return p;
 }
 
-template <typename T>
-cudaError_t launch_layout(WeightedArgs a, cudaStream_t stream) {
-    constexpr int kV = 16 / static_cast<int>(sizeof(T));
-    const bool vec = a.Dv % kV == 0 && is_aligned(a.values, 16);
-    const int chunks16 = vec ? a.Dv / kV : 0;  // 16-byte chunks of a row
-    // rows a warp: enough warps to fill the GPU (~4K), never fewer rows than one pass of the row lanes
-    auto plan = [&](int tpr) {
-        a.tpr = tpr;
-        const long long per_pass = static_cast<long long>(32 / tpr) * kU;
-        const long long want = (static_cast<long long>(a.G) * a.t + 4095) / 4096;
-        a.chunk = (std::max(want, per_pass) + per_pass - 1) / per_pass * per_pass;
-        a.chunks = (a.t + a.chunk - 1) / a.chunk;
-    };
+// The warp layout: threads per row, kJ (0: element loads) and rows a warp.
+struct Layout {
+    int tpr, kj;
+    long long chunk, chunks;
+};
+
+Layout layout_for(int G, long long t, int Dv, int elem_bytes, bool aligned) {
+    const int kv = 16 / elem_bytes;
+    const bool vec = Dv % kv == 0 && aligned;
+    const int chunks16 = vec ? Dv / kv : 0;  // 16-byte chunks of a row
+    Layout l{32, 0, 1, 1};
     if (vec && chunks16 <= 32) {
-        plan(pow2_at_least(chunks16));
-        return launch_heads<T, kV, 1>(a, stream);
+        l.tpr = pow2_at_least(chunks16);
+        l.kj = 1;
+    } else if (vec && chunks16 <= 64) {
+        l.kj = 2;
     }
-    if (vec && chunks16 <= 64) {
-        plan(32);
-        return launch_heads<T, kV, 2>(a, stream);
-    }
-    plan(32);  // element loads: lane l holds channels l, l + 32, ... (Dv <= 256)
-    return launch_heads<T, 1, 8>(a, stream);
+    // rows a warp: enough warps to fill the GPU (~4K), never fewer rows than one pass of the row lanes
+    const long long per_pass = static_cast<long long>(32 / l.tpr) * kU;
+    const long long want = (static_cast<long long>(G) * t + 4095) / 4096;
+    l.chunk = (std::max(want, per_pass) + per_pass - 1) / per_pass * per_pass;
+    l.chunks = std::max(1LL, (t + l.chunk - 1) / l.chunk);
+    return l;
+}
+
+template <typename T>
+cudaError_t launch_layout(WeightedArgs a, const Layout& l, cudaStream_t stream) {
+    constexpr int kV = 16 / static_cast<int>(sizeof(T));
+    a.tpr = l.tpr;
+    a.chunk = l.chunk;
+    a.chunks = l.chunks;
+    if (l.kj == 1) return launch_heads<T, kV, 1>(a, stream);
+    if (l.kj == 2) return launch_heads<T, kV, 2>(a, stream);
+    return launch_heads<T, 1, 8>(a, stream);  // element loads: lane l holds channels l, l + 32, ... (Dv <= 256)
 }
 
 }  // namespace
 
+long long weighted_rows_chunks(int G, long long t, int Dv, DType dtype, const void* values) {
+    if (G <= 0 || t <= 0 || Dv < 1) return 1;
+    return layout_for(G, t, Dv, dtype_size(dtype), is_aligned(values, 16)).chunks;
+}
+
 cudaError_t weighted_rows_launch(const float* w, const std::int64_t* rows, const void* values, DType dtype, int G,
-                                 int Hg, long long t, long long R, int Dv, float* out, cudaStream_t stream) {
+                                 int Hg, long long t, long long R, int Dv, float* partial, cudaStream_t stream) {
     if (G < 0 || G >= 65536 || Hg < 0 || t < 0 || R < 0 || Dv < 1 || Dv > kWeightedMaxDv) {
         return cudaErrorInvalidValue;
     }
-    if (G == 0 || Hg == 0 || t == 0 || R == 0) return cudaSuccess;
-    WeightedArgs a{w, rows, values, G, Hg, Dv, 32, t, R, 1, 1, out};
+    if (G == 0 || Hg == 0) return cudaSuccess;
+    const Layout l = layout_for(G, t, Dv, dtype_size(dtype), is_aligned(values, 16));
+    if (t == 0 || R == 0) {  // nothing to add: zero partials
+        return cudaMemsetAsync(partial, 0, static_cast<size_t>(G) * l.chunks * Hg * Dv * sizeof(float), stream);
+    }
+    WeightedArgs a{w, rows, values, G, Hg, Dv, 32, t, R, 1, 1, partial};
     switch (dtype) {
         case DType::F32:
-            return launch_layout<float>(a, stream);
+            return launch_layout<float>(a, l, stream);
         case DType::F16:
-            return launch_layout<__half>(a, stream);
+            return launch_layout<__half>(a, l, stream);
         case DType::BF16:
-            return launch_layout<__nv_bfloat16>(a, stream);
+            return launch_layout<__nv_bfloat16>(a, l, stream);
     }
     return cudaErrorInvalidValue;
 }

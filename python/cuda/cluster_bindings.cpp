@@ -307,13 +307,15 @@ torch::Tensor weighted_rows(const torch::Tensor& w, const torch::Tensor& rows, c
     TORCH_CHECK(G < 65536 && Hg <= INT32_MAX, "unsupported sizes G=", G, " Hg=", Hg);
     const DType dt = kernel_dtype(values.scalar_type(), "values");
     const c10::cuda::CUDAGuard guard(w.device());
-    torch::Tensor out = torch::zeros({G, Hg, values.size(1)}, w.options());
+    const int Dv = static_cast<int>(values.size(1));
+    const long long chunks = kvstore::cluster::weighted_rows_chunks(static_cast<int>(G), t, Dv, dt, values.data_ptr());
+    torch::Tensor partial = torch::empty({G, chunks, Hg, Dv}, w.options());
     check_launch(kvstore::cluster::weighted_rows_launch(
                      w.data_ptr<float>(), rows.data_ptr<int64_t>(), values.data_ptr(), dt, static_cast<int>(G),
-                     static_cast<int>(Hg), t, values.size(0), static_cast<int>(values.size(1)),
-                     out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                     static_cast<int>(Hg), t, values.size(0), Dv, partial.data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream()),
                  "weighted_rows");
-    return out;
+    return chunks == 1 ? partial.squeeze(1) : partial.sum(1);
 }
 
 }  // namespace
