@@ -208,7 +208,7 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     :mod:`kvstore.gpu.cluster_ops`). Returns ``o [G, Hg, Dv]`` and ``lse [G, Hg]`` (float32; float64 when q is
     float64 on the torch backend) and the :class:`WaveStep`. Makes no host synchronisation on CUDA.
     """
-    from ..gpu.attention_ops import KVSource, RunTable, sparse_decode_attention
+    from ..gpu.attention_ops import KERNEL_DIMS, MAX_GROUP, KVSource, RunTable, sparse_decode_attention
     from ..gpu.cluster_ops import candidate_scores, cluster_scores, select_clusters, weighted_rows
 
     G, Hg, D = q.shape
@@ -260,13 +260,13 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     S = steady.k.shape[1]
     slen = steady.length if isinstance(steady.length, torch.Tensor) else torch.full((G,), int(steady.length),
                                                                                    dtype=torch.int64, device=dev)
-    if _kernel_path(backend, q):
+    if _kernel_path(backend, q) and D in KERNEL_DIMS and Dv in KERNEL_DIMS and Hg <= MAX_GROUP:
         runs = RunTable(torch.zeros(G, dtype=torch.int32, device=dev), torch.arange(G, device=dev) * S,
                         slen.to(device=dev, dtype=torch.int32).reshape(G),
                         torch.arange(G + 1, device=dev, dtype=torch.int32))
         o_st, lse_st = sparse_decode_attention(q, [KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))],
                                                runs, None, scale, backend=backend)
-    else:
+    else:  # the torch ops (also on CUDA for head sizes the kernel lacks: no host sync either way)
         ok = torch.arange(S, device=dev)[None, :] < slen.to(dev)[:, None]
         s_st = (torch.bmm(q.to(dt), steady.k.to(dt).transpose(1, 2)) * scale).masked_fill(~ok[:, None, :], -math.inf)
         o_st, lse_st = _masked_part(s_st, steady.v.to(dt))
