@@ -546,7 +546,7 @@ def layer_builder(mode: str, data: PointData, spec: AttentionLikeSpec, opts: Opt
     if mode == "store":
         return lambda: _StoreLayer(data, opts)
     cfg = _wave_config(mode, opts)
-    return lambda: GpuWaveLayer.build(data.k, data.v, cfg)
+    return lambda: GpuWaveLayer.build(data.k, data.v, cfg, device=data.k.device)
 
 
 def measure_layer(mode: str, data: PointData, spec: AttentionLikeSpec, opts: Options, device: torch.device
