@@ -85,14 +85,14 @@ class StoreConfig:
     method: str = "wave"
     sink: int = 4
     window: int = 64
-    candidates: float | int = 0.08
+    candidates: float | int = 0.06
     retrieval: float | int = 0.02
     estimation: float | int = 0.1
     candidates_floor: int = 256
     retrieval_floor: int = 32
     calibrate: bool = True
     estimate_rest: bool = True
-    tokens_per_cluster: int = 32
+    tokens_per_cluster: int = 16
     segment_len: int = 8192
     kmeans_iters: int = 10
     update_interval: int = 1024
