@@ -208,7 +208,7 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     :mod:`kvstore.gpu.cluster_ops`). Returns ``o [G, Hg, Dv]`` and ``lse [G, Hg]`` (float32; float64 when q is
     float64 on the torch backend) and the :class:`WaveStep`. Makes no host synchronisation on CUDA.
     """
-    from ..gpu.attention_ops import KERNEL_DIMS, MAX_GROUP, KVSource, RunTable, sparse_decode_attention
+    from ..gpu.attention_ops import KVSource, RunTable, kernel_misfit, sparse_decode_attention
     from ..gpu.cluster_ops import candidate_scores, cluster_scores, select_clusters, weighted_rows
 
     G, Hg, D = q.shape
@@ -260,13 +260,17 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     S = steady.k.shape[1]
     slen = steady.length if isinstance(steady.length, torch.Tensor) else torch.full((G,), int(steady.length),
                                                                                    dtype=torch.int64, device=dev)
-    if _kernel_path(backend, q) and D in KERNEL_DIMS and Dv in KERNEL_DIMS and Hg <= MAX_GROUP:
-        runs = RunTable(torch.zeros(G, dtype=torch.int32, device=dev), torch.arange(G, device=dev) * S,
-                        slen.to(device=dev, dtype=torch.int32).reshape(G),
-                        torch.arange(G + 1, device=dev, dtype=torch.int32))
-        o_st, lse_st = sparse_decode_attention(q, [KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))],
-                                               runs, None, scale, backend=backend)
-    else:  # the torch ops (also on CUDA for head sizes the kernel lacks: no host sync either way)
+    steady_kernel = None
+    if _kernel_path(backend, q):
+        steady_src = [KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))]
+        steady_runs = RunTable(torch.zeros(G, dtype=torch.int32, device=dev), torch.arange(G, device=dev) * S,
+                               slen.to(device=dev, dtype=torch.int32).reshape(G),
+                               torch.arange(G + 1, device=dev, dtype=torch.int32))
+        if kernel_misfit(q, steady_src, steady_runs, None, D, Dv, Hg) is None:
+            steady_kernel = (steady_src, steady_runs)
+    if steady_kernel is not None:
+        o_st, lse_st = sparse_decode_attention(q, *steady_kernel, None, scale, backend=backend)
+    else:  # torch ops (also on CUDA where the kernel lacks the head size: its checked fallback would sync)
         ok = torch.arange(S, device=dev)[None, :] < slen.to(dev)[:, None]
         s_st = (torch.bmm(q.to(dt), steady.k.to(dt).transpose(1, 2)) * scale).masked_fill(~ok[:, None, :], -math.inf)
         o_st, lse_st = _masked_part(s_st, steady.v.to(dt))
@@ -276,9 +280,9 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     d_pick = w_pick.sum(-1)                                                   # [G, Hg]
     n_pick = weighted_rows(w_pick, torch.where(picked, rows, -1), slots.values, backend=backend)
     has_pick = d_pick > 0
-    o_pick = n_pick / torch.where(has_pick, d_pick, torch.ones_like(d_pick))[..., None]
-    lse_pick = torch.where(has_pick, ref[..., 0] + torch.log(torch.where(has_pick, d_pick, torch.ones_like(d_pick))),
-                           torch.full_like(d_pick, -math.inf))
+    d_safe = torch.where(has_pick, d_pick, torch.ones_like(d_pick))
+    o_pick = n_pick / d_safe[..., None]
+    lse_pick = torch.where(has_pick, ref[..., 0] + torch.log(d_safe), torch.full_like(d_pick, -math.inf))
     # parts 3-5 (everything not attended exactly) as one mixture over the k ranked clusters and the rest:
     # entry j < r a candidate's unattended tokens (exact mass, mean value), an estimation-zone cluster's
     # calibrated mass, or nothing; entry k the rest (calibrated mass, the slot's mean value)
@@ -308,7 +312,7 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     lse_mix = torch.logsumexp(logits, -1)                                    # [G, Hg]
     w_mix = torch.exp(logits - torch.where(torch.isfinite(lse_mix), lse_mix, torch.zeros_like(lse_mix))[..., None])
     mean_rows = torch.where(in_zone, order + torch.arange(G, device=dev)[:, None] * C, -1)
-    o_mix = (weighted_rows(w_mix[..., :k].contiguous(), mean_rows, slots.mean_values.reshape(G * C, Dv),
+    o_mix = (weighted_rows(w_mix[..., :k], mean_rows, slots.mean_values.reshape(G * C, Dv),
                            backend=backend)
              + w_mix[..., k:] * slots.value_mean.to(dt)[:, None, :])
     o, lse = merge_partials([(o_st.to(dt), lse_st.to(dt)), (o_pick, lse_pick), (o_mix, lse_mix)])

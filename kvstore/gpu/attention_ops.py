@@ -320,7 +320,7 @@ def _ext_ready() -> bool:
     return has_cuda_ext()
 
 
-def _kernel_misfit(q: torch.Tensor, sources: Sequence[KVSource], runs: RunTable, estimation: Estimation | None,
+def kernel_misfit(q: torch.Tensor, sources: Sequence[KVSource], runs: RunTable, estimation: Estimation | None,
                    D: int, Dv: int, Hg: int) -> str | None:
     """Why the kernel cannot take these inputs (None: it can). Names the argument."""
     if not q.is_cuda:
@@ -353,7 +353,7 @@ def _use_cuda(backend: Any, q: torch.Tensor, sources: Sequence[KVSource], runs: 
     backend = _check_backend(backend)
     if backend == "torch":
         return False
-    why = _kernel_misfit(q, sources, runs, estimation, D, Dv, Hg)
+    why = kernel_misfit(q, sources, runs, estimation, D, Dv, Hg)
     if backend == "auto":
         return why is None and _ext_ready()
     if why is not None:
