@@ -36,12 +36,14 @@ CUDA_SOURCES = [
     "python/cuda/attention_bindings.cpp",
     "python/cuda/cluster_bindings.cpp",
     "python/cuda/module.cpp",
+    "python/cuda/wave_step_bindings.cpp",
     "csrc/cuda/candidate_scores.cu",
     "csrc/cuda/cluster_rank.cu",
     "csrc/cuda/cluster_runs.cu",
     "csrc/cuda/copy_rows.cu",
     "csrc/cuda/kmeans_update.cu",
     "csrc/cuda/sparse_attention.cu",
+    "csrc/cuda/wave_step.cu",
     "csrc/cuda/weighted_rows.cu",
 ]
 CORE_INCLUDE_DIRS = ["csrc"]

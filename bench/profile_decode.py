@@ -38,32 +38,53 @@ def _median_ms(fn, reps: int = 50) -> float:
 
 
 def time_stages(layer: GpuWaveLayer, q: torch.Tensor) -> None:
-    """CUDA-graph timings of the gpu_only step's stages, each run alone on the layer's index: ranking (centroid
-    scores), rank order (select + sort of the candidates and estimation zone), candidate scores, and the whole
-    step; the rest (token selection, exact attention, the estimated mixture) is the difference."""
-    from kvstore.attention.selection import _rank_order
+    """CUDA-graph timings of the gpu_only step's kernels, each run alone on the layer's index: ranking (centroid
+    scores), zones (the cuts of the rank order), candidate scores, the exact tokens and mixture weights, the two
+    weighted row sums, the steady zone, the merge, and the whole step."""
+    from kvstore.attention.selection import _steady_part
+    from kvstore.gpu._ext import cuda_ext
     from kvstore.gpu.cluster_ops import candidate_scores, cluster_scores
 
+    ext = cuda_ext()
     G, Hg = layer.G, q.shape[1] // layer.Hkv
     qg = q.reshape(G, Hg, layer.D)
+    slots, steady = layer._slots()
     budget = layer._budget()
     bound = getattr(budget, "bound", budget)
-    k = layer.bounds.clusters_for(bound.candidates + bound.estimation)
     r = layer.bounds.clusters_for(bound.candidates)
+    e = layer.bounds.clusters_for(bound.candidates + bound.estimation) if bound.estimation else 0
     scores, probs = cluster_scores(qg, layer.centroids, layer.sizes, layer.scale)
-    order = _rank_order(probs, k, "auto")
-    cand = order[:, :r]
-    start = layer.offsets.gather(1, cand)
-    run_len = layer.offsets.gather(1, cand + 1) - start
-    run_pos = torch.cumsum(run_len, 1) - run_len
-    run_row = start + layer.slot_base[:, None]
+
+    def zones():
+        return ext.wave_zones(probs, layer.sizes, scores, layer.offsets, layer.slot_base, None, bound.candidates,
+                              bound.estimation, r, e)
+
+    cand, run_row, run_len, run_pos, low, est, rest_lse, low_lse = zones()
     width = layer.bounds.rows_for(bound.candidates, r)
+    s_tok, run_lse = candidate_scores(qg, layer.kv_k, run_row, run_len, run_pos, width, layer.scale)
+    t = min(bound.tokens, width)
+
+    def mix():
+        return ext.wave_mix(s_tok, run_lse, run_row, run_len, run_pos, low, cand, est, scores, layer.sizes,
+                            rest_lse, low_lse, layer.slot_base, None, bound.tokens, t, bound.calibrate, bound.rest)
+
+    pick_rows, _, pick_w, pick_d, pick_ref, _, mix_rows, mix_w, rest_w, mix_lse = mix()
+    means = layer.mean_values.reshape(G * layer.C, layer.Dv)
+    pick_part = ext.weighted_rows_partial(pick_w, pick_rows, layer.kv_v)
+    mix_part = ext.weighted_rows_partial(mix_w, mix_rows, means)
+    o_st, lse_st = _steady_part(qg, steady, layer.scale, "auto", torch.float32)
     cases = {
         f"cluster scores ({layer.C} clusters a slot)":
             lambda: cluster_scores(qg, layer.centroids, layer.sizes, layer.scale),
-        f"rank order (top {k} of {layer.C}, sorted)": lambda: _rank_order(probs, k, "auto"),
+        f"zones ({r} candidate, {e} estimation clusters at most)": zones,
         f"candidate scores ({r} clusters, {width} rows a slot)":
             lambda: candidate_scores(qg, layer.kv_k, run_row, run_len, run_pos, width, layer.scale),
+        f"exact tokens and mixture ({t} tokens a slot)": mix,
+        "values of the exact tokens": lambda: ext.weighted_rows_partial(pick_w, pick_rows, layer.kv_v),
+        "mean values of the mixture": lambda: ext.weighted_rows_partial(mix_w, mix_rows, means),
+        "steady zone": lambda: _steady_part(qg, steady, layer.scale, "auto", torch.float32),
+        "merge": lambda: ext.wave_combine(pick_part, mix_part, pick_d, pick_ref, mix_lse, rest_w, layer.value_mean,
+                                          o_st, lse_st),
         "whole step (graph replay of layer.decode)": lambda: layer._decode_gpu_only(q),
     }
     for name, fn in cases.items():

@@ -195,6 +195,78 @@ def _masked_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
     return torch.bmm(torch.exp(logits - ref[..., None]), values), lse
 
 
+def _steady_part(q: torch.Tensor, steady: SteadyZone, scale: float, backend: str, dt: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the steady zone: ``(o [G, Hg, Dv], lse [G, Hg])`` (o in q's dtype on the kernel
+    path, else ``dt``)."""
+    from ..gpu.attention_ops import KVSource, RunTable, kernel_misfit, sparse_decode_attention
+
+    G, Hg, D = q.shape
+    S, Dv = steady.k.shape[1], steady.v.shape[2]
+    dev = q.device
+    slen = steady.length if isinstance(steady.length, torch.Tensor) else torch.full((G,), int(steady.length),
+                                                                                   dtype=torch.int64, device=dev)
+    if _kernel_path(backend, q):
+        src = [KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))]
+        runs = RunTable(torch.zeros(G, dtype=torch.int32, device=dev), torch.arange(G, device=dev) * S,
+                        slen.to(device=dev, dtype=torch.int32).reshape(G),
+                        torch.arange(G + 1, device=dev, dtype=torch.int32))
+        if kernel_misfit(q, src, runs, None, D, Dv, Hg) is None:
+            return sparse_decode_attention(q, src, runs, None, scale, backend=backend)
+    # torch ops (also on CUDA where the kernel lacks the head size: its checked fallback would sync)
+    ok = torch.arange(S, device=dev)[None, :] < slen.to(dev)[:, None]
+    s_st = (torch.bmm(q.to(dt), steady.k.to(dt).transpose(1, 2)) * scale).masked_fill(~ok[:, None, :], -math.inf)
+    return _masked_part(s_st, steady.v.to(dt))
+
+
+def _fused_ready(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone) -> bool:
+    """Whether the step's bookkeeping kernels (``wave_zones`` / ``wave_mix`` / ``wave_combine``) take this step."""
+    from ..gpu._ext import cuda_ext
+
+    ext = cuda_ext()
+    Hg, Dv = q.shape[1], slots.values.shape[1]
+    return (hasattr(ext, "wave_zones") and q.dtype != torch.float64 and 1 <= Hg <= 32 and 1 <= Dv <= 256
+            and q.shape[0] < 65536 and slots.sizes.dtype == torch.float32)
+
+
+def _wave_attend_fused(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: WaveBudget | SlotBudgets,
+                       bounds: ClusterBounds, scale: float, s_cl: torch.Tensor, probs: torch.Tensor, backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, WaveStep]:
+    """:func:`wave_attend` on the CUDA kernels: the same step, its bookkeeping in three kernels (zones in
+    ascending cluster id, the exact tokens and mixture weights, the merge) around the kernels that read the KV."""
+    from ..gpu._ext import cuda_ext
+    from ..gpu.cluster_ops import candidate_scores
+
+    ext = cuda_ext()
+    G, Hg, _ = q.shape
+    C = slots.sizes.shape[1]
+    Dv = slots.values.shape[1]
+    per_slot = isinstance(budget, SlotBudgets)
+    bound = budget.bound if per_slot else budget
+    r = bounds.clusters_for(bound.candidates)
+    e = bounds.clusters_for(bound.candidates + bound.estimation) if bound.estimation else 0
+    slot_budget = torch.cat([budget.candidates, budget.estimation], 1).contiguous() if per_slot else None
+    f32 = torch.float32
+    sizes = slots.sizes.contiguous()
+    s_cl = s_cl.to(f32).contiguous()
+    cand, run_row, run_len, run_pos, cand_low, est, rest_lse, low_lse = ext.wave_zones(
+        probs.to(f32).contiguous(), sizes, s_cl, slots.offsets.contiguous(), slots.slot_base.contiguous(),
+        slot_budget, bound.candidates, bound.estimation, r, e)
+    width = bounds.rows_for(bound.candidates, r)
+    s_tok, run_lse = candidate_scores(q, slots.keys, run_row, run_len, run_pos, width, scale, backend=backend)
+    t = min(bound.tokens, width)
+    tokens = budget.tokens.reshape(G).contiguous() if per_slot else None
+    (pick_rows, pick_local, pick_w, pick_d, pick_ref, n_valid, mix_rows, mix_w, rest_w, mix_lse) = ext.wave_mix(
+        s_tok, run_lse, run_row, run_len, run_pos, cand_low, cand, est, s_cl, sizes, rest_lse, low_lse,
+        slots.slot_base.contiguous(), tokens, bound.tokens, t, bound.calibrate, bound.rest)
+    pick_part = ext.weighted_rows_partial(pick_w, pick_rows, slots.values.contiguous())
+    mix_part = ext.weighted_rows_partial(mix_w, mix_rows, slots.mean_values.to(f32).reshape(G * C, Dv).contiguous())
+    o_st, lse_st = _steady_part(q, steady, scale, backend, f32)
+    o, lse = ext.wave_combine(pick_part, mix_part, pick_d, pick_ref, mix_lse, rest_w,
+                              slots.value_mean.to(f32).contiguous(), o_st.contiguous(), lse_st.to(f32).contiguous())
+    return o, lse, WaveStep(cand, est, pick_local, n_valid)
+
+
 def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: WaveBudget | SlotBudgets,
                 bounds: ClusterBounds, scale: float | None = None,
                 scores: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "torch"
@@ -208,7 +280,6 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     :mod:`kvstore.gpu.cluster_ops`). Returns ``o [G, Hg, Dv]`` and ``lse [G, Hg]`` (float32; float64 when q is
     float64 on the torch backend) and the :class:`WaveStep`. Makes no host synchronisation on CUDA.
     """
-    from ..gpu.attention_ops import KVSource, RunTable, kernel_misfit, sparse_decode_attention
     from ..gpu.cluster_ops import candidate_scores, cluster_scores, select_clusters, weighted_rows
 
     G, Hg, D = q.shape
@@ -220,6 +291,8 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     s_cl, probs = scores if scores is not None else cluster_scores(q, slots.centroids.to(q.dtype), slots.sizes,
                                                                    scale, backend=backend)
     s_cl = s_cl.to(dt)
+    if _kernel_path(backend, q) and _fused_ready(q, slots, steady):
+        return _wave_attend_fused(q, slots, steady, budget, bounds, scale, s_cl, probs, backend)
     # candidates and estimation zone: cuts of the rank order at the budgets' tokens
     per_slot = isinstance(budget, SlotBudgets)
     bound = budget.bound if per_slot else budget
@@ -257,23 +330,7 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     run_of_pick = torch.searchsorted(run_end, pick, right=True).clamp(max=max(r - 1, 0))
     rows = run_row.gather(1, run_of_pick) + pick - run_pos.gather(1, run_of_pick) if r else pick
     # part 1: the steady zone, attended exactly
-    S = steady.k.shape[1]
-    slen = steady.length if isinstance(steady.length, torch.Tensor) else torch.full((G,), int(steady.length),
-                                                                                   dtype=torch.int64, device=dev)
-    steady_kernel = None
-    if _kernel_path(backend, q):
-        steady_src = [KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))]
-        steady_runs = RunTable(torch.zeros(G, dtype=torch.int32, device=dev), torch.arange(G, device=dev) * S,
-                               slen.to(device=dev, dtype=torch.int32).reshape(G),
-                               torch.arange(G + 1, device=dev, dtype=torch.int32))
-        if kernel_misfit(q, steady_src, steady_runs, None, D, Dv, Hg) is None:
-            steady_kernel = (steady_src, steady_runs)
-    if steady_kernel is not None:
-        o_st, lse_st = sparse_decode_attention(q, *steady_kernel, None, scale, backend=backend)
-    else:  # torch ops (also on CUDA where the kernel lacks the head size: its checked fallback would sync)
-        ok = torch.arange(S, device=dev)[None, :] < slen.to(dev)[:, None]
-        s_st = (torch.bmm(q.to(dt), steady.k.to(dt).transpose(1, 2)) * scale).masked_fill(~ok[:, None, :], -math.inf)
-        o_st, lse_st = _masked_part(s_st, steady.v.to(dt))
+    o_st, lse_st = _steady_part(q, steady, scale, backend, dt)
     # part 2: the exact tokens; their scores are known from stage 2, so only their values are read
     ref = ref.to(dt)
     w_pick = torch.exp(s_tok.gather(2, pick[:, None, :].expand(G, Hg, t)).to(dt) - ref) * picked[:, None, :]
@@ -301,7 +358,8 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
         if bound.calibrate:
             # exact over estimated mass of the calibration clusters: the lower half of the candidates by rank
             n_cand = is_cand.sum(1, keepdim=True)
-            low = (is_cand & (torch.arange(r, device=dev)[None, :] >= n_cand // 2))[:, None, :].expand(G, Hg, r)
+            cand_rank = torch.cumsum(is_cand.long(), 1) - 1                   # rank among the candidates
+            low = (is_cand & (cand_rank >= n_cand // 2))[:, None, :].expand(G, Hg, r)
             off = _logsumexp_where(run_lse.to(dt), low) - _logsumexp_where(ke[..., :r], low)
             offset = torch.where(torch.isfinite(off), off, torch.zeros_like(off)).clamp(-8.0, 8.0)[..., None]
     if bound.estimation:

@@ -23,3 +23,4 @@ inline kvstore::gpu::DType kernel_dtype(at::ScalarType t, const char* name) {
 
 void register_sparse_attention(pybind11::module_& m);  // attention_bindings.cpp
 void register_cluster_ops(pybind11::module_& m);       // cluster_bindings.cpp
+void register_wave_step(pybind11::module_& m);         // wave_step_bindings.cpp

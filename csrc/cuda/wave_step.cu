@@ -1,0 +1,677 @@
+// The bookkeeping kernels of the wave decode step (see wave_step.h). The zone and mix kernels take one slot a
+// block: their cuts of an order are weighted radix selects (11-bit digits, three passes over the keys held in
+// L2) that find the key where the weights, taken in rank order, reach a budget; ties at that key are taken in
+// ascending id order by a block-wide scan, so the result is the stable order's and does not depend on timing.
+// Sums run in a fixed order (no float atomics).
+#include "wave_step.h"
+
+namespace kvstore {
+namespace cluster {
+
+namespace {
+
+constexpr int kT = 1024;             // threads of the per-slot kernels
+constexpr int kWarps = kT / 32;
+constexpr int kPer = 8;              // consecutive ids a thread holds while marking
+constexpr int kChunk = kT * kPer;
+constexpr int kBins = 2048;          // 11-bit digits
+constexpr int kCombineThreads = 128;
+
+// Unsigned keys ordered like the floats (-0.0 ties with +0.0).
+__device__ __forceinline__ unsigned rank_key(float f) {
+    unsigned u = __float_as_uint(f);
+    if (u == 0x80000000u) u = 0u;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive block-wide prefix sum (every thread calls it); *total gets the sum.
+__device__ unsigned long long scan_u64(unsigned long long v, unsigned long long* ws, unsigned long long* total) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    unsigned long long incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const unsigned long long t = __shfl_up_sync(kFullMask, incl, o);
+        if (lane >= o) incl += t;
+    }
+    if (lane == 31) ws[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        unsigned long long w = ws[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const unsigned long long t = __shfl_up_sync(kFullMask, w, o);
+            if (lane >= o) w += t;
+        }
+        ws[lane] = w;
+    }
+    __syncthreads();
+    const unsigned long long before = warp == 0 ? 0ull : ws[warp - 1];
+    *total = ws[kWarps - 1];
+    __syncthreads();  // ws is reused by the next call
+    return before + incl - v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+    return v;
+}
+
+// Online log-sum-exp statistics with accurate exp (the mixture weights are outputs).
+__device__ __forceinline__ void push(MaxSum& s, float v) {
+    if (!(v > -INFINITY)) {
+        if (v != v) s.l = v;  // NaN propagates
+        return;
+    }
+    if (v > s.m) {
+        s.l = s.l * expf(s.m - v) + 1.0f;
+        s.m = v;
+    } else {
+        s.l += expf(v - s.m);
+    }
+}
+
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+    const float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return {m, a.l + b.l};  // both empty (l stays 0, or NaN)
+    return {m, a.l * expf(a.m - m) + b.l * expf(b.m - m)};
+}
+
+__device__ __forceinline__ MaxSum warp_maxsum(MaxSum s) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const MaxSum t{__shfl_xor_sync(kFullMask, s.m, o), __shfl_xor_sync(kFullMask, s.l, o)};
+        s = merge(s, t);
+    }
+    return s;
+}
+
+__device__ __forceinline__ float lse_of(MaxSum s) {
+    if (s.l != s.l) return s.l;
+    return s.l > 0.0f ? s.m + logf(s.l) : -INFINITY;
+}
+
+// Adds w to hist[bin] for the lanes with ok (every lane of the warp calls it); lanes of one bin add once.
+__device__ __forceinline__ void hist_add(unsigned* hist, unsigned bin, unsigned w, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned b = ok ? bin : 0xffffffffu;
+    const unsigned peers = __match_any_sync(kFullMask, b);
+    const unsigned sum = __reduce_add_sync(peers, ok ? w : 0u);
+    if (ok && static_cast<int>(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], sum);
+#else
+    if (ok) atomicAdd(&hist[bin], w);
+#endif
+}
+
+// Warp 0 of the caller: the bin of hist (descending bins) where the weights reach k (1-based), and k less the
+// weight of the bins above it.
+__device__ void find_bin(const unsigned* hist, unsigned long long k, unsigned* bin, unsigned long long* k_in) {
+    const int lane = threadIdx.x % 32;
+    unsigned long long own = 0;  // lane owns bins [64 lane, 64 lane + 64), read skewed (no bank conflicts)
+    for (int b = 0; b < 64; ++b) own += hist[lane * 64 + ((b + lane) & 63)];
+    unsigned long long suffix = own;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const unsigned long long t = __shfl_down_sync(kFullMask, suffix, o);
+        if (lane + o < 32) suffix += t;
+    }
+    const unsigned hit = __ballot_sync(kFullMask, suffix >= k);
+    if (hit == 0u) {  // cannot happen: the keys under the prefix hold at least k
+        if (lane == 0) {
+            *bin = 0u;
+            *k_in = k;
+        }
+        return;
+    }
+    const int top = 31 - __clz(hit);
+    if (lane == top) {
+        unsigned long long above = suffix - own;
+        for (int b = 63; b >= 0; --b) {
+            const unsigned h = hist[lane * 64 + b];
+            if (above + h >= k) {
+                *bin = static_cast<unsigned>(lane * 64 + b);
+                *k_in = k - above;
+                break;
+            }
+            above += h;
+        }
+    }
+}
+
+// A cut of an order at k units of weight: the items whose weights ranked ahead of them add up to less than k.
+// mode 0: nothing; 2: every item of positive weight; 1: the items whose key is above `prefix`, and the ties at
+// `prefix` (in id order) while the tie weight before them is below `k`.
+struct Cut {
+    unsigned prefix;
+    unsigned long long k;
+    int mode;
+};
+
+struct SelectShared {
+    unsigned hist[2][kBins];
+    unsigned long long ws[kWarps];
+    unsigned bin[2];
+    unsigned long long k[2];
+};
+
+// S cuts of the n items whose (key, weight) kw(i, key, w) gives, at want[s] units; total: the weight of them all.
+template <int S, typename KW>
+__device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned long long total, long long n, KW kw,
+                           SelectShared& sh) {
+    bool any = false;
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        if (want[s] <= 0) {
+            cut[s] = Cut{0u, 0ull, 0};
+        } else if (static_cast<unsigned long long>(want[s]) >= total) {
+            cut[s] = Cut{0u, 0ull, 2};
+        } else {
+            cut[s] = Cut{0u, static_cast<unsigned long long>(want[s]), 1};
+            any = true;
+        }
+    }
+    if (!any) return;  // the same in every thread
+    unsigned mask = 0u;
+    for (int pass = 0; pass < 3; ++pass) {
+        const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+        const unsigned dmask = pass == 2 ? 1023u : 2047u;
+        for (int i = threadIdx.x; i < S * kBins; i += kT) sh.hist[i / kBins][i % kBins] = 0u;
+        __syncthreads();
+        for (long long c0 = 0; c0 < n; c0 += kChunk) {  // uniform bounds: hist_add needs every lane
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
+                const long long c = c0 + static_cast<long long>(i) * kT + threadIdx.x;
+                unsigned key = 0u, w = 0u;
+                if (c < n) kw(c, key, w);
+#pragma unroll
+                for (int s = 0; s < S; ++s) {
+                    const bool ok = cut[s].mode == 1 && w > 0u && (key & mask) == cut[s].prefix;
+                    hist_add(sh.hist[s], (key >> shift) & dmask, w, ok);
+                }
+            }
+        }
+        __syncthreads();
+        const int warp = threadIdx.x / 32;
+#pragma unroll
+        for (int s = 0; s < S; ++s)
+            if (warp == s && cut[s].mode == 1) find_bin(sh.hist[s], cut[s].k, &sh.bin[s], &sh.k[s]);
+        __syncthreads();
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            if (cut[s].mode == 1) {
+                cut[s].prefix |= sh.bin[s] << shift;
+                cut[s].k = sh.k[s];
+            }
+        }
+        mask |= dmask << shift;
+        __syncthreads();
+    }
+}
+
+// Marks which of this thread's kPer consecutive ids of the chunk at c0 each cut takes (bit i of take[s]);
+// carry[s]: the tie weight of the earlier chunks (updated). Every thread calls it.
+template <int S, typename KW>
+__device__ void mark_chunk(long long c0, long long n, KW kw, const Cut (&cut)[S], unsigned long long (&carry)[S],
+                           unsigned (&take)[S], SelectShared& sh) {
+    const long long cb = c0 + static_cast<long long>(threadIdx.x) * kPer;
+    unsigned key[kPer], w[kPer];
+    unsigned long long tie[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) tie[s] = 0ull;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+        key[i] = 0u;
+        w[i] = 0u;
+        if (cb + i < n) kw(cb + i, key[i], w[i]);
+#pragma unroll
+        for (int s = 0; s < S; ++s)
+            if (cut[s].mode == 1 && key[i] == cut[s].prefix) tie[s] += w[i];
+    }
+    // both selects' tie weights in one scan (each below 2^32: they are token counts of one slot)
+    const unsigned long long packed = S == 1 ? tie[0] : (tie[0] | (tie[S - 1] << 32));
+    unsigned long long total;
+    const unsigned long long before = scan_u64(packed, sh.ws, &total);
+    unsigned long long tb[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        const unsigned long long b = S == 1 ? before : (s == 0 ? (before & 0xffffffffull) : (before >> 32));
+        const unsigned long long t = S == 1 ? total : (s == 0 ? (total & 0xffffffffull) : (total >> 32));
+        tb[s] = carry[s] + b;
+        carry[s] += t;
+        take[s] = 0u;
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            bool t = false;
+            if (w[i] > 0u) {
+                if (cut[s].mode == 2) {
+                    t = true;
+                } else if (cut[s].mode == 1) {
+                    t = key[i] > cut[s].prefix || (key[i] == cut[s].prefix && tb[s] < cut[s].k);
+                }
+            }
+            if (cut[s].mode == 1 && key[i] == cut[s].prefix) tb[s] += w[i];
+            take[s] |= static_cast<unsigned>(t) << i;
+        }
+    }
+}
+
+struct ZoneShared {
+    SelectShared sel;
+    MaxSum red[2][kStepMaxHg][kWarps];
+};
+
+__global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
+    __shared__ ZoneShared sh;
+    const int g = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const long long C = a.C;
+    const float* probs = a.probs + g * C;
+    const float* sizes = a.sizes + g * C;
+    std::uint8_t* zone = a.zone + g * C;
+    const std::int64_t* off = a.offsets + g * (C + 1);
+    const long long B = a.budget ? a.budget[2 * g] : a.cand_tokens;
+    const long long E = a.budget ? a.budget[2 * g + 1] : a.est_tokens;
+    auto by_size = [&](long long c, unsigned& key, unsigned& w) {
+        key = rank_key(probs[c]);
+        const float s = sizes[c];
+        w = s > 0.0f ? __float2uint_rn(s) : 0u;
+    };
+
+    unsigned long long mine = 0ull, total;
+    for (long long c = threadIdx.x; c < C; c += kT) {
+        unsigned k, w;
+        by_size(c, k, w);
+        mine += w;
+    }
+    scan_u64(mine, sh.sel.ws, &total);
+
+    // 1. the cuts at B (candidates) and B + E (estimation zone)
+    Cut cut[2];
+    const long long want[2] = {B, B + E};
+    radix_cuts<2>(cut, want, total, C, by_size, sh.sel);
+    unsigned long long carry[2] = {0ull, 0ull}, n_mine = 0ull, n_cand;
+    for (long long c0 = 0; c0 < C; c0 += kChunk) {
+        unsigned take[2];
+        mark_chunk<2>(c0, C, by_size, cut, carry, take, sh.sel);
+        const long long cb = c0 + static_cast<long long>(threadIdx.x) * kPer;
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) {
+            if (cb + i >= C) break;
+            const bool in_b = (take[0] >> i) & 1u, in_be = (take[1] >> i) & 1u;
+            zone[cb + i] = in_b ? 1 : (in_be ? 2 : 0);
+            n_mine += in_b;
+        }
+    }
+    scan_u64(n_mine, sh.sel.ws, &n_cand);  // its syncs also publish the zone bytes to the block
+
+    // 2. the calibration clusters: the candidates after the best n_cand / 2
+    auto by_cand = [&](long long c, unsigned& key, unsigned& w) {
+        key = rank_key(probs[c]);
+        w = zone[c] == 1 ? 1u : 0u;
+    };
+    Cut top[1];
+    const long long want_top[1] = {static_cast<long long>(n_cand / 2)};
+    radix_cuts<1>(top, want_top, n_cand, C, by_cand, sh.sel);
+
+    // 3. compaction in id order: candidates (with their runs) and the estimation zone
+    std::int64_t* cand = a.cand + static_cast<long long>(g) * a.r;
+    std::int64_t* run_row = a.run_row + static_cast<long long>(g) * a.r;
+    std::int64_t* run_len = a.run_len + static_cast<long long>(g) * a.r;
+    std::int64_t* run_pos = a.run_pos + static_cast<long long>(g) * a.r;
+    std::uint8_t* low = a.cand_low + static_cast<long long>(g) * a.r;
+    std::int64_t* est = a.est + static_cast<long long>(g) * a.e;
+    const std::int64_t base = a.slot_base[g];
+    unsigned long long carry_top[1] = {0ull}, counts_before = 0ull, rows_before = 0ull;
+    for (long long c0 = 0; c0 < C; c0 += kChunk) {
+        unsigned take[1];
+        mark_chunk<1>(c0, C, by_cand, top, carry_top, take, sh.sel);
+        const long long cb = c0 + static_cast<long long>(threadIdx.x) * kPer;
+        unsigned z[kPer];
+        long long len[kPer];
+        unsigned long long counts = 0ull, rows = 0ull;  // counts: candidates (low 32 bits), estimation (high)
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) {
+            z[i] = cb + i < C ? zone[cb + i] : 0u;
+            len[i] = 0;
+            if (z[i] == 1u) {
+                len[i] = off[cb + i + 1] - off[cb + i];
+                counts += 1ull;
+                rows += static_cast<unsigned long long>(len[i]);
+                if (!((take[0] >> i) & 1u)) z[i] = 3u;
+            } else if (z[i] == 2u) {
+                counts += 1ull << 32;
+            }
+        }
+        unsigned long long ctot, rtot;
+        const unsigned long long cpre = scan_u64(counts, sh.sel.ws, &ctot) + counts_before;
+        const unsigned long long rpre = scan_u64(rows, sh.sel.ws, &rtot) + rows_before;
+        long long jc = static_cast<long long>(cpre & 0xffffffffull), je = static_cast<long long>(cpre >> 32);
+        long long pos = static_cast<long long>(rpre);
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) {
+            const long long c = cb + i;
+            if (z[i] == 1u || z[i] == 3u) {
+                if (jc < a.r) {
+                    cand[jc] = c;
+                    run_row[jc] = off[c] + base;
+                    run_len[jc] = len[i];
+                    run_pos[jc] = pos;
+                    low[jc] = z[i] == 3u;
+                }
+                ++jc;
+                pos += len[i];
+                if (z[i] == 3u) zone[c] = 3;
+            } else if (z[i] == 2u) {
+                if (je < a.e) est[je] = c;
+                ++je;
+            }
+        }
+        counts_before += ctot;
+        rows_before += rtot;
+    }
+    const long long nc = static_cast<long long>(counts_before & 0xffffffffull);
+    const long long ne = static_cast<long long>(counts_before >> 32);
+    for (long long j = nc + threadIdx.x; j < a.r; j += kT) {
+        cand[j] = -1;
+        run_row[j] = 0;
+        run_len[j] = 0;
+        run_pos[j] = static_cast<long long>(rows_before);
+        low[j] = 0;
+    }
+    for (long long j = ne + threadIdx.x; j < a.e; j += kT) est[j] = -1;
+    __syncthreads();  // the calibration marks (zone 3) are visible to the block
+
+    // 4. per head: the rest's and the calibration clusters' estimated mass
+    for (int h = 0; h < a.Hg; ++h) {
+        MaxSum rest{-INFINITY, 0.0f}, lo{-INFINITY, 0.0f};
+        const float* sc = a.scores + (static_cast<long long>(g) * a.Hg + h) * C;
+        for (long long c = threadIdx.x; c < C; c += kT) {
+            const unsigned z = zone[c];
+            const float s = sizes[c];
+            if (s > 0.0f && (z == 0u || z == 3u)) {
+                const float x = sc[c] + logf(s);
+                if (z == 0u)
+                    push(rest, x);
+                else
+                    push(lo, x);
+            }
+        }
+        rest = warp_maxsum(rest);
+        lo = warp_maxsum(lo);
+        if (lane == 0) {
+            sh.red[0][h][warp] = rest;
+            sh.red[1][h][warp] = lo;
+        }
+    }
+    __syncthreads();
+    if (warp < a.Hg) {
+        const MaxSum rest = warp_maxsum(sh.red[0][warp][lane]);
+        const MaxSum lo = warp_maxsum(sh.red[1][warp][lane]);
+        if (lane == 0) {
+            a.rest_lse[static_cast<long long>(g) * a.Hg + warp] = lse_of(rest);
+            a.low_lse[static_cast<long long>(g) * a.Hg + warp] = lse_of(lo);
+        }
+    }
+}
+
+struct MixShared {
+    SelectShared sel;
+    MaxSum red[2][kStepMaxHg][kWarps];
+    float dsum[kStepMaxHg][kWarps];
+    float ref[kStepMaxHg];
+    float off[kStepMaxHg];
+    float rest_x[kStepMaxHg];
+    float lse[kStepMaxHg];
+};
+
+__global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
+    __shared__ MixShared sh;
+    const int g = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int Hg = a.Hg, r = a.r, e = a.e, t = a.t, M = a.r + a.e;
+    const long long W = a.W, gl = g;
+    const float* ts = a.tok_scores + gl * Hg * W;
+    const float* rl = a.run_lse + gl * Hg * r;
+    const std::uint8_t* low = a.cand_low + gl * r;
+    const std::int64_t* rpos = a.run_pos + gl * r;
+    const std::int64_t* rrow = a.run_row + gl * r;
+    const std::int64_t* rlen = a.run_len + gl * r;
+
+    // 1. ref_h over every candidate; the calibration clusters' exact mass
+    for (int h = 0; h < Hg; ++h) {
+        MaxSum all{-INFINITY, 0.0f}, lo{-INFINITY, 0.0f};
+        for (int j = threadIdx.x; j < r; j += kT) {
+            const float x = rl[static_cast<long long>(h) * r + j];
+            push(all, x);
+            if (low[j]) push(lo, x);
+        }
+        all = warp_maxsum(all);
+        lo = warp_maxsum(lo);
+        if (lane == 0) {
+            sh.red[0][h][warp] = all;
+            sh.red[1][h][warp] = lo;
+        }
+    }
+    __syncthreads();
+    if (warp < Hg) {
+        const MaxSum all = warp_maxsum(sh.red[0][warp][lane]);
+        const MaxSum lo = warp_maxsum(sh.red[1][warp][lane]);
+        if (lane == 0) {
+            const float L = lse_of(all);
+            sh.ref[warp] = isfinite(L) ? L : 0.0f;
+            float o = 0.0f;
+            if (a.calibrate && r > 0) {
+                const float d = lse_of(lo) - a.low_lse[gl * Hg + warp];
+                o = isfinite(d) ? fminf(fmaxf(d, -8.0f), 8.0f) : 0.0f;
+            }
+            sh.off[warp] = o;
+            sh.rest_x[warp] = a.rest && a.C > 0 ? a.rest_lse[gl * Hg + warp] + o : -INFINITY;
+        }
+    }
+    __syncthreads();
+
+    // 2. the group weight of every candidate position (-1: not a candidate)
+    float* u = a.u + gl * W;
+    std::uint8_t* flag = a.flag + gl * W;
+    unsigned long long nv_mine = 0ull, nv;
+    for (long long i = threadIdx.x; i < W; i += kT) {
+        float v = -1.0f;
+        if (isfinite(ts[i])) {
+            v = 0.0f;
+            for (int h = 0; h < Hg; ++h) v += expf(ts[static_cast<long long>(h) * W + i] - sh.ref[h]);
+            ++nv_mine;
+        }
+        u[i] = v;
+    }
+    scan_u64(nv_mine, sh.sel.ws, &nv);  // its syncs publish u to the block
+
+    // 3. the T largest, lower position first on ties
+    long long T = a.tokens ? a.tokens[g] : a.tokens_all;
+    T = T < t ? T : t;
+    auto by_u = [&](long long i, unsigned& key, unsigned& w) {
+        const float v = u[i];
+        key = rank_key(v);
+        w = v >= 0.0f ? 1u : 0u;
+    };
+    Cut cut[1];
+    const long long want[1] = {T};
+    radix_cuts<1>(cut, want, nv, W, by_u, sh.sel);
+
+    // 4. the exact tokens in position order: rows and weights
+    unsigned long long carry[1] = {0ull}, picks_before = 0ull;
+    const std::int64_t base = a.slot_base[g];
+    for (long long c0 = 0; c0 < W; c0 += kChunk) {
+        unsigned take[1];
+        mark_chunk<1>(c0, W, by_u, cut, carry, take, sh.sel);
+        unsigned long long tot;
+        long long p = static_cast<long long>(scan_u64(__popc(take[0]), sh.sel.ws, &tot) + picks_before);
+        const long long cb = c0 + static_cast<long long>(threadIdx.x) * kPer;
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) {
+            const long long pos = cb + i;
+            if (pos >= W) break;
+            const bool tk = (take[0] >> i) & 1u;
+            flag[pos] = tk;
+            if (!tk) continue;
+            if (p < t && r > 0) {
+                int lo = 0, hi = r;  // the last run starting at or before pos
+                while (hi - lo > 1) {
+                    const int mid = (lo + hi) / 2;
+                    if (rpos[mid] <= pos)
+                        lo = mid;
+                    else
+                        hi = mid;
+                }
+                const std::int64_t row = rrow[lo] + (pos - rpos[lo]);
+                a.pick_rows[gl * t + p] = row;
+                a.pick_local[gl * t + p] = row - base;
+                for (int h = 0; h < Hg; ++h)
+                    a.pick_w[(gl * Hg + h) * t + p] = expf(ts[static_cast<long long>(h) * W + pos] - sh.ref[h]);
+            }
+            ++p;
+        }
+        picks_before += tot;
+    }
+    for (long long p = static_cast<long long>(picks_before) + threadIdx.x; p < t; p += kT) {
+        a.pick_rows[gl * t + p] = -1;
+        a.pick_local[gl * t + p] = -1;
+        for (int h = 0; h < Hg; ++h) a.pick_w[(gl * Hg + h) * t + p] = 0.0f;
+    }
+    if (threadIdx.x == 0) a.n_valid[g] = static_cast<std::int64_t>(nv);
+    __syncthreads();  // flags and pick weights visible to the block
+
+    // 5. the exact tokens' mass per head; each candidate's mass that they leave out
+    for (int h = 0; h < Hg; ++h) {
+        float s = 0.0f;
+        for (int p = threadIdx.x; p < t; p += kT) s += a.pick_w[(gl * Hg + h) * t + p];
+        s = warp_sum(s);
+        if (lane == 0) sh.dsum[h][warp] = s;
+    }
+    float* mw = a.mix_w + gl * Hg * M;
+    for (int j = warp; j < r; j += kWarps) {
+        const long long len = rlen[j], p0 = rpos[j];
+        for (int h = 0; h < Hg; ++h) {
+            float s = 0.0f;
+            for (long long i = lane; i < len; i += 32) {
+                const long long pos = p0 + i;
+                if (pos >= 0 && pos < W && flag[pos]) s += expf(ts[static_cast<long long>(h) * W + pos] - sh.ref[h]);
+            }
+            s = warp_sum(s);
+            if (lane == 0) {
+                const float wr = expf(rl[static_cast<long long>(h) * r + j] - sh.ref[h]);
+                const float un = wr - s;
+                mw[static_cast<long long>(h) * M + j] = un > 1e-5f * wr ? logf(un) + sh.ref[h] : -INFINITY;
+            }
+        }
+        if (lane == 0) {
+            const std::int64_t c = a.cand[gl * r + j];
+            a.mix_rows[gl * M + j] = c >= 0 ? gl * a.C + c : -1;
+        }
+    }
+    for (int j = threadIdx.x; j < e; j += kT) {
+        const std::int64_t c = a.est[gl * e + j];
+        a.mix_rows[gl * M + r + j] = c >= 0 ? gl * a.C + c : -1;
+        for (int h = 0; h < Hg; ++h) {
+            mw[static_cast<long long>(h) * M + r + j] =
+                c >= 0 ? a.scores[(gl * Hg + h) * a.C + c] + logf(a.sizes[gl * a.C + c]) + sh.off[h] : -INFINITY;
+        }
+    }
+    __syncthreads();
+    if (warp < Hg) {
+        const float d = warp_sum(sh.dsum[warp][lane]);
+        if (lane == 0) {
+            a.pick_d[gl * Hg + warp] = d;
+            a.pick_ref[gl * Hg + warp] = sh.ref[warp];
+        }
+    }
+
+    // 6. the mixture's log-sum-exp, then its weights
+    for (int h = 0; h < Hg; ++h) {
+        MaxSum s{-INFINITY, 0.0f};
+        for (int j = threadIdx.x; j < M; j += kT) push(s, mw[static_cast<long long>(h) * M + j]);
+        s = warp_maxsum(s);
+        if (lane == 0) sh.red[0][h][warp] = s;
+    }
+    __syncthreads();
+    if (warp < Hg) {
+        MaxSum s = warp_maxsum(sh.red[0][warp][lane]);
+        if (lane == 0) {
+            push(s, sh.rest_x[warp]);
+            const float L = lse_of(s);
+            sh.lse[warp] = L;
+            a.mix_lse[gl * Hg + warp] = L;
+        }
+    }
+    __syncthreads();
+    for (int h = 0; h < Hg; ++h) {
+        const float L = isfinite(sh.lse[h]) ? sh.lse[h] : 0.0f;
+        for (int j = threadIdx.x; j < M; j += kT) {
+            const long long at = static_cast<long long>(h) * M + j;
+            mw[at] = expf(mw[at] - L);
+        }
+    }
+    if (threadIdx.x < Hg) {
+        const float L = isfinite(sh.lse[threadIdx.x]) ? sh.lse[threadIdx.x] : 0.0f;
+        a.rest_w[gl * Hg + threadIdx.x] = expf(sh.rest_x[threadIdx.x] - L);
+    }
+}
+
+__device__ __forceinline__ float load_as_float(const void* p, DType dt, long long i) {
+    if (dt == DType::F32) return static_cast<const float*>(p)[i];
+    if (dt == DType::F16) return __half2float(static_cast<const __half*>(p)[i]);
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineArgs a) {
+    const long long gh = blockIdx.x, g = gh / a.Hg;
+    const int h = static_cast<int>(gh % a.Hg), Hg = a.Hg, Dv = a.Dv;
+    const float d = a.pick_d[gh];
+    const float lp = d > 0.0f ? a.pick_ref[gh] + logf(d) : -INFINITY;
+    const float lm = a.mix_lse[gh], ls = a.steady_lse[gh];
+    const float m = fmaxf(fmaxf(lp, lm), ls);
+    const float ms = isfinite(m) ? m : 0.0f;
+    const float ep = expf(lp - ms), em = expf(lm - ms), es = expf(ls - ms);
+    const float den = ep + em + es;
+    const float rw = a.rest_w[gh];
+    for (int c = threadIdx.x; c < Dv; c += kCombineThreads) {
+        float np = 0.0f, nm = rw * a.value_mean[g * Dv + c];
+        for (long long k = 0; k < a.pick_chunks; ++k) np += a.pick_part[((g * a.pick_chunks + k) * Hg + h) * Dv + c];
+        for (long long k = 0; k < a.mix_chunks; ++k) nm += a.mix_part[((g * a.mix_chunks + k) * Hg + h) * Dv + c];
+        const float op = d > 0.0f ? np / d : 0.0f;
+        const float st = load_as_float(a.steady_o, a.steady_dtype, gh * Dv + c);
+        const float num = (ep > 0.0f ? ep * op : 0.0f) + (em > 0.0f ? em * nm : 0.0f) + (es > 0.0f ? es * st : 0.0f);
+        a.o[gh * Dv + c] = den > 0.0f ? num / den : num;
+    }
+    if (threadIdx.x == 0) a.lse[gh] = den > 0.0f ? ms + logf(den) : (den == den ? -INFINITY : den);
+}
+
+}  // namespace
+
+cudaError_t wave_zones_launch(const ZoneArgs& a, cudaStream_t stream) {
+    if (a.G < 0 || a.Hg < 1 || a.Hg > kStepMaxHg || a.C < 0 || a.r < 0 || a.e < 0) return cudaErrorInvalidValue;
+    if (a.G == 0) return cudaSuccess;
+    zones_kernel<<<a.G, kT, 0, stream>>>(a);
+    return cudaGetLastError();
+}
+
+cudaError_t wave_mix_launch(const MixArgs& a, cudaStream_t stream) {
+    if (a.G < 0 || a.Hg < 1 || a.Hg > kStepMaxHg || a.C < 0 || a.r < 0 || a.e < 0 || a.t < 0 || a.W < 0)
+        return cudaErrorInvalidValue;
+    if (a.G == 0) return cudaSuccess;
+    mix_kernel<<<a.G, kT, 0, stream>>>(a);
+    return cudaGetLastError();
+}
+
+cudaError_t wave_combine_launch(const CombineArgs& a, cudaStream_t stream) {
+    if (a.G < 0 || a.Hg < 1 || a.Dv < 1 || a.Dv > kStepMaxDv || a.pick_chunks < 1 || a.mix_chunks < 1)
+        return cudaErrorInvalidValue;
+    if (a.G == 0) return cudaSuccess;
+    const long long blocks = static_cast<long long>(a.G) * a.Hg;
+    if (blocks > 2147483647LL) return cudaErrorInvalidValue;
+    combine_kernel<<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+}
+
+}  // namespace cluster
+}  // namespace kvstore

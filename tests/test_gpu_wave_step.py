@@ -1,0 +1,120 @@
+"""The wave step on the CUDA kernels (kvstore.attention.selection.wave_attend, kernel path) against the torch
+reference of the same step, on the index of a real GpuWaveLayer: output, log-sum-exp and what the step read,
+for the default budgets, per-slot budgets, budgets that cover everything and with steps 5-7 off."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kvstore.attention.core import full_attention
+from kvstore.attention.selection import WaveBudget, slot_budgets, wave_attend
+from kvstore.gpu.wave_layer import GpuWaveLayer, WaveGpuConfig
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _ready() -> bool:
+    from kvstore.gpu import has_cuda_ext
+
+    return has_cuda_ext()
+
+
+def _kv(B, H, N, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(16, D, generator=g)
+    lab = torch.randint(0, 16, (B, H, N), generator=g)
+    k = dirs[lab] * 2 + torch.randn(B, H, N, D, generator=g)
+    v = torch.randn(B, H, N, D, generator=g)
+    return k.to("cuda", dtype), v.to("cuda", dtype)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of the non-negative entries of a and b (per row, as sets) that both hold."""
+    both = total = 0
+    for x, y in zip(a.cpu().tolist(), b.cpu().tolist()):
+        sx, sy = {i for i in x if i >= 0}, {i for i in y if i >= 0}
+        both += len(sx & sy)
+        total += max(len(sx | sy), 1)
+    return both / total
+
+
+def _layer(dtype, N=30000, B=2, H=4, Hg=4, D=128, seed=11):
+    k, v = _kv(B, H, N, D, dtype, seed)
+    layer = GpuWaveLayer.build(k, v, WaveGpuConfig(segment_len=8192, cuda_graph=False, backend="cuda"))
+    q = torch.randn(B, H * Hg, D, device="cuda", dtype=dtype) * 2
+    return layer, k, v, q.reshape(layer.G, Hg, D)
+
+
+def _budget(layer, case):
+    b = layer.cfg.budget(layer.length, layer.n)
+    if case == "defaults":
+        return b
+    if case == "no_calibration_no_rest":
+        return dataclasses.replace(b, calibrate=False, rest=False)
+    if case == "no_estimation":
+        return dataclasses.replace(b, estimation=0)
+    if case == "ragged":
+        per = [WaveBudget(max(1, b.candidates * (g + 1) // layer.G), max(1, b.tokens * (g % 3 + 1) // 3),
+                          b.estimation // (g % 2 + 1)) for g in range(layer.G)]
+        return slot_budgets(per, layer.device)
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["defaults", "ragged", "no_calibration_no_rest", "no_estimation"])
+def test_kernel_step_matches_torch_step(dtype, case):
+    if not _ready():
+        pytest.skip("kvstore._cuda not built")
+    layer, _, _, qg = _layer(dtype)
+    slots, steady = layer._slots()
+    budget = _budget(layer, case)
+    o, lse, step = wave_attend(qg, slots, steady, budget, layer.bounds, layer.scale, backend="cuda")
+    o_ref, lse_ref, step_ref = wave_attend(qg, slots, steady, budget, layer.bounds, layer.scale, backend="torch")
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    assert _rel(o, o_ref) < tol, (case, _rel(o, o_ref))
+    assert float((lse - lse_ref).abs().max()) < 50 * tol
+    assert _overlap(step.candidates, step_ref.candidates) > 0.98
+    assert _overlap(step.estimation, step_ref.estimation) > 0.95
+    assert _overlap(step.exact_rows, step_ref.exact_rows) > 0.95
+    assert (step.candidate_rows - step_ref.candidate_rows).abs().max() <= 64
+
+
+def test_kernel_step_with_full_budgets_is_full_attention():
+    if not _ready():
+        pytest.skip("kvstore._cuda not built")
+    layer, k, v, qg = _layer(torch.float32, N=12000, seed=3)
+    slots, steady = layer._slots()
+    n = layer.n
+    o, lse, step = wave_attend(qg, slots, steady, WaveBudget(n, n, 0), layer.bounds, layer.scale, backend="cuda")
+    B, H, N, D = k.shape
+    ref = full_attention(qg.reshape(B, -1, D)[:, :, None].double(), k.double(), v.double())[0][:, :, 0]
+    assert _rel(o.reshape(B, -1, D), ref) < 1e-4
+    assert int((step.exact_rows >= 0).sum(1).min()) == n
+    assert torch.equal(step.candidate_rows.cpu(), torch.full((layer.G,), n))
+
+
+def test_kernel_step_is_deterministic_and_graph_safe():
+    if not _ready():
+        pytest.skip("kvstore._cuda not built")
+    layer, _, _, qg = _layer(torch.bfloat16, N=20000, seed=5)
+    slots, steady = layer._slots()
+    budget = _budget(layer, "defaults")
+    runs = [wave_attend(qg, slots, steady, budget, layer.bounds, layer.scale, backend="cuda")[0] for _ in range(3)]
+    assert all(torch.equal(runs[0], x) for x in runs[1:])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        wave_attend(qg, slots, steady, budget, layer.bounds, layer.scale, backend="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = wave_attend(qg, slots, steady, budget, layer.bounds, layer.scale, backend="cuda")[0]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, runs[0])
