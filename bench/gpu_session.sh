@@ -4,7 +4,7 @@
 # Stages (STAGES, default "build test decode"):
 #   build    pip install -e . with the CUDA kernels for TORCH_CUDA_ARCH_LIST (default 9.0), ~65 s on 16 cores
 #   test     the GPU test files (TESTS= picks others, TEST_S= time limit)
-#   profile  bench/profile_decode.py: per-kernel times of one decode step
+#   profile  bench/profile_decode.py: per-kernel times of one decode step (PROFILE_POINTS="context batch mode,...")
 #   decode   kvstore bench decode (DECODE_ARGS=, DECODE_S=)
 #   e2e      kvstore bench e2e (E2E_ARGS=, E2E_S=)
 #   recall   the 1M-key generated recall benchmark (needs faiss: a wheel in .whl/ is installed first)
@@ -38,12 +38,14 @@ if has test; then
 fi
 if has profile; then
     # whole tables into files of their own (the per-kernel table is long), the stage timings into the log
-    for pt in "131072 8 gpu_only" "1048576 1 gpu_only" "131072 8 offload"; do
+    IFS=, read -ra points <<< "${PROFILE_POINTS:-131072 8 gpu_only,1048576 1 gpu_only,131072 8 offload}"
+    for pt in "${points[@]}"; do
         set -- $pt
         f="$OUT/profile_$1_b$2_$3.txt"
         timeout 90 python3 bench/profile_decode.py --context $1 --batch $2 --mode $3 --parts 2>&1 | grep -v Warn > "$f"
         echo "profile $pt: $f" | tee -a "$LOG"
-        grep -E "^(cluster scores|rank order|candidate scores|whole step)" "$f" | tee -a "$LOG"
+        grep -E "^(cluster scores|zones|candidate scores|exact tokens|values|mean values|steady|merge|whole step)" "$f" \
+            | tee -a "$LOG"
     done
 fi
 if has decode; then

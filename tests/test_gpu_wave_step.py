@@ -39,7 +39,7 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     both = total = 0
     for x, y in zip(a.cpu().tolist(), b.cpu().tolist()):
         sx, sy = {i for i in x if i >= 0}, {i for i in y if i >= 0}
-        both += len(sx & sy)
+        both += len(sx & sy) if sx | sy else 1
         total += max(len(sx | sy), 1)
     return both / total
 

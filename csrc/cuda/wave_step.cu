@@ -15,7 +15,7 @@ constexpr int kWarps = kT / 32;
 constexpr int kPer = 8;              // consecutive ids a thread holds while marking
 constexpr int kChunk = kT * kPer;
 constexpr int kBins = 2048;          // 11-bit digits
-constexpr int kCombineThreads = 128;
+constexpr int kCombineThreads = 256;
 
 // Unsigned keys ordered like the floats (-0.0 ties with +0.0).
 __device__ __forceinline__ unsigned rank_key(float f) {
@@ -91,16 +91,25 @@ __device__ __forceinline__ float lse_of(MaxSum s) {
     return s.l > 0.0f ? s.m + logf(s.l) : -INFINITY;
 }
 
-// Adds w to hist[bin] for the lanes with ok (every lane of the warp calls it); lanes of one bin add once.
+// Adds w to hist[bin] for the lanes with ok (every lane of the warp calls it). A warp whose lanes all hold one
+// bin (the common case in the first digits: probabilities share their exponent) adds once; otherwise each lane
+// adds its own (shared-memory atomics; match_any aggregation costs more than the conflicts it saves).
 __device__ __forceinline__ void hist_add(unsigned* hist, unsigned bin, unsigned w, bool ok) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const unsigned b = ok ? bin : 0xffffffffu;
-    const unsigned peers = __match_any_sync(kFullMask, b);
-    const unsigned sum = __reduce_add_sync(peers, ok ? w : 0u);
-    if (ok && static_cast<int>(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], sum);
+    const unsigned b0 = __shfl_sync(kFullMask, b, 0);
+    if (__all_sync(kFullMask, b == b0)) {
+        if (b0 == 0xffffffffu) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+        const unsigned sum = __reduce_add_sync(kFullMask, w);
 #else
-    if (ok) atomicAdd(&hist[bin], w);
+        unsigned sum = w;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
 #endif
+        if (threadIdx.x % 32 == 0) atomicAdd(&hist[b0], sum);
+    } else if (ok) {
+        atomicAdd(&hist[bin], w);
+    }
 }
 
 // Warp 0 of the caller: the bin of hist (descending bins) where the weights reach k (1-based), and k less the
@@ -498,7 +507,14 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
     const long long want[1] = {T};
     radix_cuts<1>(cut, want, nv, W, by_u, sh.sel);
 
-    // 4. the exact tokens in position order: rows and weights
+    // 4. the exact tokens in position order: rows (from each position's row, written a run a thread) and weights
+    std::int64_t* rowof = a.rowof + gl * W;
+    for (int j = threadIdx.x; j < r; j += kT) {
+        const long long len = rlen[j], p0 = rpos[j];
+        if (len <= 0 || p0 < 0 || p0 > W - len) continue;
+        for (long long i = 0; i < len; ++i) rowof[p0 + i] = rrow[j] + i;
+    }
+    __syncthreads();
     unsigned long long carry[1] = {0ull}, picks_before = 0ull;
     const std::int64_t base = a.slot_base[g];
     for (long long c0 = 0; c0 < W; c0 += kChunk) {
@@ -514,16 +530,8 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
             const bool tk = (take[0] >> i) & 1u;
             flag[pos] = tk;
             if (!tk) continue;
-            if (p < t && r > 0) {
-                int lo = 0, hi = r;  // the last run starting at or before pos
-                while (hi - lo > 1) {
-                    const int mid = (lo + hi) / 2;
-                    if (rpos[mid] <= pos)
-                        lo = mid;
-                    else
-                        hi = mid;
-                }
-                const std::int64_t row = rrow[lo] + (pos - rpos[lo]);
+            if (p < t) {
+                const std::int64_t row = rowof[pos];
                 a.pick_rows[gl * t + p] = row;
                 a.pick_local[gl * t + p] = row - base;
                 for (int h = 0; h < Hg; ++h)
@@ -549,25 +557,22 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
         if (lane == 0) sh.dsum[h][warp] = s;
     }
     float* mw = a.mix_w + gl * Hg * M;
-    for (int j = warp; j < r; j += kWarps) {
+    for (int j = threadIdx.x; j < r; j += kT) {  // a run a thread: runs are short (a cluster's tokens)
         const long long len = rlen[j], p0 = rpos[j];
+        const bool ok = len > 0 && p0 >= 0 && p0 <= W - len;
         for (int h = 0; h < Hg; ++h) {
             float s = 0.0f;
-            for (long long i = lane; i < len; i += 32) {
-                const long long pos = p0 + i;
-                if (pos >= 0 && pos < W && flag[pos]) s += expf(ts[static_cast<long long>(h) * W + pos] - sh.ref[h]);
+            if (ok) {
+                const float* th = ts + static_cast<long long>(h) * W;
+                for (long long i = p0; i < p0 + len; ++i)
+                    if (flag[i]) s += expf(th[i] - sh.ref[h]);
             }
-            s = warp_sum(s);
-            if (lane == 0) {
-                const float wr = expf(rl[static_cast<long long>(h) * r + j] - sh.ref[h]);
-                const float un = wr - s;
-                mw[static_cast<long long>(h) * M + j] = un > 1e-5f * wr ? logf(un) + sh.ref[h] : -INFINITY;
-            }
+            const float wr = expf(rl[static_cast<long long>(h) * r + j] - sh.ref[h]);
+            const float un = wr - s;
+            mw[static_cast<long long>(h) * M + j] = un > 1e-5f * wr ? logf(un) + sh.ref[h] : -INFINITY;
         }
-        if (lane == 0) {
-            const std::int64_t c = a.cand[gl * r + j];
-            a.mix_rows[gl * M + j] = c >= 0 ? gl * a.C + c : -1;
-        }
+        const std::int64_t c = a.cand[gl * r + j];
+        a.mix_rows[gl * M + j] = c >= 0 ? gl * a.C + c : -1;
     }
     for (int j = threadIdx.x; j < e; j += kT) {
         const std::int64_t c = a.est[gl * e + j];
@@ -623,9 +628,37 @@ __device__ __forceinline__ float load_as_float(const void* p, DType dt, long lon
     return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
+// A block per (slot, head): warp w sums the chunks w, w + 8, ... of both parts (lane l holds channels l, l + 32,
+// ...), then warp 0 adds the warps' sums and merges.
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineArgs a) {
+    constexpr int kCW = kCombineThreads / 32, kPerLane = kStepMaxDv / 32;
+    __shared__ float part[2][kCW][kStepMaxDv];
     const long long gh = blockIdx.x, g = gh / a.Hg;
     const int h = static_cast<int>(gh % a.Hg), Hg = a.Hg, Dv = a.Dv;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    float np[kPerLane], nm[kPerLane];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) np[i] = nm[i] = 0.0f;
+    for (long long k = warp; k < a.pick_chunks; k += kCW) {
+        const float* src = a.pick_part + ((g * a.pick_chunks + k) * Hg + h) * Dv;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i)
+            if (lane + 32 * i < Dv) np[i] += src[lane + 32 * i];
+    }
+    for (long long k = warp; k < a.mix_chunks; k += kCW) {
+        const float* src = a.mix_part + ((g * a.mix_chunks + k) * Hg + h) * Dv;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i)
+            if (lane + 32 * i < Dv) nm[i] += src[lane + 32 * i];
+    }
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+        if (lane + 32 * i < Dv) {
+            part[0][warp][lane + 32 * i] = np[i];
+            part[1][warp][lane + 32 * i] = nm[i];
+        }
+    }
+    __syncthreads();
     const float d = a.pick_d[gh];
     const float lp = d > 0.0f ? a.pick_ref[gh] + logf(d) : -INFINITY;
     const float lm = a.mix_lse[gh], ls = a.steady_lse[gh];
@@ -635,12 +668,15 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineA
     const float den = ep + em + es;
     const float rw = a.rest_w[gh];
     for (int c = threadIdx.x; c < Dv; c += kCombineThreads) {
-        float np = 0.0f, nm = rw * a.value_mean[g * Dv + c];
-        for (long long k = 0; k < a.pick_chunks; ++k) np += a.pick_part[((g * a.pick_chunks + k) * Hg + h) * Dv + c];
-        for (long long k = 0; k < a.mix_chunks; ++k) nm += a.mix_part[((g * a.mix_chunks + k) * Hg + h) * Dv + c];
-        const float op = d > 0.0f ? np / d : 0.0f;
+        float sp = 0.0f, sm = rw * a.value_mean[g * Dv + c];
+#pragma unroll
+        for (int w = 0; w < kCW; ++w) {
+            sp += part[0][w][c];
+            sm += part[1][w][c];
+        }
+        const float op = d > 0.0f ? sp / d : 0.0f;
         const float st = load_as_float(a.steady_o, a.steady_dtype, gh * Dv + c);
-        const float num = (ep > 0.0f ? ep * op : 0.0f) + (em > 0.0f ? em * nm : 0.0f) + (es > 0.0f ? es * st : 0.0f);
+        const float num = (ep > 0.0f ? ep * op : 0.0f) + (em > 0.0f ? em * sm : 0.0f) + (es > 0.0f ? es * st : 0.0f);
         a.o[gh * Dv + c] = den > 0.0f ? num / den : num;
     }
     if (threadIdx.x == 0) a.lse[gh] = den > 0.0f ? ms + logf(den) : (den == den ? -INFINITY : den);

@@ -63,8 +63,8 @@ cudaError_t wave_zones_launch(const ZoneArgs& a, cudaStream_t stream);
 //   mix_rows int64 [G, r + e] (g * C + cluster id, -1 pads), mix_w f32 [G, Hg, r + e] = exp(entry - L_h),
 //   rest_w f32 [G, Hg], mix_lse f32 [G, Hg] = L_h.
 // Calibration (calibrate != 0): offset_h = clamp(lse over the calibration candidates of run_lse - low_lse, +-8)
-// (0 when not finite) added to the estimation and rest entries; rest == 0 drops the rest entry. u f32 [G, W] and
-// flag uint8 [G, W] are scratch.
+// (0 when not finite) added to the estimation and rest entries; rest == 0 drops the rest entry. u f32 [G, W],
+// flag uint8 [G, W] and rowof int64 [G, W] are scratch.
 struct MixArgs {
     const float* tok_scores;  // [G, Hg, W]
     const float* run_lse;     // [G, Hg, r]
@@ -86,6 +86,7 @@ struct MixArgs {
     int calibrate, rest;
     float* u;
     std::uint8_t* flag;
+    std::int64_t* rowof;
     std::int64_t* pick_rows;
     std::int64_t* pick_local;
     float* pick_w;

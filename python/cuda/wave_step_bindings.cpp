@@ -129,6 +129,7 @@ std::vector<torch::Tensor> wave_mix(const torch::Tensor& tok_scores, const torch
     auto f32 = tok_scores.options().dtype(torch::kFloat32);
     torch::Tensor u = torch::empty({G, W}, f32);
     torch::Tensor flag = torch::empty({G, W}, tok_scores.options().dtype(torch::kUInt8));
+    torch::Tensor rowof = torch::empty({G, W}, i64);
     torch::Tensor pick_rows = torch::empty({G, t}, i64), pick_local = torch::empty({G, t}, i64);
     torch::Tensor pick_w = torch::empty({G, Hg, t}, f32);
     torch::Tensor pick_d = torch::empty({G, Hg}, f32), pick_ref = torch::empty({G, Hg}, f32);
@@ -162,6 +163,7 @@ std::vector<torch::Tensor> wave_mix(const torch::Tensor& tok_scores, const torch
     a.rest = rest ? 1 : 0;
     a.u = u.data_ptr<float>();
     a.flag = flag.data_ptr<uint8_t>();
+    a.rowof = rowof.data_ptr<int64_t>();
     a.pick_rows = pick_rows.data_ptr<int64_t>();
     a.pick_local = pick_local.data_ptr<int64_t>();
     a.pick_w = pick_w.data_ptr<float>();
