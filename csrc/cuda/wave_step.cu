@@ -1,6 +1,6 @@
 // The bookkeeping kernels of the wave decode step (see wave_step.h). The zone and mix kernels take one slot a
-// block: their cuts of an order are weighted radix selects (11-bit digits, three passes over the keys held in
-// L2) that find the key where the weights, taken in rank order, reach a budget; ties at that key are taken in
+// block: their cuts of an order are weighted radix selects (8-bit digits, four passes over the keys held in
+// L2, a histogram per two warps) that find the key where the weights, taken in rank order, reach a budget; ties at that key are taken in
 // ascending id order by a block-wide scan, so the result is the stable order's and does not depend on timing.
 // Sums run in a fixed order (no float atomics).
 #include "wave_step.h"
@@ -14,7 +14,8 @@ constexpr int kT = 1024;             // threads of the per-slot kernels
 constexpr int kWarps = kT / 32;
 constexpr int kPer = 8;              // consecutive ids a thread holds while marking
 constexpr int kChunk = kT * kPer;
-constexpr int kBins = 2048;          // 11-bit digits
+constexpr int kBins = 256;           // 8-bit digits
+constexpr int kHistCopies = 16;      // a histogram per two warps: atomics to one bin from the whole block serialise
 constexpr int kCombineThreads = 256;
 
 // Unsigned keys ordered like the floats (-0.0 ties with +0.0).
@@ -116,8 +117,8 @@ __device__ __forceinline__ void hist_add(unsigned* hist, unsigned bin, unsigned 
 // weight of the bins above it.
 __device__ void find_bin(const unsigned* hist, unsigned long long k, unsigned* bin, unsigned long long* k_in) {
     const int lane = threadIdx.x % 32;
-    unsigned long long own = 0;  // lane owns bins [64 lane, 64 lane + 64), read skewed (no bank conflicts)
-    for (int b = 0; b < 64; ++b) own += hist[lane * 64 + ((b + lane) & 63)];
+    unsigned long long own = 0;  // lane owns bins [8 lane, 8 lane + 8), read skewed (fewer bank conflicts)
+    for (int b = 0; b < 8; ++b) own += hist[lane * 8 + ((b + lane) & 7)];
     unsigned long long suffix = own;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -135,10 +136,10 @@ __device__ void find_bin(const unsigned* hist, unsigned long long k, unsigned* b
     const int top = 31 - __clz(hit);
     if (lane == top) {
         unsigned long long above = suffix - own;
-        for (int b = 63; b >= 0; --b) {
-            const unsigned h = hist[lane * 64 + b];
+        for (int b = 7; b >= 0; --b) {
+            const unsigned h = hist[lane * 8 + b];
             if (above + h >= k) {
-                *bin = static_cast<unsigned>(lane * 64 + b);
+                *bin = static_cast<unsigned>(lane * 8 + b);
                 *k_in = k - above;
                 break;
             }
@@ -157,16 +158,22 @@ struct Cut {
 };
 
 struct SelectShared {
-    unsigned hist[2][kBins];
+    unsigned tot[2][kBins];
     unsigned long long ws[kWarps];
     unsigned bin[2];
     unsigned long long k[2];
 };
 
+// Shared memory the selects use only while they run (the per-head reductions use it otherwise).
+union SelectScratch {
+    unsigned hist[2][kHistCopies][kBins];
+    MaxSum red[2][kStepMaxHg][kWarps];
+};
+
 // S cuts of the n items whose (key, weight) kw(i, key, w) gives, at want[s] units; total: the weight of them all.
 template <int S, typename KW>
 __device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned long long total, long long n, KW kw,
-                           SelectShared& sh) {
+                           SelectShared& sh, SelectScratch& x) {
     bool any = false;
 #pragma unroll
     for (int s = 0; s < S; ++s) {
@@ -180,11 +187,11 @@ __device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned l
         }
     }
     if (!any) return;  // the same in every thread
+    const int warp = threadIdx.x / 32, copy = warp % kHistCopies;
     unsigned mask = 0u;
-    for (int pass = 0; pass < 3; ++pass) {
-        const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
-        const unsigned dmask = pass == 2 ? 1023u : 2047u;
-        for (int i = threadIdx.x; i < S * kBins; i += kT) sh.hist[i / kBins][i % kBins] = 0u;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < S * kHistCopies * kBins; i += kT)
+            x.hist[i / (kHistCopies * kBins)][(i / kBins) % kHistCopies][i % kBins] = 0u;
         __syncthreads();
         for (long long c0 = 0; c0 < n; c0 += kChunk) {  // uniform bounds: hist_add needs every lane
 #pragma unroll
@@ -195,15 +202,21 @@ __device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned l
 #pragma unroll
                 for (int s = 0; s < S; ++s) {
                     const bool ok = cut[s].mode == 1 && w > 0u && (key & mask) == cut[s].prefix;
-                    hist_add(sh.hist[s], (key >> shift) & dmask, w, ok);
+                    hist_add(x.hist[s][copy], (key >> shift) & 255u, w, ok);
                 }
             }
         }
         __syncthreads();
-        const int warp = threadIdx.x / 32;
+        for (int i = threadIdx.x; i < S * kBins; i += kT) {
+            unsigned sum = 0u;
+#pragma unroll
+            for (int c = 0; c < kHistCopies; ++c) sum += x.hist[i / kBins][c][i % kBins];
+            sh.tot[i / kBins][i % kBins] = sum;
+        }
+        __syncthreads();
 #pragma unroll
         for (int s = 0; s < S; ++s)
-            if (warp == s && cut[s].mode == 1) find_bin(sh.hist[s], cut[s].k, &sh.bin[s], &sh.k[s]);
+            if (warp == s && cut[s].mode == 1) find_bin(sh.tot[s], cut[s].k, &sh.bin[s], &sh.k[s]);
         __syncthreads();
 #pragma unroll
         for (int s = 0; s < S; ++s) {
@@ -212,7 +225,7 @@ __device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned l
                 cut[s].k = sh.k[s];
             }
         }
-        mask |= dmask << shift;
+        mask |= 255u << shift;
         __syncthreads();
     }
 }
@@ -269,7 +282,7 @@ __device__ void mark_chunk(long long c0, long long n, KW kw, const Cut (&cut)[S]
 
 struct ZoneShared {
     SelectShared sel;
-    MaxSum red[2][kStepMaxHg][kWarps];
+    SelectScratch x;
 };
 
 __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
@@ -299,7 +312,7 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
     // 1. the cuts at B (candidates) and B + E (estimation zone)
     Cut cut[2];
     const long long want[2] = {B, B + E};
-    radix_cuts<2>(cut, want, total, C, by_size, sh.sel);
+    radix_cuts<2>(cut, want, total, C, by_size, sh.sel, sh.x);
     unsigned long long carry[2] = {0ull, 0ull}, n_mine = 0ull, n_cand;
     for (long long c0 = 0; c0 < C; c0 += kChunk) {
         unsigned take[2];
@@ -322,7 +335,7 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
     };
     Cut top[1];
     const long long want_top[1] = {static_cast<long long>(n_cand / 2)};
-    radix_cuts<1>(top, want_top, n_cand, C, by_cand, sh.sel);
+    radix_cuts<1>(top, want_top, n_cand, C, by_cand, sh.sel, sh.x);
 
     // 3. compaction in id order: candidates (with their runs) and the estimation zone
     std::int64_t* cand = a.cand + static_cast<long long>(g) * a.r;
@@ -410,14 +423,14 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
         rest = warp_maxsum(rest);
         lo = warp_maxsum(lo);
         if (lane == 0) {
-            sh.red[0][h][warp] = rest;
-            sh.red[1][h][warp] = lo;
+            sh.x.red[0][h][warp] = rest;
+            sh.x.red[1][h][warp] = lo;
         }
     }
     __syncthreads();
     if (warp < a.Hg) {
-        const MaxSum rest = warp_maxsum(sh.red[0][warp][lane]);
-        const MaxSum lo = warp_maxsum(sh.red[1][warp][lane]);
+        const MaxSum rest = warp_maxsum(sh.x.red[0][warp][lane]);
+        const MaxSum lo = warp_maxsum(sh.x.red[1][warp][lane]);
         if (lane == 0) {
             a.rest_lse[static_cast<long long>(g) * a.Hg + warp] = lse_of(rest);
             a.low_lse[static_cast<long long>(g) * a.Hg + warp] = lse_of(lo);
@@ -427,7 +440,7 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
 
 struct MixShared {
     SelectShared sel;
-    MaxSum red[2][kStepMaxHg][kWarps];
+    SelectScratch x;
     float dsum[kStepMaxHg][kWarps];
     float ref[kStepMaxHg];
     float off[kStepMaxHg];
@@ -458,14 +471,14 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
         all = warp_maxsum(all);
         lo = warp_maxsum(lo);
         if (lane == 0) {
-            sh.red[0][h][warp] = all;
-            sh.red[1][h][warp] = lo;
+            sh.x.red[0][h][warp] = all;
+            sh.x.red[1][h][warp] = lo;
         }
     }
     __syncthreads();
     if (warp < Hg) {
-        const MaxSum all = warp_maxsum(sh.red[0][warp][lane]);
-        const MaxSum lo = warp_maxsum(sh.red[1][warp][lane]);
+        const MaxSum all = warp_maxsum(sh.x.red[0][warp][lane]);
+        const MaxSum lo = warp_maxsum(sh.x.red[1][warp][lane]);
         if (lane == 0) {
             const float L = lse_of(all);
             sh.ref[warp] = isfinite(L) ? L : 0.0f;
@@ -505,7 +518,7 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
     };
     Cut cut[1];
     const long long want[1] = {T};
-    radix_cuts<1>(cut, want, nv, W, by_u, sh.sel);
+    radix_cuts<1>(cut, want, nv, W, by_u, sh.sel, sh.x);
 
     // 4. the exact tokens in position order: rows (from each position's row, written a run a thread) and weights
     std::int64_t* rowof = a.rowof + gl * W;
@@ -596,11 +609,11 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
         MaxSum s{-INFINITY, 0.0f};
         for (int j = threadIdx.x; j < M; j += kT) push(s, mw[static_cast<long long>(h) * M + j]);
         s = warp_maxsum(s);
-        if (lane == 0) sh.red[0][h][warp] = s;
+        if (lane == 0) sh.x.red[0][h][warp] = s;
     }
     __syncthreads();
     if (warp < Hg) {
-        MaxSum s = warp_maxsum(sh.red[0][warp][lane]);
+        MaxSum s = warp_maxsum(sh.x.red[0][warp][lane]);
         if (lane == 0) {
             push(s, sh.rest_x[warp]);
             const float L = lse_of(s);
