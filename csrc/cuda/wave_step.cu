@@ -194,15 +194,20 @@ __device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned l
             x.hist[i / (kHistCopies * kBins)][(i / kBins) % kHistCopies][i % kBins] = 0u;
         __syncthreads();
         for (long long c0 = 0; c0 < n; c0 += kChunk) {  // uniform bounds: hist_add needs every lane
+            unsigned key[kPer], w[kPer];  // every load of the chunk issued before the first atomic
 #pragma unroll
             for (int i = 0; i < kPer; ++i) {
                 const long long c = c0 + static_cast<long long>(i) * kT + threadIdx.x;
-                unsigned key = 0u, w = 0u;
-                if (c < n) kw(c, key, w);
+                key[i] = 0u;
+                w[i] = 0u;
+                if (c < n) kw(c, key[i], w[i]);
+            }
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
 #pragma unroll
                 for (int s = 0; s < S; ++s) {
-                    const bool ok = cut[s].mode == 1 && w > 0u && (key & mask) == cut[s].prefix;
-                    hist_add(x.hist[s][copy], (key >> shift) & 255u, w, ok);
+                    const bool ok = cut[s].mode == 1 && w[i] > 0u && (key[i] & mask) == cut[s].prefix;
+                    hist_add(x.hist[s][copy], (key[i] >> shift) & 255u, w[i], ok);
                 }
             }
         }
@@ -296,8 +301,8 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
     const long long B = a.budget ? a.budget[2 * g] : a.cand_tokens;
     const long long E = a.budget ? a.budget[2 * g + 1] : a.est_tokens;
     auto by_size = [&](long long c, unsigned& key, unsigned& w) {
-        key = rank_key(probs[c]);
-        const float s = sizes[c];
+        key = rank_key(__ldg(probs + c));
+        const float s = __ldg(sizes + c);
         w = s > 0.0f ? __float2uint_rn(s) : 0u;
     };
 
@@ -330,7 +335,7 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
 
     // 2. the calibration clusters: the candidates after the best n_cand / 2
     auto by_cand = [&](long long c, unsigned& key, unsigned& w) {
-        key = rank_key(probs[c]);
+        key = rank_key(__ldg(probs + c));
         w = zone[c] == 1 ? 1u : 0u;
     };
     Cut top[1];
@@ -409,15 +414,25 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
     for (int h = 0; h < a.Hg; ++h) {
         MaxSum rest{-INFINITY, 0.0f}, lo{-INFINITY, 0.0f};
         const float* sc = a.scores + (static_cast<long long>(g) * a.Hg + h) * C;
-        for (long long c = threadIdx.x; c < C; c += kT) {
-            const unsigned z = zone[c];
-            const float s = sizes[c];
-            if (s > 0.0f && (z == 0u || z == 3u)) {
-                const float x = sc[c] + logf(s);
-                if (z == 0u)
-                    push(rest, x);
-                else
-                    push(lo, x);
+        for (long long c0 = 0; c0 < C; c0 += kChunk) {
+            unsigned z[kPer];
+            float s[kPer], x[kPer];
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {  // the loads first
+                const long long c = c0 + static_cast<long long>(i) * kT + threadIdx.x;
+                z[i] = c < C ? zone[c] : 1u;
+                s[i] = c < C ? __ldg(sizes + c) : 0.0f;
+                x[i] = c < C ? __ldg(sc + c) : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
+                if (s[i] > 0.0f && (z[i] == 0u || z[i] == 3u)) {
+                    const float v = x[i] + logf(s[i]);
+                    if (z[i] == 0u)
+                        push(rest, v);
+                    else
+                        push(lo, v);
+                }
             }
         }
         rest = warp_maxsum(rest);
@@ -463,10 +478,11 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
     // 1. ref_h over every candidate; the calibration clusters' exact mass
     for (int h = 0; h < Hg; ++h) {
         MaxSum all{-INFINITY, 0.0f}, lo{-INFINITY, 0.0f};
+#pragma unroll 8
         for (int j = threadIdx.x; j < r; j += kT) {
-            const float x = rl[static_cast<long long>(h) * r + j];
+            const float x = __ldg(rl + static_cast<long long>(h) * r + j);
             push(all, x);
-            if (low[j]) push(lo, x);
+            if (__ldg(low + j)) push(lo, x);
         }
         all = warp_maxsum(all);
         lo = warp_maxsum(lo);
@@ -497,14 +513,33 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
     float* u = a.u + gl * W;
     std::uint8_t* flag = a.flag + gl * W;
     unsigned long long nv_mine = 0ull, nv;
-    for (long long i = threadIdx.x; i < W; i += kT) {
-        float v = -1.0f;
-        if (isfinite(ts[i])) {
-            v = 0.0f;
-            for (int h = 0; h < Hg; ++h) v += expf(ts[static_cast<long long>(h) * W + i] - sh.ref[h]);
-            ++nv_mine;
+    for (long long i0 = 0; i0 < W; i0 += kChunk) {
+        float v[kPer];
+        bool ok[kPer];
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+            const long long i = i0 + static_cast<long long>(k) * kT + threadIdx.x;
+            const float s0 = i < W ? __ldg(ts + i) : -INFINITY;
+            ok[k] = isfinite(s0);
+            v[k] = ok[k] ? expf(s0 - sh.ref[0]) : -1.0f;
         }
-        u[i] = v;
+        for (int h = 1; h < Hg; ++h) {
+            float x[kPer];
+#pragma unroll
+            for (int k = 0; k < kPer; ++k) {
+                const long long i = i0 + static_cast<long long>(k) * kT + threadIdx.x;
+                x[k] = ok[k] ? __ldg(ts + static_cast<long long>(h) * W + i) : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < kPer; ++k)
+                if (ok[k]) v[k] += expf(x[k] - sh.ref[h]);
+        }
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+            const long long i = i0 + static_cast<long long>(k) * kT + threadIdx.x;
+            if (i < W) u[i] = v[k];
+            nv_mine += ok[k];
+        }
     }
     scan_u64(nv_mine, sh.sel.ws, &nv);  // its syncs publish u to the block
 
@@ -588,12 +623,16 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
         a.mix_rows[gl * M + j] = c >= 0 ? gl * a.C + c : -1;
     }
     for (int j = threadIdx.x; j < e; j += kT) {
-        const std::int64_t c = a.est[gl * e + j];
+        const std::int64_t c = __ldg(a.est + gl * e + j);
         a.mix_rows[gl * M + r + j] = c >= 0 ? gl * a.C + c : -1;
-        for (int h = 0; h < Hg; ++h) {
-            mw[static_cast<long long>(h) * M + r + j] =
-                c >= 0 ? a.scores[(gl * Hg + h) * a.C + c] + logf(a.sizes[gl * a.C + c]) + sh.off[h] : -INFINITY;
-        }
+        const float ls = c >= 0 ? logf(__ldg(a.sizes + gl * a.C + c)) : 0.0f;
+        float x[kStepMaxHg];
+#pragma unroll
+        for (int h = 0; h < kStepMaxHg; ++h)  // the loads first
+            if (h < Hg) x[h] = c >= 0 ? __ldg(a.scores + (gl * Hg + h) * a.C + c) : 0.0f;
+#pragma unroll
+        for (int h = 0; h < kStepMaxHg; ++h)
+            if (h < Hg) mw[static_cast<long long>(h) * M + r + j] = c >= 0 ? x[h] + ls + sh.off[h] : -INFINITY;
     }
     __syncthreads();
     if (warp < Hg) {
@@ -607,6 +646,7 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
     // 6. the mixture's log-sum-exp, then its weights
     for (int h = 0; h < Hg; ++h) {
         MaxSum s{-INFINITY, 0.0f};
+#pragma unroll 8
         for (int j = threadIdx.x; j < M; j += kT) push(s, mw[static_cast<long long>(h) * M + j]);
         s = warp_maxsum(s);
         if (lane == 0) sh.x.red[0][h][warp] = s;
@@ -624,9 +664,18 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
     __syncthreads();
     for (int h = 0; h < Hg; ++h) {
         const float L = isfinite(sh.lse[h]) ? sh.lse[h] : 0.0f;
-        for (int j = threadIdx.x; j < M; j += kT) {
-            const long long at = static_cast<long long>(h) * M + j;
-            mw[at] = expf(mw[at] - L);
+        for (int j0 = 0; j0 < M; j0 += kChunk) {
+            float x[kPer];
+#pragma unroll
+            for (int k = 0; k < kPer; ++k) {  // the loads first
+                const int j = j0 + k * kT + threadIdx.x;
+                x[k] = j < M ? mw[static_cast<long long>(h) * M + j] : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < kPer; ++k) {
+                const int j = j0 + k * kT + threadIdx.x;
+                if (j < M) mw[static_cast<long long>(h) * M + j] = expf(x[k] - L);
+            }
         }
     }
     if (threadIdx.x < Hg) {
