@@ -44,7 +44,11 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return both / total
 
 
-def _layer(dtype, N=30000, B=2, H=4, Hg=4, D=128, seed=11):
+def _layer(dtype, N=30000, B=4, H=4, Hg=4, D=128, seed=11):
+    """A layer of B * H >= FUSED_MIN_SLOTS slots (fewer take the torch ops)."""
+    from kvstore.attention.selection import FUSED_MIN_SLOTS
+
+    assert B * H >= FUSED_MIN_SLOTS
     k, v = _kv(B, H, N, D, dtype, seed)
     layer = GpuWaveLayer.build(k, v, WaveGpuConfig(segment_len=8192, cuda_graph=False, backend="cuda"))
     q = torch.randn(B, H * Hg, D, device="cuda", dtype=dtype) * 2
