@@ -117,7 +117,7 @@ class SteadyZone(NamedTuple):
 
 class WaveStep(NamedTuple):
     """What a step chose (for accounting): candidate cluster ids int64 ``[G, r]`` and estimation ids
-    ``[G, e]`` in rank order (``-1`` pads), exact rows int64 ``[G, t]`` (slot-local rows of the sorted KV, ascending; ``-1``
+    ``[G, e]`` in rank order (ascending ids on the kernel path; ``-1`` pads), exact rows int64 ``[G, t]`` (slot-local rows of the sorted KV, ascending; ``-1``
     pads a slot whose candidates hold fewer than ``t`` tokens), candidate rows read per slot int64 ``[G]``."""
 
     candidates: torch.Tensor
