@@ -166,21 +166,34 @@ struct MaxSum {
     float l;
 };
 
-// Adds one value v to the statistics (-inf: nothing).
-__device__ __forceinline__ void maxsum_push(MaxSum& s, float v) {
-    if (v == -INFINITY) return;
-    if (v > s.m) {
-        s.l = s.l * __expf(s.m - v) + 1.0f;
-        s.m = v;
+// exp as the statistics take it: the fast intrinsic, or (kAccurate) expf where the weights are outputs.
+template <bool kAccurate>
+__device__ __forceinline__ float maxsum_exp(float x) {
+    if constexpr (kAccurate) {
+        return expf(x);
     } else {
-        s.l += __expf(v - s.m);
+        return __expf(x);
     }
 }
 
+// Adds one value v to the statistics (-inf: nothing; NaN makes l NaN).
+template <bool kAccurate = false>
+__device__ __forceinline__ void maxsum_push(MaxSum& s, float v) {
+    if (v == -INFINITY) return;
+    if (v > s.m) {
+        s.l = s.l * maxsum_exp<kAccurate>(s.m - v) + 1.0f;
+        s.m = v;
+    } else {
+        s.l += maxsum_exp<kAccurate>(v - s.m);
+    }
+}
+
+// Merged statistics; two empty sets give an empty one (kAccurate: a NaN l of either is kept).
+template <bool kAccurate = false>
 __device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
     const float m = fmaxf(a.m, b.m);
-    if (m == -INFINITY) return {m, 0.0f};
-    return {m, a.l * __expf(a.m - m) + b.l * __expf(b.m - m)};
+    if (m == -INFINITY) return {m, kAccurate ? a.l + b.l : 0.0f};
+    return {m, a.l * maxsum_exp<kAccurate>(a.m - m) + b.l * maxsum_exp<kAccurate>(b.m - m)};
 }
 
 // The statistics st[0], st[stride], ..., st[(n - 1) * stride] merged into one.

@@ -58,31 +58,14 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Online log-sum-exp statistics with accurate exp (the mixture weights are outputs).
-__device__ __forceinline__ void push(MaxSum& s, float v) {
-    if (!(v > -INFINITY)) {
-        if (v != v) s.l = v;  // NaN propagates
-        return;
-    }
-    if (v > s.m) {
-        s.l = s.l * expf(s.m - v) + 1.0f;
-        s.m = v;
-    } else {
-        s.l += expf(v - s.m);
-    }
-}
-
-__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
-    const float m = fmaxf(a.m, b.m);
-    if (m == -INFINITY) return {m, a.l + b.l};  // both empty (l stays 0, or NaN)
-    return {m, a.l * expf(a.m - m) + b.l * expf(b.m - m)};
-}
+// Log-sum-exp statistics with accurate exp (the mixture weights are outputs).
+__device__ __forceinline__ void push(MaxSum& s, float v) { maxsum_push<true>(s, v); }
 
 __device__ __forceinline__ MaxSum warp_maxsum(MaxSum s) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const MaxSum t{__shfl_xor_sync(kFullMask, s.m, o), __shfl_xor_sync(kFullMask, s.l, o)};
-        s = merge(s, t);
+        s = maxsum_merge<true>(s, t);
     }
     return s;
 }
@@ -156,6 +139,17 @@ struct Cut {
     unsigned long long k;
     int mode;
 };
+
+// Per-head statistics of a block in two steps: every warp stashes its sums of head h (stash_head), then, after
+// a __syncthreads, warp h merges them (head_total, for warp < Hg).
+__device__ __forceinline__ void stash_head(MaxSum (*red)[kWarps], int h, MaxSum s) {
+    s = warp_maxsum(s);
+    if (threadIdx.x % 32 == 0) red[h][threadIdx.x / 32] = s;
+}
+
+__device__ __forceinline__ MaxSum head_total(const MaxSum (*red)[kWarps]) {
+    return warp_maxsum(red[threadIdx.x / 32][threadIdx.x % 32]);
+}
 
 struct SelectShared {
     unsigned tot[2][kBins];
@@ -435,17 +429,13 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
                 }
             }
         }
-        rest = warp_maxsum(rest);
-        lo = warp_maxsum(lo);
-        if (lane == 0) {
-            sh.x.red[0][h][warp] = rest;
-            sh.x.red[1][h][warp] = lo;
-        }
+        stash_head(sh.x.red[0], h, rest);
+        stash_head(sh.x.red[1], h, lo);
     }
     __syncthreads();
     if (warp < a.Hg) {
-        const MaxSum rest = warp_maxsum(sh.x.red[0][warp][lane]);
-        const MaxSum lo = warp_maxsum(sh.x.red[1][warp][lane]);
+        const MaxSum rest = head_total(sh.x.red[0]);
+        const MaxSum lo = head_total(sh.x.red[1]);
         if (lane == 0) {
             a.rest_lse[static_cast<long long>(g) * a.Hg + warp] = lse_of(rest);
             a.low_lse[static_cast<long long>(g) * a.Hg + warp] = lse_of(lo);
@@ -484,17 +474,13 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
             push(all, x);
             if (__ldg(low + j)) push(lo, x);
         }
-        all = warp_maxsum(all);
-        lo = warp_maxsum(lo);
-        if (lane == 0) {
-            sh.x.red[0][h][warp] = all;
-            sh.x.red[1][h][warp] = lo;
-        }
+        stash_head(sh.x.red[0], h, all);
+        stash_head(sh.x.red[1], h, lo);
     }
     __syncthreads();
     if (warp < Hg) {
-        const MaxSum all = warp_maxsum(sh.x.red[0][warp][lane]);
-        const MaxSum lo = warp_maxsum(sh.x.red[1][warp][lane]);
+        const MaxSum all = head_total(sh.x.red[0]);
+        const MaxSum lo = head_total(sh.x.red[1]);
         if (lane == 0) {
             const float L = lse_of(all);
             sh.ref[warp] = isfinite(L) ? L : 0.0f;
@@ -648,12 +634,11 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
         MaxSum s{-INFINITY, 0.0f};
 #pragma unroll 8
         for (int j = threadIdx.x; j < M; j += kT) push(s, mw[static_cast<long long>(h) * M + j]);
-        s = warp_maxsum(s);
-        if (lane == 0) sh.x.red[0][h][warp] = s;
+        stash_head(sh.x.red[0], h, s);
     }
     __syncthreads();
     if (warp < Hg) {
-        MaxSum s = warp_maxsum(sh.x.red[0][warp][lane]);
+        MaxSum s = head_total(sh.x.red[0]);
         if (lane == 0) {
             push(s, sh.rest_x[warp]);
             const float L = lse_of(s);

@@ -292,8 +292,9 @@ torch::Tensor kmeans_means(const torch::Tensor& x, const torch::Tensor& order, c
     return means;
 }
 
-// w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> f32 [G, Hg, Dv]: see weighted_rows.h.
-torch::Tensor weighted_rows(const torch::Tensor& w, const torch::Tensor& rows, const torch::Tensor& values) {
+// w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> the partial sums f32 [G, chunks, Hg, Dv] of
+// weighted_rows.h (their sum over chunks is weighted_rows; the wave step's merge kernel adds them itself).
+torch::Tensor weighted_rows_partial(const torch::Tensor& w, const torch::Tensor& rows, const torch::Tensor& values) {
     check_cuda(w, "w");
     check_cuda(rows, "rows");
     check_cuda(values, "values");
@@ -315,7 +316,13 @@ torch::Tensor weighted_rows(const torch::Tensor& w, const torch::Tensor& rows, c
                      static_cast<int>(Hg), t, values.size(0), Dv, partial.data_ptr<float>(),
                      c10::cuda::getCurrentCUDAStream()),
                  "weighted_rows");
-    return chunks == 1 ? partial.squeeze(1) : partial.sum(1);
+    return partial;
+}
+
+// w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> f32 [G, Hg, Dv]: see weighted_rows.h.
+torch::Tensor weighted_rows(const torch::Tensor& w, const torch::Tensor& rows, const torch::Tensor& values) {
+    torch::Tensor partial = weighted_rows_partial(w, rows, values);
+    return partial.size(1) == 1 ? partial.squeeze(1) : partial.sum(1);
 }
 
 }  // namespace
@@ -345,4 +352,6 @@ void register_cluster_ops(pybind11::module_& m) {
           "x [R, D], order int64, offsets int64 [K + 1], fallback f32 [K, D] or None -> means f32 [K, D]");
     m.def("weighted_rows", &weighted_rows, pybind11::arg("w"), pybind11::arg("rows"), pybind11::arg("values"),
           "w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> f32 [G, Hg, Dv]: sum_i w[g, h, i] values[rows[g, i]]");
+    m.def("weighted_rows_partial", &weighted_rows_partial, pybind11::arg("w"), pybind11::arg("rows"),
+          pybind11::arg("values"), "weighted_rows before the sum over its chunks: f32 [G, chunks, Hg, Dv]");
 }

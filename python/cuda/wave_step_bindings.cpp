@@ -1,5 +1,5 @@
-// Torch bindings of the wave step's bookkeeping kernels (csrc/cuda/wave_step.cu) for kvstore._cuda, and the
-// partial sums of weighted_rows that the step's merge kernel adds up. The caller is
+// Torch bindings of the wave step's bookkeeping kernels (csrc/cuda/wave_step.cu) for kvstore._cuda (their merge
+// kernel adds up the partial sums of cluster_bindings.cpp's weighted_rows_partial). The caller is
 // kvstore/attention/selection.py (wave_attend, kernel path), which sizes every output from ClusterBounds; the
 // checks here guard the kernels against misuse.
 #include <c10/cuda/CUDAGuard.h>
@@ -11,7 +11,6 @@
 
 #include "registry.h"
 #include "wave_step.h"
-#include "weighted_rows.h"
 
 namespace {
 
@@ -218,31 +217,6 @@ std::tuple<torch::Tensor, torch::Tensor> wave_combine(const torch::Tensor& pick_
     return {o, lse};
 }
 
-// w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> the partial sums f32 [G, chunks, Hg, Dv] of
-// weighted_rows (their sum over chunks is weighted_rows).
-torch::Tensor weighted_rows_partial(const torch::Tensor& w, const torch::Tensor& rows, const torch::Tensor& values) {
-    const torch::Device dev = w.device();
-    check(w, "w", torch::kFloat32, 3, dev);
-    const int64_t G = w.size(0), Hg = w.size(1), t = w.size(2);
-    check(rows, "rows", torch::kInt64, 2, dev);
-    check_shape(rows, "rows", {G, t});
-    TORCH_CHECK(values.is_cuda() && values.device() == dev && values.is_contiguous() && values.dim() == 2 &&
-                    values.size(1) >= 1 && values.size(1) <= kvstore::cluster::kWeightedMaxDv,
-                "values must be a contiguous CUDA [R, Dv] with 1 <= Dv <= ", kvstore::cluster::kWeightedMaxDv);
-    TORCH_CHECK(G < 65536 && Hg <= INT32_MAX, "unsupported sizes G=", G, " Hg=", Hg);
-    const kvstore::gpu::DType dt = kernel_dtype(values.scalar_type(), "values");
-    const c10::cuda::CUDAGuard guard(dev);
-    const int Dv = static_cast<int>(values.size(1));
-    const long long chunks = kvstore::cluster::weighted_rows_chunks(static_cast<int>(G), t, Dv, dt, values.data_ptr());
-    torch::Tensor partial = torch::empty({G, chunks, Hg, Dv}, w.options());
-    check_launch(kvstore::cluster::weighted_rows_launch(w.data_ptr<float>(), rows.data_ptr<int64_t>(),
-                                                        values.data_ptr(), dt, static_cast<int>(G),
-                                                        static_cast<int>(Hg), t, values.size(0), Dv,
-                                                        partial.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
-                 "weighted_rows");
-    return partial;
-}
-
 }  // namespace
 
 void register_wave_step(pybind11::module_& m) {
@@ -261,6 +235,4 @@ void register_wave_step(pybind11::module_& m) {
           pybind11::arg("pick_d"), pybind11::arg("pick_ref"), pybind11::arg("mix_lse"), pybind11::arg("rest_w"),
           pybind11::arg("value_mean"), pybind11::arg("steady_o"), pybind11::arg("steady_lse"),
           "the wave step's output from its parts: (o f32 [G, Hg, Dv], lse f32 [G, Hg])");
-    m.def("weighted_rows_partial", &weighted_rows_partial, pybind11::arg("w"), pybind11::arg("rows"),
-          pybind11::arg("values"), "weighted_rows before the sum over its chunks: f32 [G, chunks, Hg, Dv]");
 }
