@@ -52,6 +52,11 @@ class StoreConfig:
             masses of the candidates.
         estimate_rest: wave: count the clusters outside every zone (estimated
             mass, the slot's mean value) instead of dropping them.
+        rank_radius: wave: clusters are ranked by ``q . c + rank_radius * |q|
+            * radius`` (scaled like the scores), ``radius`` being the largest
+            distance of a member key from the centroid ``c``: a cluster that
+            holds one far key (the one a copying head needs) ranks higher than
+            its mean alone would put it. 0 ranks by the centroid only.
         tokens_per_cluster, segment_len, kmeans_iters: wave index build.
         update_interval: tokens decoded before the oldest ones leave the
             window and join the index.
@@ -92,6 +97,7 @@ class StoreConfig:
     retrieval_floor: int = 32
     calibrate: bool = True
     estimate_rest: bool = True
+    rank_radius: float = 0.25
     tokens_per_cluster: int = 16
     segment_len: int = 8192
     kmeans_iters: int = 10
@@ -135,6 +141,10 @@ class StoreConfig:
         for name in ("check_finite", "calibrate", "estimate_rest"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        r = self.rank_radius
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and 0 <= r <= 100):
+            raise ValueError(f"rank_radius must be a number in [0, 100], got {r!r}")
+        self.rank_radius = float(r)
         for name in ("candidates", "retrieval", "estimation", "pages"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (isinstance(v, float) and v > 1):
@@ -148,9 +158,9 @@ class StoreConfig:
     def retroinfer(cls, **overrides: Any) -> "StoreConfig":
         """The wave method as published (RetroInfer): 16-token clusters, the best clusters covering 1.8% of the
         context attended exactly (all their tokens), the next 23.2% estimated from their centroids, the rest
-        dropped, no calibration and no floors. For comparisons; ``overrides`` replace fields."""
+        dropped, no calibration, no floors, clusters ranked by their centroids. For comparisons; ``overrides`` replace fields."""
         base = cls(method="wave", tokens_per_cluster=16, candidates=0.018, retrieval=1.0, estimation=0.232,
-                   candidates_floor=0, retrieval_floor=0, calibrate=False, estimate_rest=False)
+                   candidates_floor=0, retrieval_floor=0, calibrate=False, estimate_rest=False, rank_radius=0.0)
         return replace(base, **overrides)
 
     def wave_budget(self, context: int, indexed: int):
@@ -163,7 +173,7 @@ class StoreConfig:
         cand = max(self._tokens(self.candidates, context), self.candidates_floor)
         ret = max(self._tokens(self.retrieval, context), self.retrieval_floor)
         return step_budget(cand, ret, self._tokens(self.estimation, context), context, indexed,
-                           calibrate=self.calibrate, rest=self.estimate_rest)
+                           calibrate=self.calibrate, rest=self.estimate_rest, rank_radius=self.rank_radius)
 
     @staticmethod
     def _tokens(budget: float | int, context: int) -> int:

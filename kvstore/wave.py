@@ -28,7 +28,7 @@ from ._validate import (INT32_MAX, as_input_type, check_magnitude, check_matrix_
 from .exact import _order_ties_by_id
 from .index_base import Index, register_index
 
-__all__ = ["WaveIndex", "segment_bounds", "clusters_for"]
+__all__ = ["WaveIndex", "segment_bounds", "clusters_for", "cluster_radii"]
 
 _MASK64 = (1 << 64) - 1
 _PHASE_STEPS = 1024          # resolution of the init stride phase (csrc/kmeans.cpp: kPhaseSteps)
@@ -38,6 +38,18 @@ MAX_KMEANS_ITERS = 10_000
 
 
 # --------------------------------------------------------------------------- clustering (shared rules)
+def cluster_radii(keys: torch.Tensor, centroids: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
+    """Each cluster's radius: the largest distance of a member key from its centroid.
+
+    keys ``[..., N, d]``, centroids ``[..., C, d]``, cluster int64 ``[..., N]`` (each key's cluster; leading dims
+    are independent slots). Returns float32 ``[..., C]`` (0 for an empty cluster), computed in float32 on the
+    keys' device. The decode step ranks by ``q . c + rank_radius * |q| * radius`` (:mod:`kvstore.attention.
+    selection`): an upper bound of a member's score when ``rank_radius`` is 1 (Cauchy-Schwarz)."""
+    idx = cluster[..., None].expand(*cluster.shape, centroids.shape[-1])
+    dist = (keys.float() - torch.gather(centroids.float(), -2, idx)).norm(dim=-1)
+    out = torch.zeros(*centroids.shape[:-1], dtype=torch.float32, device=keys.device)
+    return out.scatter_reduce_(-1, cluster, dist, "amax")
+
 
 def segment_bounds(n: int, tokens_per_cluster: int, segment_len: int) -> list[int]:
     """Segment bounds ``[0, b1, ..., n]`` of ``n`` tokens: runs of ``segment_len``
@@ -191,6 +203,7 @@ class _State:
     values_sorted: torch.Tensor | None   # [N, dv] float32
     segment_of_cluster: torch.Tensor     # [C] int64
     num_segments: int
+    radii: torch.Tensor | None = None    # [C] float32, derived on first use (WaveIndex.radii)
 
     @property
     def n(self) -> int:
@@ -329,6 +342,18 @@ class WaveIndex(Index):
     def values_sorted(self) -> torch.Tensor | None:
         """``[N, dv]`` float32 values in cluster order, or None."""
         return self._st.values_sorted
+
+    @property
+    def radii(self) -> torch.Tensor:
+        """``[C]`` float32: largest distance of a member key from its centroid (:func:`cluster_radii`), derived
+        from the stored keys when first asked for after a change."""
+        st = self._st
+        if st.radii is None:
+            cluster = torch.repeat_interleave(torch.arange(st.C, device=st.offsets.device),
+                                              st.offsets[1:] - st.offsets[:-1], output_size=st.n)
+            # a cache on the immutable snapshot: concurrent readers may both compute it, to the same value
+            object.__setattr__(st, "radii", cluster_radii(st.keys_sorted, st.centroids, cluster))
+        return st.radii
 
     @property
     def segment_of_cluster(self) -> torch.Tensor:

@@ -39,7 +39,8 @@ int tile_clusters(int G, int C) {
 template <typename T, int kVec, int kLpr, int kHb>
 __global__ void __launch_bounds__(kThreads, 2)
 scores_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* __restrict__ sizes, int Hg, int C,
-              int D, float scale, int tile, float* __restrict__ scores, float2* __restrict__ tile_stats) {
+              int D, float scale, int tile, float* __restrict__ scores, float2* __restrict__ tile_stats,
+              const RadiusArgs rad) {
     extern __shared__ float4 smem4[];
     float* qs = reinterpret_cast<float*>(smem4);          // [Hg, D]
     MaxSum* st = reinterpret_cast<MaxSum*>(qs + Hg * D);  // [groups, Hg]
@@ -57,6 +58,7 @@ scores_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* _
     const int li = threadIdx.x % kLpr;
     const T* cg = cen + static_cast<long long>(g) * C * D;
     const float* sg = sizes + static_cast<long long>(g) * C;
+    const float* rg = rad.radii == nullptr ? nullptr : rad.radii + static_cast<long long>(g) * C;
 
     // The loop bound is uniform over the warp (the shuffles below need every lane):
     // the groups of one warp take consecutive kU-cluster slices of a warp step.
@@ -80,13 +82,14 @@ scores_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* _
                 if (li != h || hh >= Hg) continue;
                 MaxSum s = st[gi * Hg + hh];
                 float* out = scores + (static_cast<long long>(g) * Hg + hh) * C;
+                const float bq = rg == nullptr ? 0.0f : rad.q_bonus[static_cast<long long>(g) * Hg + hh];
 #pragma unroll
                 for (int u = 0; u < kU; ++u) {
                     const int c = cb + u;
                     if (c >= c1) break;
                     const float v = sg[c] > 0.0f ? acc[u][h] * scale : -INFINITY;
                     out[c] = v;
-                    maxsum_push(s, v);
+                    maxsum_push(s, rg == nullptr ? v : v + bq * rg[c]);
                 }
                 st[gi * Hg + hh] = s;
             }
@@ -101,9 +104,11 @@ scores_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* _
 
 __global__ void __launch_bounds__(kThreads)
 probs_kernel(const float* __restrict__ scores, const float2* __restrict__ tile_stats, int Hg, int C, int ntiles,
-             float* __restrict__ probs, const float* __restrict__ size_weights, float* __restrict__ lse_out) {
+             float* __restrict__ probs, const float* __restrict__ size_weights, float* __restrict__ lse_out,
+             const RadiusArgs rad) {
     __shared__ float m_s[kRankMaxHg];
     __shared__ float inv_s[kRankMaxHg];
+    __shared__ float bq_s[kRankMaxHg];
     const int g = blockIdx.y;
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
@@ -119,6 +124,7 @@ probs_kernel(const float* __restrict__ scores, const float2* __restrict__ tile_s
         if (lane == 0) {
             m_s[h] = m;
             inv_s[h] = l > 0.0f ? 1.0f / l : 0.0f;
+            bq_s[h] = rad.radii == nullptr ? 0.0f : rad.q_bonus[static_cast<long long>(g) * Hg + h];
             if (lse_out != nullptr && blockIdx.x == 0)
                 lse_out[static_cast<long long>(g) * Hg + h] = l > 0.0f ? m + __logf(l) : -INFINITY;
         }
@@ -126,10 +132,11 @@ probs_kernel(const float* __restrict__ scores, const float2* __restrict__ tile_s
     __syncthreads();
     const int c = blockIdx.x * kThreads + threadIdx.x;
     if (c >= C) return;
+    const float rc = rad.radii == nullptr ? 0.0f : rad.radii[static_cast<long long>(g) * C + c];
     float p = 0.0f;
     for (int h = 0; h < Hg; ++h) {
         const float s = scores[(static_cast<long long>(g) * Hg + h) * C + c];
-        if (s != -INFINITY) p += __expf(s - m_s[h]) * inv_s[h];
+        if (s != -INFINITY) p += __expf(s + bq_s[h] * rc - m_s[h]) * inv_s[h];
     }
     if (size_weights != nullptr) p *= size_weights[static_cast<long long>(g) * C + c];
     probs[static_cast<long long>(g) * C + c] = p;
@@ -137,33 +144,36 @@ probs_kernel(const float* __restrict__ scores, const float2* __restrict__ tile_s
 
 template <typename T, int kVec, int kLpr, int kHb>
 cudaError_t launch_scores(const void* q, const void* cen, const float* sizes, int G, int Hg, int C, int D,
-                          float scale, int tile, float* scores, float2* stats, cudaStream_t stream) {
+                          float scale, int tile, float* scores, float2* stats, cudaStream_t stream,
+                          const RadiusArgs& rad) {
     const dim3 grid((C + tile - 1) / tile, G);
     const size_t smem = sizeof(float) * Hg * D + sizeof(MaxSum) * (kThreads / kLpr) * Hg;
     scores_kernel<T, kVec, kLpr, kHb><<<grid, kThreads, smem, stream>>>(
-        static_cast<const T*>(q), static_cast<const T*>(cen), sizes, Hg, C, D, scale, tile, scores, stats);
+        static_cast<const T*>(q), static_cast<const T*>(cen), sizes, Hg, C, D, scale, tile, scores, stats, rad);
     return cudaGetLastError();
 }
 
 template <typename T, int kVec, int kLpr>
 cudaError_t dispatch_hb(const void* q, const void* cen, const float* sizes, int G, int Hg, int C, int D,
-                        float scale, int tile, float* scores, float2* stats, cudaStream_t stream) {
-    if (Hg == 1) return launch_scores<T, kVec, kLpr, 1>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
-    if (Hg == 2) return launch_scores<T, kVec, kLpr, 2>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
-    if (Hg <= 4) return launch_scores<T, kVec, kLpr, 4>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
-    return launch_scores<T, kVec, kLpr, 8>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
+                        float scale, int tile, float* scores, float2* stats, cudaStream_t stream,
+                        const RadiusArgs& rad) {
+    if (Hg == 1) return launch_scores<T, kVec, kLpr, 1>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, rad);
+    if (Hg == 2) return launch_scores<T, kVec, kLpr, 2>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, rad);
+    if (Hg <= 4) return launch_scores<T, kVec, kLpr, 4>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, rad);
+    return launch_scores<T, kVec, kLpr, 8>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, rad);
 }
 
 template <typename T>
 cudaError_t dispatch_layout(const void* q, const void* cen, const float* sizes, int G, int Hg, int C, int D,
-                            float scale, int tile, float* scores, float2* stats, cudaStream_t stream) {
+                            float scale, int tile, float* scores, float2* stats, cudaStream_t stream,
+                            const RadiusArgs& rad) {
     constexpr int kVec = Vec16<T>::kN;
     const bool vec = D % kVec == 0 && is_aligned(q, 16) && is_aligned(cen, 16);
-    if (!vec) return dispatch_hb<T, 1, 32>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
+    if (!vec) return dispatch_hb<T, 1, 32>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, rad);
     const int nch = D / kVec;
-    if (nch >= 32) return dispatch_hb<T, kVec, 32>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
-    if (nch >= 16) return dispatch_hb<T, kVec, 16>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
-    return dispatch_hb<T, kVec, 8>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
+    if (nch >= 32) return dispatch_hb<T, kVec, 32>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, rad);
+    if (nch >= 16) return dispatch_hb<T, kVec, 16>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, rad);
+    return dispatch_hb<T, kVec, 8>(q, cen, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, rad);
 }
 
 
@@ -231,7 +241,7 @@ template <typename T, int D, bool kTwoRows>
 __global__ void __launch_bounds__(kThreads, 2)  // two blocks an SM: 16 warps of centroid loads in flight
 scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* __restrict__ sizes, int Hg,
                   int C, float scale, int tile, float* __restrict__ scores, float2* __restrict__ tile_stats,
-                  const FsArgs fs) {
+                  const FsArgs fs, const RadiusArgs rad) {
     constexpr int NJ = D / 32;  // chunk steps: 4 lanes x 8 elements each
     __shared__ MaxSum st[kThreads / 32][16];
     extern __shared__ float fs_tab[];  // fs only: table [nmax + 1, J], slope [nmax + 1]
@@ -277,6 +287,9 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
         qn_b = sqrtf(qn_b) * scale;
     }
     const float* sd = fs.key_sd == nullptr ? nullptr : fs.key_sd + static_cast<long long>(g) * C;
+    const float* rg = rad.radii == nullptr ? nullptr : rad.radii + static_cast<long long>(g) * C;
+    const float bq_a = (rg != nullptr && gr < Hg) ? rad.q_bonus[static_cast<long long>(g) * Hg + gr] : 0.0f;
+    const float bq_b = (rg != nullptr && gr + 8 < Hg) ? rad.q_bonus[static_cast<long long>(g) * Hg + gr + 8] : 0.0f;
     const T* cg = cen + static_cast<long long>(g) * C * D;
     const float* sg = sizes + static_cast<long long>(g) * C;
     float* out_a = scores + (static_cast<long long>(g) * Hg + gr) * C;
@@ -297,7 +310,7 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
         }
         // Sizes (and fs key spreads) of this lane's output clusters, loaded beside the centroids so that the
         // epilogue does not wait for a second round trip.
-        float szv[kMmaU][2], sdv[kMmaU][2];
+        float szv[kMmaU][2], sdv[kMmaU][2], rdv[kMmaU][2];
 #pragma unroll
         for (int u = 0; u < kMmaU; ++u) {
 #pragma unroll
@@ -305,6 +318,7 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
                 const int c = cw + 8 * u + 2 * t + i;
                 szv[u][i] = c < c1 ? sg[c] : 0.0f;
                 sdv[u][i] = (sd != nullptr && c < c1) ? sd[c] : 0.0f;
+                rdv[u][i] = (rg != nullptr && c < c1) ? rg[c] : 0.0f;
             }
         }
 #pragma unroll
@@ -330,13 +344,13 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
                     float v = live ? acc[i] * scale : -INFINITY;
                     if (sd != nullptr && live) v += fs_g(fs, fs_tab, sz, qn_a * s_d);
                     out_a[c + i] = v;
-                    maxsum_push(sa, v + logsz);
+                    maxsum_push(sa, v + logsz + bq_a * rdv[u][i]);
                 }
                 if (kTwoRows && gr + 8 < Hg) {
                     float v = live ? acc[2 + i] * scale : -INFINITY;
                     if (sd != nullptr && live) v += fs_g(fs, fs_tab, sz, qn_b * s_d);
                     out_b[c + i] = v;
-                    maxsum_push(sb, v + logsz);
+                    maxsum_push(sb, v + logsz + bq_b * rdv[u][i]);
                 }
             }
         }
@@ -413,7 +427,7 @@ int mma_tile(int G, int C, int tile) {
 template <typename T>
 bool try_scores_mma(const void* q, const void* cen, const float* sizes, int G, int Hg, int C, int D, float scale,
                     int* tile_io, float* scores, float2* stats, cudaStream_t stream, cudaError_t* err,
-                    const FsArgs& fs) {
+                    const FsArgs& fs, const RadiusArgs& rad) {
     if ((D != 64 && D != 128) || Hg > 16 || !is_aligned(q, 16) || !is_aligned(cen, 16) || !device_has_mma())
         return false;
     const size_t smem = fs_smem_bytes(fs);
@@ -424,13 +438,13 @@ bool try_scores_mma(const void* q, const void* cen, const float* sizes, int G, i
     const T* qt = static_cast<const T*>(q);
     const T* ct = static_cast<const T*>(cen);
     if (D == 128 && Hg > 8)
-        scores_mma_kernel<T, 128, true><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
+        scores_mma_kernel<T, 128, true><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs, rad);
     else if (D == 128)
-        scores_mma_kernel<T, 128, false><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
+        scores_mma_kernel<T, 128, false><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs, rad);
     else if (Hg > 8)
-        scores_mma_kernel<T, 64, true><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
+        scores_mma_kernel<T, 64, true><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs, rad);
     else
-        scores_mma_kernel<T, 64, false><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs);
+        scores_mma_kernel<T, 64, false><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs, rad);
     *err = cudaGetLastError();
     return true;
 }
@@ -445,9 +459,13 @@ long long cluster_scores_workspace_floats(int G, int Hg, int C) {
 
 cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, DType dtype,
                                   int G, int Hg, int C, int D, float scale, float* scores, float* probs,
-                                  float* workspace, cudaStream_t stream, const FsArgs* fs, float* lse) {
+                                  float* workspace, cudaStream_t stream, const FsArgs* fs, float* lse,
+                                  const RadiusArgs* radius) {
     const FsArgs no_fs{};
     const FsArgs& f = fs == nullptr ? no_fs : *fs;
+    const RadiusArgs no_radius{};
+    const RadiusArgs& rad = radius == nullptr ? no_radius : *radius;
+    if (rad.radii != nullptr && rad.q_bonus == nullptr) return cudaErrorInvalidValue;
     if (f.key_sd != nullptr && (f.table == nullptr || f.slope == nullptr || f.nmax < 1 || f.J < 2 ||
                                 dtype == DType::F32))
         return cudaErrorInvalidValue;
@@ -460,21 +478,22 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
     cudaError_t err;
     switch (dtype) {
         case DType::F32:
-            err = dispatch_layout<float>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
+            err = dispatch_layout<float>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream, rad);
             break;
         case DType::F16:
             if (!try_scores_mma<__half>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream, &err,
-                                        f)) {
+                                        f, rad)) {
                 if (f.key_sd != nullptr) return cudaErrorInvalidValue;  // the estimator rides the tensor-core kernel
-                err = dispatch_layout<__half>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream);
+                err = dispatch_layout<__half>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream,
+                                              rad);
             }
             break;
         case DType::BF16:
             if (!try_scores_mma<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream,
-                                               &err, f)) {
+                                               &err, f, rad)) {
                 if (f.key_sd != nullptr) return cudaErrorInvalidValue;
                 err = dispatch_layout<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats,
-                                                     stream);
+                                                     stream, rad);
             }
             break;
         default:
@@ -484,7 +503,7 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
     const int ntiles = (C + tile - 1) / tile;
     const dim3 grid((C + kThreads - 1) / kThreads, G);
     probs_kernel<<<grid, kThreads, 0, stream>>>(scores, stats, Hg, C, ntiles, probs,
-                                                f.key_sd != nullptr ? sizes : nullptr, lse);
+                                                f.key_sd != nullptr ? sizes : nullptr, lse, rad);
     return cudaGetLastError();
 }
 

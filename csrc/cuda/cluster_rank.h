@@ -33,6 +33,14 @@ struct FsArgs {
     float inv_step = 0.0f;
 };
 
+// The radius term of the ranking (kvstore/attention/selection.py, step 1): with radii set, probs (and lse) are
+// of the rank scores scores[g, h, c] + q_bonus[g, h] * radii[g, c] (q_bonus = rank_radius * |q_h| * scale);
+// the scores written stay q.c * scale.
+struct RadiusArgs {
+    const float* q_bonus = nullptr;  // [G, Hg]
+    const float* radii = nullptr;    // [G, C]; null: rank by the scores
+};
+
 // Floats of the workspace cluster_scores_launch needs: the per-tile softmax
 // statistics, 2 * G * tiles * Hg.
 long long cluster_scores_workspace_floats(int G, int Hg, int C);
@@ -48,7 +56,7 @@ long long cluster_scores_workspace_floats(int G, int Hg, int C);
 cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, DType dtype,
                                   int G, int Hg, int C, int D, float scale, float* scores, float* probs,
                                   float* workspace, cudaStream_t stream, const FsArgs* fs = nullptr,
-                                  float* lse = nullptr);
+                                  float* lse = nullptr, const RadiusArgs* radius = nullptr);
 
 // probs f32 [G, C] -> ret int64 [G, r], est int64 [G, e]: the r + e largest
 // probs of each row under the order "prob descending, lower id first on ties"

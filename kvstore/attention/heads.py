@@ -187,7 +187,8 @@ class WaveHead(HeadCache):
             value_mean = ix.value_sums.double().sum(0) / max(ix.ntotal, 1)
             slots = WaveSlots(ix.centroids[None], sizes[None], mean_values[None].float(), value_mean[None].float(),
                               ix.offsets[None], ix.keys_sorted, ix.values_sorted,
-                              torch.zeros(1, dtype=torch.long, device=ix.offsets.device))
+                              torch.zeros(1, dtype=torch.long, device=ix.offsets.device),
+                              ix.radii[None] if self.cfg.rank_radius else None)
             self._slots = (slots, ClusterBounds(slots.sizes))
         return self._slots
 
@@ -211,7 +212,7 @@ class WaveHead(HeadCache):
         C = ix.num_clusters
         zone = int((step.candidates >= 0).sum() + (step.estimation >= 0).sum())
         acc = Access(key_vectors=k.shape[0] + n_cand, value_vectors=k.shape[0] + int(rows.numel()),
-                     meta_elems=C * (self.d + 1) + zone * self.dv + self.dv,
+                     meta_elems=C * (self.d + (2 if self.cfg.rank_radius else 1)) + zone * self.dv + self.dv,
                      exact_positions=torch.cat([pos, self.positions[ix.order[rows].cpu()]]))
         return o[0].to(q.device), lse[0].to(q.device), acc
 

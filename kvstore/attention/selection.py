@@ -7,8 +7,11 @@ reference, any device) or the CUDA kernels.
 A slot holds its middle tokens as clusters (centroid = mean key, size, mean value; the KV in cluster order) and
 its sink + recent tokens as the steady zone. For the ``Hg`` query heads of a slot, one step:
 
-1. **Rank** every cluster by its centroid: ``s_hj = q_h . c_j * scale``; the weight of cluster ``j`` is
-   ``sum_h softmax_j(s_hj)`` (shared by the group: the clusters read serve every head of the slot).
+1. **Rank** every cluster by its centroid and radius: ``s_hj = q_h . c_j * scale`` and the rank score
+   ``s_hj + rank_radius * |q_h| * radius_j * scale`` (``radius_j``: the largest distance of a member key from
+   ``c_j``, so that a cluster holding one key far out along ``q`` is not ranked by its mean alone); the weight of
+   cluster ``j`` is ``sum_h softmax_j`` of the rank scores (shared by the group: the clusters read serve every
+   head of the slot). The estimates below use ``s_hj``.
 2. **Candidates**: the best clusters, in rank order, until they hold the candidate budget in tokens. Their keys
    are read and scored exactly (keys only).
 3. **Exact tokens**: among the candidates' tokens, the ``t`` with the largest group weight
@@ -53,13 +56,14 @@ class WaveBudget:
     """Budgets of one decode step in tokens (per slot): ``candidates`` tokens of the best clusters scored exactly,
     ``tokens`` of them attended exactly, ``estimation`` tokens of the next clusters estimated; ``calibrate`` /
     ``rest``: steps 5 and 7 of the module docstring on or off (off: the published RetroInfer step, where the rest
-    is dropped)."""
+    is dropped); ``rank_radius``: the radius weight of step 1 (0: rank by the centroid alone)."""
 
     candidates: int
     tokens: int
     estimation: int
     calibrate: bool = True
     rest: bool = True
+    rank_radius: float = 0.0
 
     def clusters(self, indexed: int, clusters: int) -> tuple[int, int]:
         """(candidate, estimation) cluster counts at the mean cluster size (for steps that select by count)."""
@@ -83,7 +87,8 @@ def slot_budgets(budgets: list[WaveBudget], device: torch.device) -> SlotBudgets
     """Per-slot budgets as device tensors (made when they change, not per step: the copy waits for the GPU)."""
     t = torch.tensor([[b.candidates, b.tokens, b.estimation] for b in budgets], dtype=torch.int64).to(device)
     bound = WaveBudget(max(b.candidates for b in budgets), max(b.tokens for b in budgets),
-                       max(b.estimation for b in budgets), budgets[0].calibrate, budgets[0].rest)
+                       max(b.estimation for b in budgets), budgets[0].calibrate, budgets[0].rest,
+                       budgets[0].rank_radius)
     return SlotBudgets(t[:, 0:1], t[:, 1:2], t[:, 2:3], bound)
 
 
@@ -94,7 +99,8 @@ class WaveSlots(NamedTuple):
     float32 ``[G, C, Dv]``; value_mean float32 ``[G, Dv]`` (mean value of the slot's clustered tokens); offsets
     int64 ``[G, C + 1]`` (cluster ``c`` of slot ``g`` is rows ``offsets[g, c]:offsets[g, c + 1]`` of the slot);
     keys ``[rows, D]`` / values ``[rows, Dv]`` (the sorted KV of every slot, slot ``g`` from row
-    ``slot_base[g]``); slot_base int64 ``[G]``."""
+    ``slot_base[g]``); slot_base int64 ``[G]``; radii float32 ``[G, C]`` (each cluster's largest member distance
+    from its centroid, :func:`kvstore.wave.cluster_radii`; None: not ranked by radius)."""
 
     centroids: torch.Tensor
     sizes: torch.Tensor
@@ -104,6 +110,7 @@ class WaveSlots(NamedTuple):
     keys: torch.Tensor
     values: torch.Tensor
     slot_base: torch.Tensor
+    radii: torch.Tensor | None = None
 
 
 class SteadyZone(NamedTuple):
@@ -127,13 +134,13 @@ class WaveStep(NamedTuple):
 
 
 def step_budget(candidates: float | int, tokens: float | int, estimation: float | int, context: int,
-                indexed: int, *, calibrate: bool = True, rest: bool = True) -> WaveBudget:
+                indexed: int, *, calibrate: bool = True, rest: bool = True, rank_radius: float = 0.0) -> WaveBudget:
     """A step's budgets from a float (a fraction of ``context``, the tokens seen) or an int (tokens) each, capped
     at the ``indexed`` tokens the clusters hold."""
     def tok(b: float | int) -> int:
         return min(indexed, int(math.ceil(b * context)) if isinstance(b, float) else int(b))
 
-    return WaveBudget(tok(candidates), tok(tokens), tok(estimation), calibrate, rest)
+    return WaveBudget(tok(candidates), tok(tokens), tok(estimation), calibrate, rest, rank_radius)
 
 
 class ClusterBounds:
@@ -282,7 +289,7 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     q ``[G, Hg, D]``; ``budget``: one for every slot, or :class:`SlotBudgets`; ``bounds``: :class:`ClusterBounds`
     of ``slots.sizes``; ``scores``: the ranking
     ``(scores [G, Hg, C], probs [G, C])`` of :func:`kvstore.gpu.cluster_ops.cluster_scores` when already
-    computed; ``backend``: the ops' backend (``"torch"``, ``"cuda"`` or ``"auto"``, see
+    computed (otherwise computed here, ranked with ``slots.radii`` when the budget's ``rank_radius`` is set); ``backend``: the ops' backend (``"torch"``, ``"cuda"`` or ``"auto"``, see
     :mod:`kvstore.gpu.cluster_ops`). Returns ``o [G, Hg, Dv]`` and ``lse [G, Hg]`` (float32; float64 when q is
     float64 on the torch backend) and the :class:`WaveStep`. Makes no host synchronisation on CUDA.
     """
@@ -294,8 +301,12 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     dev = q.device
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    s_cl, probs = scores if scores is not None else cluster_scores(q, slots.centroids.to(q.dtype), slots.sizes,
-                                                                   scale, backend=backend)
+    if scores is None:
+        bound = budget.bound if isinstance(budget, SlotBudgets) else budget
+        radii = slots.radii if bound.rank_radius else None
+        scores = cluster_scores(q, slots.centroids.to(q.dtype), slots.sizes, scale, backend=backend, radii=radii,
+                                rank_radius=bound.rank_radius)
+    s_cl, probs = scores
     s_cl = s_cl.to(dt)
     if _kernel_path(backend, q) and _fused_ready(q, slots, steady):
         return _wave_attend_fused(q, slots, steady, budget, bounds, scale, s_cl, probs, backend)

@@ -82,7 +82,8 @@ def check_count(v: Any, name: str, minimum: int = 0) -> int:
 # --------------------------------------------------------------------------- ranking
 
 def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor, scale: float | None = None,
-                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                   backend: str = "auto", radii: torch.Tensor | None = None, rank_radius: float = 0.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score every cluster with every query head and rank the clusters of each group.
 
     q ``[G, Hg, D]`` (bf16, fp16 or f32): the ``Hg`` query heads of each of the
@@ -91,8 +92,11 @@ def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
     ``1 / sqrt(D)``. Returns
 
     * scores f32 ``[G, Hg, C]`` = ``(q . c) * scale``, ``-inf`` where the size is ``<= 0``;
-    * probs f32 ``[G, C]`` = ``sum_j softmax_c(scores[g, j, :])``, the
-      group-summed cluster weight (a group whose clusters are all empty gets 0).
+    * probs f32 ``[G, C]`` = ``sum_j softmax_c(rank[g, j, :])``, the
+      group-summed cluster weight (a group whose clusters are all empty gets 0),
+      with ``rank = scores + rank_radius * |q_j| * radii[g, c] * scale`` when
+      ``radii`` (f32 ``[G, C]``, each cluster's largest member distance from its
+      centroid) is given, else ``rank = scores``.
 
     The kernel reads the centroids once (16-byte loads); accumulation in f32.
     Limits: ``Hg <= 32`` and ``Hg * D <= 8192``, ``G <= 65535``.
@@ -116,17 +120,32 @@ def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if isinstance(rank_radius, bool) or not isinstance(rank_radius, (int, float)) or not (
+            math.isfinite(rank_radius) and rank_radius >= 0):
+        raise ValueError(f"rank_radius must be a finite number >= 0, got {rank_radius!r}")
+    bonus = None                                                                   # [G, Hg] f32 or None
+    if radii is not None and rank_radius:
+        check_tensor(radii, "radii", 2, (torch.float32,))
+        if tuple(radii.shape) != (G, C):
+            raise ValueError(f"radii must be [G={G}, C={C}], got {tuple(radii.shape)}")
+        if radii.device != q.device:
+            raise ValueError(f"radii must be on q's device {q.device}, got {radii.device}")
+        bonus = q.float().norm(dim=2) * (float(rank_radius) * scale)
     if use_cuda_kernel(backend, q, centroids, sizes):
         if Hg > _MAX_HG or Hg * D > _MAX_HG_TIMES_D or G > 65535 or C >= 2 ** 31:
             raise ValueError(f"q [G={G}, Hg={Hg}, D={D}] with C={C} exceeds the kernel's limits "
                              f"(Hg <= {_MAX_HG}, Hg * D <= {_MAX_HG_TIMES_D}, G <= 65535); use backend='torch'")
         from ._ext import cuda_ext
 
-        return cuda_ext().cluster_scores(q.contiguous(), centroids.contiguous(), sizes.contiguous(), scale)
+        if bonus is None:
+            return cuda_ext().cluster_scores(q.contiguous(), centroids.contiguous(), sizes.contiguous(), scale)
+        return cuda_ext().cluster_scores(q.contiguous(), centroids.contiguous(), sizes.contiguous(), scale,
+                                         bonus.contiguous(), radii.contiguous())
     s = torch.bmm(q.float(), centroids.float().transpose(1, 2)) * scale          # [G, Hg, C]
     s = s.masked_fill((sizes <= 0)[:, None, :], -math.inf)
-    m = s.amax(dim=2, keepdim=True) if C else s.new_zeros(G, Hg, 1)
-    w = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))   # exp(-inf) = 0
+    rank = s if bonus is None else s + bonus[..., None] * radii[:, None, :]
+    m = rank.amax(dim=2, keepdim=True) if C else s.new_zeros(G, Hg, 1)
+    w = torch.exp(rank - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))   # exp(-inf) = 0
     z = w.sum(dim=2, keepdim=True)
     probs = (w / torch.where(z > 0, z, torch.ones_like(z))).sum(dim=1)
     return s, probs

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..config import GPU_MODES, StoreConfig
+from ..wave import cluster_radii
 
 MODES = GPU_MODES
 SRC_HOST, SRC_CACHE, SRC_STEADY = 0, 1, 2   # source ids of the offload run table (kvstore.gpu.wave_buffer)
@@ -42,8 +43,8 @@ SRC_HOST, SRC_CACHE, SRC_STEADY = 0, 1, 2   # source ids of the offload run tabl
 class WaveGpuConfig:
     """Budgets and layout of :class:`GpuWaveLayer` (the budgets and their defaults are :class:`StoreConfig`'s).
 
-    candidates / retrieval / estimation / candidates_floor / retrieval_floor / calibrate / estimate_rest: the wave
-    step's budgets (:mod:`kvstore.attention.selection`, :meth:`StoreConfig.wave_budget`); estimator: the cluster
+    candidates / retrieval / estimation / candidates_floor / retrieval_floor / calibrate / estimate_rest /
+    rank_radius: the wave step's budgets and ranking (:mod:`kvstore.attention.selection`, :meth:`StoreConfig.wave_budget`); estimator: the cluster
     scores the step ranks and estimates with, ``"centroid"`` (``q.c``) or ``"fs_iso"`` (:mod:`kvstore.gpu.estimation`:
     the finite-sample correction ``q.c + g_n(sigma)`` from each cluster's isotropic key variance, ranked by estimated
     mass); cache_ratio: offload mode, share of the indexed tokens the GPU cache holds; page_tokens: cache page
@@ -64,6 +65,7 @@ class WaveGpuConfig:
     retrieval_floor: int = StoreConfig.retrieval_floor
     calibrate: bool = StoreConfig.calibrate
     estimate_rest: bool = StoreConfig.estimate_rest
+    rank_radius: float = StoreConfig.rank_radius
     estimator: str = StoreConfig.gpu_estimator
     tokens_per_cluster: int = StoreConfig.tokens_per_cluster
     segment_len: int = StoreConfig.segment_len
@@ -93,7 +95,7 @@ class WaveGpuConfig:
         kw = dict(mode=c.gpu_mode, cache_ratio=c.cache_ratio, sink=c.sink, window=c.window, candidates=c.candidates,
                   retrieval=c.retrieval, estimation=c.estimation, candidates_floor=c.candidates_floor,
                   retrieval_floor=c.retrieval_floor, calibrate=c.calibrate, estimate_rest=c.estimate_rest,
-                  estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster, segment_len=c.segment_len,
+                  rank_radius=c.rank_radius, estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster, segment_len=c.segment_len,
                   kmeans_iters=c.kmeans_iters, update_interval=c.update_interval,
                   num_threads=c.num_threads or None, seed=c.seed)
         return cls(**{**kw, **layer})
@@ -101,7 +103,7 @@ class WaveGpuConfig:
     def store_config(self) -> StoreConfig:
         """The equivalent :class:`StoreConfig` (method wave)."""
         names = ("sink", "window", "candidates", "retrieval", "estimation", "candidates_floor", "retrieval_floor",
-                 "calibrate", "estimate_rest", "tokens_per_cluster", "segment_len", "kmeans_iters",
+                 "calibrate", "estimate_rest", "rank_radius", "tokens_per_cluster", "segment_len", "kmeans_iters",
                  "update_interval", "seed", "cache_ratio")
         return StoreConfig(method="wave", gpu_mode=self.mode, gpu_estimator=self.estimator,
                            num_threads=self.num_threads or 0, **{n: getattr(self, n) for n in names})
@@ -252,6 +254,7 @@ class GpuWaveLayer:
         self.sizes = torch.zeros(G, C, dtype=torch.float32, device=dev)
         self.value_sums = torch.zeros(G, C, self.Dv, dtype=torch.float32, device=dev)
         self.key_var = torch.zeros(G, C, dtype=torch.float32, device=dev)            # isotropic, fs_iso only
+        self.radii = torch.zeros(G, C, dtype=torch.float32, device=dev)              # largest member distance
         self.offsets = torch.zeros(G, C + 1, dtype=torch.int64, device=dev)           # rows within the slot
         if self.cfg.mode == "gpu_only":
             self.kv_k = torch.zeros(G * n, self.D, dtype=dtype, device=dev)
@@ -297,6 +300,7 @@ class GpuWaveLayer:
         vs = torch.zeros(H, Cb, self.Dv, dtype=torch.float32, device=kb.device)
         vs.scatter_add_(1, assign[..., None].expand(H, m, self.Dv), vb.float())
         self.value_sums[sl, :Cb] = vs
+        self.radii[sl, :Cb] = cluster_radii(kb, cen, assign).to(self.radii.device)
         if self.cfg.estimator == "fs_iso":
             from .estimation import isotropic_variance
 
@@ -373,7 +377,9 @@ class GpuWaveLayer:
 
         r, e = self.cfg.budget(self.length, self.n).clusters(self.n, self.C)   # the published step: one count
         if self.cfg.estimator == "centroid":
-            scores, probs = cluster_scores(qg, self.centroids, self.sizes, self.scale, backend=self.cfg.backend)
+            scores, probs = cluster_scores(qg, self.centroids, self.sizes, self.scale, backend=self.cfg.backend,
+                                           radii=self.radii if self.cfg.rank_radius else None,
+                                           rank_radius=self.cfg.rank_radius)
             ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
             return scores, ret, est, None
         from .estimation import fs_cluster_scores
@@ -444,7 +450,7 @@ class GpuWaveLayer:
         from ..attention.selection import SteadyZone, WaveSlots
 
         slots = WaveSlots(self.centroids, self.sizes, self.mean_values, self.value_mean, self.offsets, self.kv_k,
-                          self.kv_v, self.slot_base)
+                          self.kv_v, self.slot_base, self.radii if self.cfg.rank_radius else None)
         return slots, SteadyZone(self.steady_k, self.steady_v, self._steady_len_dev)
 
     def _budget(self):
@@ -600,6 +606,7 @@ class GpuWaveLayer:
 
         centroids, sizes_all, vsums, kvar = grow(self.centroids), grow(self.sizes), grow(self.value_sums), \
             grow(self.key_var)
+        radii = grow(self.radii)
         mid = torch.tensor(self.mid_len, device=dev)
         offsets = torch.cat([self.offsets, mid[:, None].expand(G, C1)], 1)           # new clusters empty ...
         kv_k = torch.zeros(G, n1, D, dtype=self.dtype, device=dev)
@@ -615,6 +622,7 @@ class GpuWaveLayer:
             vs = torch.zeros(len(slots), Cn, Dv, dtype=torch.float32, device=dev)
             vs.scatter_add_(1, a[..., None].expand(-1, m, Dv), vn.float())
             vsums[idx, C0:C0 + Cn] = vs
+            radii[idx, C0:C0 + Cn] = cluster_radii(kn, cen, a).to(radii.device)
             if cfg.estimator == "fs_iso":
                 from .estimation import isotropic_variance
 
@@ -637,13 +645,13 @@ class GpuWaveLayer:
         self.mid_len = [md + m for md, m in zip(self.mid_len, move)]
         self.n, self.C = n1, C
         self.centroids, self.sizes, self.value_sums, self.offsets = centroids, sizes_all, vsums, offsets
-        self.key_var = kvar
+        self.key_var, self.radii = kvar, radii
         self._set_kv(kv_k.reshape(G * n1, D), kv_v.reshape(G * n1, Dv))
         self._finish_build()
 
     # ------------------------------------------------------------------ persistence
     _STATE_TENSORS = ("steady_k", "steady_v", "kv_k", "kv_v", "centroids", "sizes", "value_sums", "key_var",
-                      "offsets")
+                      "offsets", "radii")
     _STATE_INTS = ("B", "Hkv", "D", "Dv", "n", "C", "s_cap")
     _STATE_LISTS = ("seq_len", "sink_len", "steady_len", "mid_len")
 
@@ -694,6 +702,8 @@ class GpuWaveLayer:
         shapes = {"steady_k": (G, s_cap, D), "steady_v": (G, s_cap, Dv), "kv_k": (G * n, D), "kv_v": (G * n, Dv),
                   "centroids": (G, C, D), "sizes": (G, C), "value_sums": (G, C, Dv), "key_var": (G, C),
                   "offsets": (G, C + 1)}
+        if "radii" in arrays:                 # a layer saved before radii were kept has them recomputed below
+            shapes["radii"] = (G, C)
         for name, shape in shapes.items():
             if name not in arrays:
                 raise ValueError(f"missing array {name}")
@@ -722,11 +732,33 @@ class GpuWaveLayer:
         self.sizes, self.value_sums = tensor("sizes", torch.float32), tensor("value_sums", torch.float32)
         self.key_var, self.offsets = tensor("key_var", torch.float32), tensor("offsets", torch.int64)
         self._set_kv(*(torch.from_numpy(np.array(arrays[name])).to(dtype) for name in ("kv_k", "kv_v")))
+        if "radii" in arrays:
+            radii = np.asarray(arrays["radii"])
+            if radii.dtype.kind != "f" or not np.isfinite(radii).all() or (radii < 0).any():
+                raise ValueError("radii must be finite and >= 0")
+            self.radii = tensor("radii", torch.float32)
+        else:
+            self.radii = self._radii_from_kv()
         self._finish_build()
         self.build_seconds = 0.0
         self._last = {}
         self.reset_stats()
         return self
+
+    def _radii_from_kv(self) -> torch.Tensor:
+        """Each cluster's radius [G, C] recomputed from the stored (cluster-sorted) keys and the centroids."""
+        G, C, n = self.G, self.C, self.n
+        rows = torch.arange(n, device=self.offsets.device)
+        cluster = (torch.searchsorted(self.offsets[:, 1:].contiguous(), rows.expand(G, n).contiguous(), right=True)
+                   .clamp(max=max(C - 1, 0)))                                  # rows past mid_len: masked below
+        live = rows[None, :] < self.offsets[:, -1:]
+        keys = self.kv_k.view(G, n, self.D).to(self.offsets.device).float()
+        cen = self.centroids.float()
+        if C == 0:
+            return torch.zeros(G, 0, dtype=torch.float32, device=self.device)
+        r = cluster_radii(torch.where(live[..., None], keys, torch.gather(cen, 1, cluster[..., None].expand(
+            G, n, self.D))), cen, cluster)
+        return r.to(self.device)
 
     # ------------------------------------------------------------------ stats
     def reset_stats(self) -> None:
@@ -743,7 +775,8 @@ class GpuWaveLayer:
         el = self.steady_k.element_size()
         fs = self.cfg.estimator == "fs_iso"
         meta = (self.centroids.numel() * self.centroids.element_size() + self.sizes.numel() * 4
-                + self.value_sums.numel() * 4 + self.offsets.numel() * 8 + (self.key_var.numel() * 4 if fs else 0))
+                + self.value_sums.numel() * 4 + self.offsets.numel() * 8 + (self.key_var.numel() * 4 if fs else 0)
+                + (self.radii.numel() * 4 if self.cfg.rank_radius else 0))
         steady = (self.steady_k.numel() + self.steady_v.numel()) * el
         kv_all = (self.kv_k.numel() + self.kv_v.numel()) * el
         if self.cfg.mode == "gpu_only":
@@ -755,7 +788,8 @@ class GpuWaveLayer:
                                "meta_bytes": meta, "host_bytes": host, "full_kv_bytes": full,
                                "build_seconds": self.build_seconds, "clusters_per_slot": self.C,
                                "pinned": bool(getattr(self, "pinned", False)) if self.cfg.mode == "offload" else None}
-        index_read = self.G * self.C * (self.D * el + 4 + (4 if fs else 0))   # centroids, sizes (and sigmas)
+        # centroids, sizes (and sigmas, radii)
+        index_read = self.G * self.C * (self.D * el + 4 + (4 if fs else 0) + (4 if self.cfg.rank_radius else 0))
         if self._last.get("step") is not None:
             # gpu_only: candidates' keys, the exact tokens' keys and values (the attention kernel reads both) and
             # the steady zone, the mean values of the candidate and estimation clusters and the slot's mean value

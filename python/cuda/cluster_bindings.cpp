@@ -31,9 +31,12 @@ void check_launch(cudaError_t err, const char* what) {
     TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
-// q [G, Hg, D], centroids [G, C, D] (same dtype), sizes f32 [G, C] -> (scores f32 [G, Hg, C], probs f32 [G, C]).
+// q [G, Hg, D], centroids [G, C, D] (same dtype), sizes f32 [G, C] -> (scores f32 [G, Hg, C], probs f32 [G, C]);
+// with q_bonus f32 [G, Hg] and radii f32 [G, C], probs rank by scores + q_bonus * radii (cluster_rank.h).
 std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, const torch::Tensor& centroids,
-                                                        const torch::Tensor& sizes, double scale) {
+                                                        const torch::Tensor& sizes, double scale,
+                                                        const c10::optional<torch::Tensor>& q_bonus,
+                                                        const c10::optional<torch::Tensor>& radii) {
     check_cuda(q, "q");
     check_cuda(centroids, "centroids");
     check_cuda(sizes, "sizes");
@@ -48,6 +51,21 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
     TORCH_CHECK(G <= 65535 && Hg >= 1 && Hg <= kvstore::cluster::kRankMaxHg && D >= 1 &&
                     Hg * D <= kvstore::cluster::kRankMaxHgTimesD && C <= INT32_MAX,
                 "unsupported sizes G=", G, " Hg=", Hg, " C=", C, " D=", D);
+    TORCH_CHECK(q_bonus.has_value() == radii.has_value(), "q_bonus and radii go together");
+    kvstore::cluster::RadiusArgs rad;
+    if (radii.has_value()) {
+        check_cuda(*q_bonus, "q_bonus");
+        check_cuda(*radii, "radii");
+        TORCH_CHECK(q_bonus->dim() == 2 && q_bonus->size(0) == G && q_bonus->size(1) == Hg &&
+                        q_bonus->scalar_type() == torch::kFloat32 && q_bonus->is_contiguous(),
+                    "q_bonus must be contiguous float32 [G, Hg]");
+        TORCH_CHECK(radii->dim() == 2 && radii->size(0) == G && radii->size(1) == C &&
+                        radii->scalar_type() == torch::kFloat32 && radii->is_contiguous(),
+                    "radii must be contiguous float32 [G, C]");
+        TORCH_CHECK(q_bonus->device() == q.device() && radii->device() == q.device(), "tensors on different devices");
+        rad.q_bonus = q_bonus->data_ptr<float>();
+        rad.radii = radii->data_ptr<float>();
+    }
     const DType dt = kernel_dtype(q.scalar_type(), "q");
     const c10::cuda::CUDAGuard guard(q.device());
     auto f32 = q.options().dtype(torch::kFloat32);
@@ -60,7 +78,7 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
                      q.data_ptr(), centroids.data_ptr(), sizes.data_ptr<float>(), dt, static_cast<int>(G),
                      static_cast<int>(Hg), static_cast<int>(C), static_cast<int>(D), static_cast<float>(scale),
                      scores.data_ptr<float>(), probs.data_ptr<float>(), work.data_ptr<float>(),
-                     c10::cuda::getCurrentCUDAStream()),
+                     c10::cuda::getCurrentCUDAStream(), nullptr, nullptr, &rad),
                  "cluster_scores");
     return {scores, probs};
 }
@@ -329,8 +347,9 @@ torch::Tensor weighted_rows(const torch::Tensor& w, const torch::Tensor& rows, c
 
 void register_cluster_ops(pybind11::module_& m) {
     m.def("cluster_scores", &cluster_scores, pybind11::arg("q"), pybind11::arg("centroids"), pybind11::arg("sizes"),
-          pybind11::arg("scale"),
-          "q [G, Hg, D], centroids [G, C, D], sizes f32 [G, C] -> (scores f32 [G, Hg, C], probs f32 [G, C])");
+          pybind11::arg("scale"), pybind11::arg("q_bonus") = pybind11::none(), pybind11::arg("radii") = pybind11::none(),
+          "q [G, Hg, D], centroids [G, C, D], sizes f32 [G, C] (q_bonus f32 [G, Hg], radii f32 [G, C]: rank by "
+          "scores + q_bonus * radii) -> (scores f32 [G, Hg, C], probs f32 [G, C])");
     m.def("select_clusters", &select_clusters, pybind11::arg("probs"), pybind11::arg("r"), pybind11::arg("e"),
           "probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r best, the next e, each zone by ascending id");
     m.def("cluster_scores_fs", &cluster_scores_fs, pybind11::arg("q"), pybind11::arg("centroids"),
