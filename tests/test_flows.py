@@ -129,3 +129,40 @@ def test_generation_with_full_budgets_equals_full_attention(interval):
                                               **FULL["wave"]))
         got = ours.generate(ids, max_new_tokens=60, do_sample=False, cache=cache)
     assert torch.equal(got, expected)
+
+
+def test_radius_ranking_finds_the_one_far_key_a_centroid_hides():
+    """A cluster whose mean is near zero along q but which holds one key far out along q: ranked by the centroid it
+    comes last and its key is dropped; ranked with the radius term it is read and attended exactly."""
+    from kvstore.attention.selection import ClusterBounds, SteadyZone, WaveBudget, WaveSlots, wave_attend
+    from kvstore.wave import cluster_radii
+
+    gen = torch.Generator().manual_seed(5)
+    D, C, m = 16, 12, 4
+    u = torch.zeros(D, dtype=torch.float64)
+    u[0] = 1.0
+    keys = u * 1.0 + 0.05 * torch.randn(C * m, D, generator=gen, dtype=torch.float64)    # clusters near u ...
+    keys[:m] = -3.0 * u + 0.05 * torch.randn(m, D, generator=gen, dtype=torch.float64)  # ... but cluster 0
+    keys[0] = 9.0 * u                                                                     # with one far key
+    values = torch.randn(C * m, D, generator=gen, dtype=torch.float64)
+    cluster = torch.arange(C * m) // m
+    centroids = keys.view(C, m, D).mean(1)
+    radii = cluster_radii(keys, centroids, cluster).double()
+    sizes = torch.full((1, C), float(m))
+    vs = values.view(C, m, D)
+    f = torch.float32
+    slots = WaveSlots(centroids[None].to(f), sizes, vs.mean(1)[None].to(f), values.mean(0)[None].to(f),
+                      torch.arange(0, C * m + 1, m)[None], keys.to(f), values.to(f), torch.zeros(1, dtype=torch.long),
+                      radii[None].to(f))
+    sk, sv = torch.zeros(1, 1, D, dtype=torch.float64), torch.zeros(1, 1, D, dtype=torch.float64)
+    steady = SteadyZone(sk.to(f), sv.to(f), 1)
+    q = (4.0 * u)[None, None]                                                          # [G=1, Hg=1, D]
+    ref = full_attention(q[:, :, None], torch.cat([sk, keys[None]], 1)[:, None],
+                         torch.cat([sv, values[None]], 1)[:, None], scale=1.0)[0][0, 0, 0]
+    err = {}
+    for lam in (0.0, 0.25):
+        o, _, step = wave_attend(q.to(f), slots, steady, WaveBudget(m, 1, 0, rank_radius=lam), ClusterBounds(sizes),
+                                 scale=1.0)
+        err[lam] = float((o[0, 0].double() - ref).norm() / ref.norm())
+        assert (0 in step.candidates[0].tolist()) == (lam > 0)
+    assert err[0.25] < 1e-3 < 0.1 < err[0.0]

@@ -41,15 +41,23 @@ def ranking_inputs(G, Hg, C, D, dtype=torch.float32, device="cpu", empty_frac=0.
     return q.to(device, dtype), c.to(device, dtype), sizes.to(device)
 
 
-def ranking_float64(q, c, sizes, scale):
-    """scores [G, Hg, C] and group-summed softmax [G, C] in float64 (WaveHead's ranking, per group)."""
+def ranking_float64(q, c, sizes, scale, radii=None, rank_radius=0.0):
+    """scores [G, Hg, C] and group-summed softmax [G, C] of the rank scores (scores + rank_radius * |q_h| *
+    radii * scale) in float64 (WaveHead's ranking, per group)."""
     s = torch.einsum("ghd,gcd->ghc", q.double(), c.double()) * scale
     s = s.masked_fill((sizes <= 0)[:, None, :], -math.inf)
+    rank = s
+    if radii is not None:
+        rank = s + rank_radius * q.double().norm(dim=2)[..., None] * radii.double()[:, None, :] * scale
     probs = torch.zeros(s.shape[0], s.shape[2], dtype=torch.float64)
     for g in range(s.shape[0]):
         if bool(torch.isfinite(s[g]).any()):
-            probs[g] = torch.softmax(s[g], dim=-1).sum(0)
+            probs[g] = torch.softmax(rank[g], dim=-1).sum(0)
     return s, probs
+
+
+def ranking_radii(G, C, gen=None, device="cpu"):
+    return (torch.rand(G, C, generator=gen) * 6).to(device)
 
 
 # --------------------------------------------------------------------------- ranking (torch reference)
@@ -67,6 +75,22 @@ def test_cluster_scores_torch_matches_float64(dtype, G, Hg, C, D):
     assert rel_l2(p, p64) < 1e-5
     torch.testing.assert_close(p.sum(1).double(), torch.full((G,), float(Hg), dtype=torch.float64), rtol=1e-5,
                                atol=0)
+
+
+@pytest.mark.parametrize("rank_radius", [0.25, 1.0])
+def test_cluster_scores_torch_radius_matches_float64(rank_radius):
+    G, Hg, C, D = 3, 4, 257, 64
+    q, c, sizes = ranking_inputs(G, Hg, C, D)
+    radii = ranking_radii(G, C)
+    s, p = cluster_scores(q, c, sizes, backend="torch", radii=radii, rank_radius=rank_radius)
+    s64, p64 = ranking_float64(q, c, sizes, 1 / math.sqrt(D), radii, rank_radius)
+    fin = torch.isfinite(s64)
+    assert rel_l2(s[fin], s64[fin]) < 1e-5          # the scores stay q.c * scale
+    assert rel_l2(p, p64) < 1e-5
+    plain = cluster_scores(q, c, sizes, backend="torch")[1]
+    assert rel_l2(p, plain) > 1e-3                  # the radius changes the ranking weights
+    same = cluster_scores(q, c, sizes, backend="torch", radii=radii, rank_radius=0.0)[1]
+    assert torch.equal(same, plain)
 
 
 def test_cluster_scores_scale_and_empty_groups():
@@ -98,6 +122,14 @@ def test_cluster_scores_rejects_bad_input():
         cluster_scores(q, c, sizes, backend="cuda")
     with pytest.raises(ValueError, match="scale"):
         cluster_scores(q, c, sizes, scale=float("nan"))
+    with pytest.raises(ValueError, match="radii"):
+        cluster_scores(q, c, sizes, radii=torch.zeros(2, 9), rank_radius=0.5)
+    with pytest.raises(TypeError, match="radii"):
+        cluster_scores(q, c, sizes, radii=torch.zeros(2, 10, dtype=torch.float64), rank_radius=0.5)
+    with pytest.raises(ValueError, match="rank_radius"):
+        cluster_scores(q, c, sizes, radii=torch.zeros(2, 10), rank_radius=float("inf"))
+    with pytest.raises(ValueError, match="rank_radius"):
+        cluster_scores(q, c, sizes, radii=torch.zeros(2, 10), rank_radius=-1.0)
 
 
 # --------------------------------------------------------------------------- selection and order
@@ -382,6 +414,23 @@ def test_cluster_scores_kernel_matches_reference(dtype, G, Hg, C, D):
     assert rel_l2(p, p64) < 1e-4
     st, pt = cluster_scores(q, c, sizes, backend="torch")
     assert rel_l2(p, pt.cpu()) < 1e-4
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("G,Hg,C,D", [(64, 4, 8192, 128), (3, 12, 1000, 128), (5, 3, 777, 64), (2, 4, 300, 72)])
+def test_cluster_scores_kernel_radius_matches_reference(dtype, G, Hg, C, D):
+    # bf16 / fp16 with D 64 or 128: the tensor-core kernel (both row counts); D = 72 and float32: the other one
+    q, c, sizes = ranking_inputs(G, Hg, C, D, dtype, "cuda")
+    radii = ranking_radii(G, C, device="cuda")
+    s, p = cluster_scores(q, c, sizes, backend="cuda", radii=radii, rank_radius=0.25)
+    s64, p64 = ranking_float64(q.cpu(), c.cpu(), sizes.cpu(), 1 / math.sqrt(D), radii.cpu(), 0.25)
+    fin = torch.isfinite(s64)
+    assert torch.equal(torch.isfinite(s.cpu()), fin)
+    assert rel_l2(s.cpu()[fin], s64[fin]) < 1e-5 and rel_l2(p.cpu(), p64) < 1e-4
+    pt = cluster_scores(q, c, sizes, backend="torch", radii=radii, rank_radius=0.25)[1]
+    assert rel_l2(p, pt) < 1e-4
 
 
 @pytest.mark.gpu

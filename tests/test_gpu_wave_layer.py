@@ -251,6 +251,37 @@ def test_state_round_trip_decodes_the_same(mode, estimator):
     assert bool(torch.isfinite(again.decode(q)).all())
 
 
+def _radii_brute(layer: GpuWaveLayer) -> torch.Tensor:
+    """[G, C] float64: each cluster's largest member distance from its f32-rounded stored centroid."""
+    out = torch.zeros(layer.G, layer.C, dtype=torch.float64)
+    keys = layer.kv_k.view(layer.G, layer.n, layer.D).double()
+    for g in range(layer.G):
+        for c in range(layer.C):
+            a, b = int(layer.offsets[g, c]), int(layer.offsets[g, c + 1])
+            if b > a:
+                out[g, c] = (keys[g, a:b] - layer.centroids[g, c].double()).norm(dim=1).max()
+    return out
+
+
+def test_radii_after_appends_and_a_state_without_them():
+    B, H, N, D = 2, 2, 700, 16
+    k, v = _kv(B, H, N, D, seed=13)
+    cfg = WaveGpuConfig(segment_len=256, update_interval=16, window=8, backend="torch", cuda_graph=False)
+    layer = GpuWaveLayer.build(k, v, cfg, device="cpu")
+    for t in range(40):                                            # two re-indexings
+        layer.append(k[:, :, t], v[:, :, t])
+    ref = _radii_brute(layer)
+    # built from the original keys and f32 centroids: within float32 rounding of the stored ones
+    assert float((layer.radii.double() - ref).abs().max()) < 1e-4
+    meta, arrays = layer.state()
+    old = GpuWaveLayer.from_state(meta, {n: a for n, a in arrays.items() if n != "radii"}, "cpu")
+    assert float((old.radii.double() - ref).abs().max()) < 1e-4
+    q = torch.randn(B, H * 3, D, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(old.decode(q), layer.decode(q), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="radii"):
+        GpuWaveLayer.from_state(meta, dict(arrays, radii=-arrays["radii"] - 1), "cpu")
+
+
 def test_from_state_rejects_inconsistent_state():
     k, v = _kv(1, 2, 600, 16, seed=12)
     layer = GpuWaveLayer.build(k, v, WaveGpuConfig(segment_len=256, backend="torch", cuda_graph=False), device="cpu")

@@ -179,7 +179,9 @@ def test_budgets_follow_context_in_real_tokens():
     ({"check_finite": 1}, "check_finite"), ({"check_finite": "no"}, "check_finite"),
     ({"check_finite": None}, "check_finite"), ({"gpu_estimator": "magic"}, "gpu_estimator"),
     ({"candidates": -0.1}, "candidates"), ({"candidates_floor": -1}, "candidates_floor"),
-    ({"calibrate": 1}, "calibrate"), ({"estimate_rest": "yes"}, "estimate_rest"), ({"seed": -1}, "seed"),
+    ({"calibrate": 1}, "calibrate"), ({"estimate_rest": "yes"}, "estimate_rest"),
+    ({"rank_radius": -0.1}, "rank_radius"), ({"rank_radius": float("nan")}, "rank_radius"),
+    ({"rank_radius": True}, "rank_radius"), ({"seed": -1}, "seed"),
     ({"seed": "x"}, "seed"), ({"seed": 2 ** 64}, "seed"), ({"num_threads": 100_000}, "num_threads"),
     ({"ef": 2 ** 31}, "ef"), ({"tokens_per_cluster": 2 ** 40}, "tokens_per_cluster"), ({"top_k": 2 ** 31}, "top_k"),
 ])

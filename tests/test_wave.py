@@ -297,6 +297,26 @@ def test_snapshot_taken_before_add_stays_valid():
 
 # ----------------------------------------------------------------------------- persistence
 
+def _radii_float64(idx: WaveIndex) -> torch.Tensor:
+    return torch.tensor([float((idx.keys_sorted[int(idx.offsets[c]):int(idx.offsets[c + 1])].double()
+                               - idx.centroids[c].double()).norm(dim=1).max()) for c in range(idx.num_clusters)],
+                        dtype=torch.float64)
+
+
+def test_radii_follow_build_add_remove_and_load(tmp_path):
+    gen = torch.Generator().manual_seed(21)
+    idx = WaveIndex(24, tokens_per_cluster=8, segment_len=256).build(torch.randn(900, 24, generator=gen))
+    torch.testing.assert_close(idx.radii.double(), _radii_float64(idx), rtol=1e-6, atol=1e-6)
+    idx.add(torch.randn(300, 24, generator=gen) * 3)
+    assert idx.radii.shape == (idx.num_clusters,)
+    torch.testing.assert_close(idx.radii.double(), _radii_float64(idx), rtol=1e-6, atol=1e-6)
+    idx.remove_ids(np.arange(0, 1200, 3))
+    torch.testing.assert_close(idx.radii.double(), _radii_float64(idx), rtol=1e-6, atol=1e-6)
+    idx.save(tmp_path / "w.kvs")
+    back = kvstore.load_index(tmp_path / "w.kvs")
+    assert torch.equal(back.radii, idx.radii)
+
+
 @pytest.mark.parametrize("with_values", [True, False])
 def test_save_load_round_trip(tmp_path, with_values):
     keys, values, queries = data(n=2500)
