@@ -72,7 +72,8 @@ def _reference(layer: GpuWaveLayer, q: torch.Tensor) -> torch.Tensor:
             sizes = layer.sizes[g].cpu().double()
             s = (qg[g] @ cen.T) * layer.scale
             s = s.masked_fill(sizes[None] == 0, -math.inf)
-            rank = torch.softmax(s, -1).sum(0)
+            bonus = layer.cfg.rank_radius * qg[g].norm(dim=1)[:, None] * layer.radii[g].cpu().double() * layer.scale
+            rank = torch.softmax(s + bonus, -1).sum(0)
             order = torch.argsort(rank, descending=True, stable=True)
             ret, est = order[:r], order[r:r + e]
             off = layer.offsets[g].cpu()
@@ -100,10 +101,11 @@ def test_full_budget_equals_full_attention(mode):
 
 
 @pytest.mark.parametrize("mode", ["offload"])
-def test_published_budgets_match_reference_method(mode):
+@pytest.mark.parametrize("rank_radius", [0.0, 0.25])
+def test_published_budgets_match_reference_method(mode, rank_radius):
     B, H, Hg, N, D = 1, 3, 4, 2000, 64
     k, v = _kv(B, H, N, D, seed=2)
-    cfg = _published(mode=mode, segment_len=512, backend="torch", cuda_graph=False)
+    cfg = _published(mode=mode, segment_len=512, backend="torch", cuda_graph=False, rank_radius=rank_radius)
     layer = GpuWaveLayer.build(k, v, cfg, device="cpu")
     for step in range(3):
         q = torch.randn(B, H * Hg, D, generator=torch.Generator().manual_seed(10 + step)) * 2
