@@ -109,7 +109,7 @@ def answer(model: Any, tok: Any, ids: torch.Tensor, config: StoreConfig | None, 
     return Answer(text.strip(), "full" if config is None else config.method, int(ids.shape[1]), seconds, read, held)
 
 
-class _PromptRecorder:
+class PromptRecorder:
     """Attention function that keeps every layer's post-RoPE ``(q, k, v)`` of a prompt, then runs sdpa."""
 
     name = "kvstore_prompt_record"
@@ -146,7 +146,7 @@ def answer_methods(model: Any, tok: Any, ids: torch.Tensor, configs: list[StoreC
     todo = [i for i, cfg in enumerate(configs) if cfg is not None]
     if not todo:
         return out  # type: ignore[return-value]
-    rec = _PromptRecorder()
+    rec = PromptRecorder()
     AttentionInterface.register(rec.name, rec)
     AttentionMaskInterface.register(rec.name, sdpa_mask)
     before = model.config._attn_implementation
