@@ -96,8 +96,9 @@ class WaveSlots(NamedTuple):
     """The clustered middle tokens of ``G`` slots (``C`` clusters each, ``n`` rows each).
 
     centroids ``[G, C, D]`` (mean keys); sizes float32 ``[G, C]`` (0: an empty cluster, never read); mean_values
-    float32 ``[G, C, Dv]``; value_mean float32 ``[G, Dv]`` (mean value of the slot's clustered tokens); offsets
-    int64 ``[G, C + 1]`` (cluster ``c`` of slot ``g`` is rows ``offsets[g, c]:offsets[g, c + 1]`` of the slot);
+    ``[G, C, Dv]`` (float32 or the KV dtype); value_mean float32 ``[G, Dv]`` (mean value of the slot's clustered
+    tokens); offsets int64 ``[G, C + 1]`` (cluster ``c`` of slot ``g`` is rows ``offsets[g, c]:offsets[g, c + 1]``
+    of the slot);
     keys ``[rows, D]`` / values ``[rows, Dv]`` (the sorted KV of every slot, slot ``g`` from row
     ``slot_base[g]``); slot_base int64 ``[G]``; radii float32 ``[G, C]`` (each cluster's largest member distance
     from its centroid, :func:`kvstore.wave.cluster_radii`; None: not ranked by radius)."""
@@ -273,7 +274,7 @@ def _wave_attend_fused(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, bu
         s_tok, run_lse, run_row, run_len, run_pos, cand_low, cand, est, s_cl, sizes, rest_lse, low_lse,
         slots.slot_base.contiguous(), tokens, bound.tokens, t, bound.calibrate, bound.rest)
     pick_part = ext.weighted_rows_partial(pick_w, pick_rows, slots.values.contiguous())
-    mix_part = ext.weighted_rows_partial(mix_w, mix_rows, slots.mean_values.to(f32).reshape(G * C, Dv).contiguous())
+    mix_part = ext.weighted_rows_partial(mix_w, mix_rows, slots.mean_values.reshape(G * C, Dv).contiguous())
     o_st, lse_st = _steady_part(q, steady, scale, backend, f32)
     o, lse = ext.wave_combine(pick_part, mix_part, pick_d, pick_ref, mix_lse, rest_w,
                               slots.value_mean.to(f32).contiguous(), o_st.contiguous(), lse_st.to(f32).contiguous())

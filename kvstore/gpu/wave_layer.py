@@ -321,7 +321,9 @@ class GpuWaveLayer:
         self._layout_r = None
         from ..attention.selection import ClusterBounds
 
-        self.mean_values = self.value_sums / self.sizes.clamp_min(1)[..., None]                 # [G, C, Dv]
+        # [G, C, Dv] in the KV dtype: the step reads the mean values of every zone cluster (as many bytes as the
+        # exact tokens' values at the default budgets); float32 would double that
+        self.mean_values = (self.value_sums / self.sizes.clamp_min(1)[..., None]).to(self.dtype)
         self.value_mean = self.value_sums.sum(1) / self.sizes.sum(1, keepdim=True).clamp_min(1)  # [G, Dv]
         self.bounds = ClusterBounds(self.sizes)
         if cfg.estimator == "fs_iso":
@@ -797,7 +799,8 @@ class GpuWaveLayer:
             exact = int((step.exact_rows >= 0).sum())
             zone = int((step.candidates >= 0).sum() + (step.estimation >= 0).sum())
             read = (int(step.candidate_rows.sum()) * self.D * el + (exact + sum(self.steady_len))
-                    * (self.D + self.Dv) * el + index_read + (zone + self.G) * self.Dv * 4)
+                    * (self.D + self.Dv) * el + index_read
+                    + (zone * self.mean_values.element_size() + self.G * 4) * self.Dv)
             out["read_fraction"] = read / full
             out["tokens_exact"] = (exact + sum(self.steady_len)) / self.G
             out["tokens_scored"] = int(step.candidate_rows.sum()) / self.G
