@@ -44,6 +44,8 @@ def default_configs() -> list[tuple[str, StoreConfig]]:
     d = StoreConfig()
     out: list[tuple[str, StoreConfig]] = [("wave (defaults)", StoreConfig(method="wave")),
                                           ("wave RetroInfer budgets", StoreConfig.retroinfer())]
+    for rr in (0.0, 0.1, 0.5):
+        out.append((f"wave rank_radius={rr}", StoreConfig(method="wave", rank_radius=rr)))
     for c, r, e in ((0.04, 0.01, 0.05), (0.12, 0.03, 0.1), (0.2, 0.05, 0.1)):
         out.append((f"wave candidates={c} retrieval={r} estimation={e}",
                     StoreConfig(method="wave", candidates=c, retrieval=r, estimation=e)))
