@@ -33,9 +33,9 @@ All parts merge by log-sum-exp (:func:`kvstore.attention.core.merge_partials`). 
 context reads every token whatever the cluster sizes. Shapes stay fixed from step to step (for CUDA graphs): the
 step pads to bounds that :class:`ClusterBounds` computes from the sizes when the index changes.
 
-Reads per step (what ``Read`` reports): the centroids and sizes of every cluster, the keys of the candidates,
-the values of the exact tokens, the mean values of the candidate and estimation clusters, the steady zone's
-keys and values.
+Reads per step (what ``Read`` reports): the centroids, sizes (and radii) of every cluster, the keys of the
+candidates, the values of the exact tokens, the mean values of the candidate and estimation clusters, the steady
+zone's keys and values.
 """
 from __future__ import annotations
 
