@@ -290,9 +290,10 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     q ``[G, Hg, D]``; ``budget``: one for every slot, or :class:`SlotBudgets`; ``bounds``: :class:`ClusterBounds`
     of ``slots.sizes``; ``scores``: the ranking
     ``(scores [G, Hg, C], probs [G, C])`` of :func:`kvstore.gpu.cluster_ops.cluster_scores` when already
-    computed (otherwise computed here, ranked with ``slots.radii`` when the budget's ``rank_radius`` is set); ``backend``: the ops' backend (``"torch"``, ``"cuda"`` or ``"auto"``, see
-    :mod:`kvstore.gpu.cluster_ops`). Returns ``o [G, Hg, Dv]`` and ``lse [G, Hg]`` (float32; float64 when q is
-    float64 on the torch backend) and the :class:`WaveStep`. Makes no host synchronisation on CUDA.
+    computed (otherwise computed here, ranked with ``slots.radii`` when the budget's ``rank_radius`` is set);
+    ``backend``: the ops' backend (``"torch"``, ``"cuda"`` or ``"auto"``, see :mod:`kvstore.gpu.cluster_ops`). Returns
+    ``o [G, Hg, Dv]`` and ``lse [G, Hg]`` (float32; float64 when q is float64 on the torch backend) and the
+    :class:`WaveStep`. Makes no host synchronisation on CUDA.
     """
     from ..gpu.cluster_ops import candidate_scores, cluster_scores, select_clusters, weighted_rows
 

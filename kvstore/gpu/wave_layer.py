@@ -44,7 +44,8 @@ class WaveGpuConfig:
     """Budgets and layout of :class:`GpuWaveLayer` (the budgets and their defaults are :class:`StoreConfig`'s).
 
     candidates / retrieval / estimation / candidates_floor / retrieval_floor / calibrate / estimate_rest /
-    rank_radius: the wave step's budgets and ranking (:mod:`kvstore.attention.selection`, :meth:`StoreConfig.wave_budget`); estimator: the cluster
+    rank_radius: the wave step's budgets and ranking (:mod:`kvstore.attention.selection`,
+    :meth:`StoreConfig.wave_budget`); estimator: the cluster
     scores the step ranks and estimates with, ``"centroid"`` (``q.c``) or ``"fs_iso"`` (:mod:`kvstore.gpu.estimation`:
     the finite-sample correction ``q.c + g_n(sigma)`` from each cluster's isotropic key variance, ranked by estimated
     mass); cache_ratio: offload mode, share of the indexed tokens the GPU cache holds; page_tokens: cache page
@@ -95,7 +96,8 @@ class WaveGpuConfig:
         kw = dict(mode=c.gpu_mode, cache_ratio=c.cache_ratio, sink=c.sink, window=c.window, candidates=c.candidates,
                   retrieval=c.retrieval, estimation=c.estimation, candidates_floor=c.candidates_floor,
                   retrieval_floor=c.retrieval_floor, calibrate=c.calibrate, estimate_rest=c.estimate_rest,
-                  rank_radius=c.rank_radius, estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster, segment_len=c.segment_len,
+                  rank_radius=c.rank_radius, estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster,
+                  segment_len=c.segment_len,
                   kmeans_iters=c.kmeans_iters, update_interval=c.update_interval,
                   num_threads=c.num_threads or None, seed=c.seed)
         return cls(**{**kw, **layer})
