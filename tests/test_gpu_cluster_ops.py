@@ -547,7 +547,10 @@ def test_candidate_scores_kernel_matches_reference(dtype, D, Hg):
 @gpu
 @pytest.mark.parametrize("G,Hg,D,r,max_len", [(64, 4, 128, 330, 40), (1, 4, 128, 2600, 64), (8, 16, 128, 40, 100),
                                               (3, 32, 256, 9, 70), (4, 4, 256, 30, 40), (3, 4, 72, 25, 40),
-                                              (2, 5, 3, 40, 9)])
+                                              (2, 5, 3, 40, 9),
+                                              # short runs (8 rows or fewer on average): two rows a lane group
+                                              (64, 4, 128, 1251, 12), (8, 1, 64, 500, 10), (4, 8, 128, 300, 14),
+                                              (3, 2, 64, 200, 16)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_candidate_scores_kernel_shapes(G, Hg, D, r, max_len, dtype):
     gen = torch.Generator().manual_seed(G + r)

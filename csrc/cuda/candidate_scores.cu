@@ -1,7 +1,8 @@
 // Candidate scores (see candidate_scores.h). A block takes kRunsPerBlock consecutive runs of one slot (the
 // blocks of a slot are consecutive: they share its queries in L2) and stages the slot's Hg queries in shared
 // memory as float; then each warp takes a run at a time (the next run's table entry loaded ahead). The lane groups
-// of kLpr lanes of a warp take kU rows of the run at a time (group i: rows i, i + kGroups, ...); lane l of a group
+// of kLpr lanes of a warp take kU rows of the run at a time (kU = 2 when the runs average 8 rows or fewer, so that
+// short runs, the best clusters being the small ones, leave fewer lanes idle; else 4) (group i: rows i, i + kGroups, ...); lane l of a group
 // reads the 16-byte chunks l, l + kLpr, ... of a row (8 lanes: a 128-byte line per row and load) and multiplies
 // them with the query chunks of kHb heads at once. The group's sums are scattered over its lanes
 // (group_reduce_scatter): each lane writes the scores of a few rows of one head and keeps that head's online
@@ -18,7 +19,6 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kU = 4;             // rows per lane group in flight
 constexpr int kRunsPerBlock = 8;  // short blocks (2 runs a warp): a small tail when run lengths differ
 
 struct CandArgs {
@@ -35,7 +35,7 @@ struct CandArgs {
     float* run_lse;
 };
 
-template <typename T, int kVec, int kLpr, int kChunks, int kHb>
+template <typename T, int kVec, int kLpr, int kChunks, int kHb, int kU>
 __global__ void __launch_bounds__(kThreads, 4) candidate_kernel(const CandArgs a) {
     static_assert(kLpr % kHb == 0, "the lanes of a group split evenly over the heads");
     constexpr int kGroups = 32 / kLpr;          // lane groups of a warp
@@ -129,7 +129,10 @@ template <typename T, int kVec, int kLpr, int kChunks, int kHb>
 cudaError_t launch(const CandArgs& a, cudaStream_t stream) {
     const size_t smem = sizeof(float) * a.Hg * a.D + sizeof(MaxSum) * kThreads * ((a.Hg + kHb - 1) / kHb);
     const long long blocks = static_cast<long long>(a.G) * ((a.r + kRunsPerBlock - 1) / kRunsPerBlock);
-    candidate_kernel<T, kVec, kLpr, kChunks, kHb><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
+    if (a.width <= 8LL * a.r)  // runs of 8 rows or fewer on average
+        candidate_kernel<T, kVec, kLpr, kChunks, kHb, 2><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
+    else
+        candidate_kernel<T, kVec, kLpr, kChunks, kHb, 4><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
     return cudaGetLastError();
 }
 
