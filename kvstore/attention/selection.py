@@ -303,18 +303,16 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     dev = q.device
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    per_slot = isinstance(budget, SlotBudgets)
+    bound = budget.bound if per_slot else budget
     if scores is None:
-        bound = budget.bound if isinstance(budget, SlotBudgets) else budget
-        radii = slots.radii if bound.rank_radius else None
-        scores = cluster_scores(q, slots.centroids.to(q.dtype), slots.sizes, scale, backend=backend, radii=radii,
-                                rank_radius=bound.rank_radius)
+        scores = cluster_scores(q, slots.centroids.to(q.dtype), slots.sizes, scale, backend=backend,
+                                radii=slots.radii if bound.rank_radius else None, rank_radius=bound.rank_radius)
     s_cl, probs = scores
     s_cl = s_cl.to(dt)
     if _kernel_path(backend, q) and _fused_ready(q, slots, steady):
         return _wave_attend_fused(q, slots, steady, budget, bounds, scale, s_cl, probs, backend)
     # candidates and estimation zone: cuts of the rank order at the budgets' tokens
-    per_slot = isinstance(budget, SlotBudgets)
-    bound = budget.bound if per_slot else budget
     B, E, T = (budget.candidates, budget.estimation, budget.tokens) if per_slot else (
         bound.candidates, bound.estimation, bound.tokens)
     k = bounds.clusters_for(bound.candidates + bound.estimation)

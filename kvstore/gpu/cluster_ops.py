@@ -137,10 +137,8 @@ def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
                              f"(Hg <= {_MAX_HG}, Hg * D <= {_MAX_HG_TIMES_D}, G <= 65535); use backend='torch'")
         from ._ext import cuda_ext
 
-        if bonus is None:
-            return cuda_ext().cluster_scores(q.contiguous(), centroids.contiguous(), sizes.contiguous(), scale)
         return cuda_ext().cluster_scores(q.contiguous(), centroids.contiguous(), sizes.contiguous(), scale,
-                                         bonus.contiguous(), radii.contiguous())
+                                         *(() if bonus is None else (bonus.contiguous(), radii.contiguous())))
     s = torch.bmm(q.float(), centroids.float().transpose(1, 2)) * scale          # [G, Hg, C]
     s = s.masked_fill((sizes <= 0)[:, None, :], -math.inf)
     rank = s if bonus is None else s + bonus[..., None] * radii[:, None, :]
