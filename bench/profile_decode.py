@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--mode", default="gpu_only", choices=["gpu_only", "offload"])
     p.add_argument("--retroinfer", action="store_true", help="the published budgets instead of the defaults")
     p.add_argument("--parts", action="store_true", help="also time the gpu_only step's stages")
+    p.add_argument("--profiler-range", action="store_true",
+                   help="run one step between cudaProfilerStart/Stop and exit (for ncu --profile-from-start off)")
     a = p.parse_args()
     k, v = generate_kv(a.batch, a.context, device="cuda")
     q = decode_queries(k, num_sets=2)[0]
@@ -108,6 +110,12 @@ def main() -> None:
     for _ in range(5):
         layer.decode(q)
     torch.cuda.synchronize()
+    if a.profiler_range:
+        torch.cuda.profiler.start()
+        layer.decode(q)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(10):

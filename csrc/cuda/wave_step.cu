@@ -1,9 +1,13 @@
 // The bookkeeping kernels of the wave decode step (see wave_step.h). The zone and mix kernels take one slot a
-// block: their cuts of an order are weighted radix selects (8-bit digits, four passes over the keys held in
+// team: a thread block cluster of up to 16 blocks (one block where the slots alone fill the GPU), each block a
+// contiguous share of the slot's items, exchanging histograms, prefix sums and per-head statistics through
+// distributed shared memory. Their cuts of an order are weighted radix selects (8-bit digits, four passes over the keys held in
 // L2, a histogram per two warps) that find the key where the weights, taken in rank order, reach a budget; ties at that key are taken in
 // ascending id order by a block-wide scan, so the result is the stable order's and does not depend on timing.
 // Sums run in a fixed order (no float atomics).
 #include "wave_step.h"
+
+#include <cooperative_groups.h>
 
 namespace kvstore {
 namespace cluster {
@@ -17,6 +21,95 @@ constexpr int kChunk = kT * kPer;
 constexpr int kBins = 256;           // 8-bit digits
 constexpr int kHistCopies = 16;      // a histogram per two warps: atomics to one bin from the whole block serialise
 constexpr int kCombineThreads = 256;
+constexpr int kMaxTeam = 16;         // blocks of a slot (thread block cluster, non-portable above 8)
+constexpr int kTeamWords = 2 * kStepMaxHg;
+
+// The blocks of one slot: ranks 0 .. size - 1 of a thread block cluster (size 1: a block alone).
+struct Team {
+    int rank, size;
+};
+
+__device__ __forceinline__ Team team_of(int size) {
+    return Team{static_cast<int>(blockIdx.x % static_cast<unsigned>(size)), size};
+}
+
+// Barrier of the team (its blocks' shared-memory writes before it are visible to the team after it).
+__device__ __forceinline__ void team_sync(const Team& t) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (t.size > 1) {
+        cooperative_groups::this_cluster().sync();
+        return;
+    }
+#else
+    if (t.size > 1) __trap();  // the launcher makes teams only on sm_90 and later
+#endif
+    __syncthreads();
+}
+
+// team_sync that also publishes this block's global-memory writes to the team.
+__device__ __forceinline__ void team_sync_global(const Team& t) {
+    if (t.size > 1) __threadfence();
+    team_sync(t);
+}
+
+// p (in this block's shared memory) in the shared memory of block `rank` of the team.
+template <typename T>
+__device__ __forceinline__ const T* team_peer(const Team& t, const T* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (t.size > 1) return cooperative_groups::this_cluster().map_shared_rank(const_cast<T*>(p), rank);
+#endif
+    return p;
+}
+
+// Words published by every block of a team, gathered by every block: a block writes pub[ph][0 .. n) then calls
+// team_gather, after which all[rank * n + i] holds word i of each rank. pub is double-buffered (ph flips at each
+// gather): a block rewrites a buffer only after the next gather's barrier, when every peer has read it. all lies
+// in scratch shared with other stages (SelectScratch): it is read before the next __syncthreads only.
+struct TeamIO {
+    unsigned long long (*pub)[kTeamWords];  // [2][kTeamWords]
+    unsigned long long* all;                // [kMaxTeam * kTeamWords]
+};
+
+__device__ void team_gather(const Team& t, const TeamIO& s, int& ph, int n) {
+    team_sync(t);
+    for (int i = threadIdx.x; i < t.size * n; i += blockDim.x) s.all[i] = *team_peer(t, &s.pub[ph][i % n], i / n);
+    __syncthreads();
+    ph ^= 1;
+}
+
+// Exclusive prefix over the team's ranks and total of N per-block values v (the same in every thread).
+template <int N>
+__device__ void team_scan(const Team& t, const TeamIO& s, int& ph, const unsigned long long (&v)[N],
+                          unsigned long long (&before)[N], unsigned long long (&total)[N]) {
+    if (threadIdx.x == 0)
+        for (int i = 0; i < N; ++i) s.pub[ph][i] = v[i];
+    team_gather(t, s, ph, N);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        before[i] = total[i] = 0ull;
+        for (int r = 0; r < t.size; ++r) {
+            const unsigned long long x = s.all[r * N + i];
+            if (r < t.rank) before[i] += x;
+            total[i] += x;
+        }
+    }
+    __syncthreads();  // all is scratch: read by every thread before it is reused
+}
+
+__device__ __forceinline__ unsigned long long pack_maxsum(MaxSum m) {
+    return static_cast<unsigned long long>(__float_as_uint(m.m)) |
+           (static_cast<unsigned long long>(__float_as_uint(m.l)) << 32);
+}
+
+__device__ __forceinline__ MaxSum unpack_maxsum(unsigned long long w) {
+    return MaxSum{__uint_as_float(static_cast<unsigned>(w & 0xffffffffull)), __uint_as_float(static_cast<unsigned>(w >> 32))};
+}
+
+// The share [lo, hi) of n items that rank t.rank takes.
+__device__ __forceinline__ void team_range(const Team& t, long long n, long long& lo, long long& hi) {
+    lo = n * t.rank / t.size;
+    hi = n * (t.rank + 1) / t.size;
+}
 
 // Unsigned keys ordered like the floats (-0.0 ties with +0.0).
 __device__ __forceinline__ unsigned rank_key(float f) {
@@ -152,7 +245,8 @@ __device__ __forceinline__ MaxSum head_total(const MaxSum (*red)[kWarps]) {
 }
 
 struct SelectShared {
-    unsigned tot[2][kBins];
+    unsigned tot[2][2][kBins];  // [phase][select][bin]: this block's histograms, published to the team
+    unsigned gtot[2][kBins];    // the team's
     unsigned long long ws[kWarps];
     unsigned bin[2];
     unsigned long long k[2];
@@ -162,12 +256,14 @@ struct SelectShared {
 union SelectScratch {
     unsigned hist[2][kHistCopies][kBins];
     MaxSum red[2][kStepMaxHg][kWarps];
+    unsigned long long all[kMaxTeam * kTeamWords];  // TeamIO::all
 };
 
-// S cuts of the n items whose (key, weight) kw(i, key, w) gives, at want[s] units; total: the weight of them all.
+// S cuts of the slot's items whose (key, weight) kw(i, key, w) gives, at want[s] units; total: the weight of them
+// all (in the whole team). This block takes the items [lo, hi); hph: the phase of sh.tot (flips every pass).
 template <int S, typename KW>
-__device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned long long total, long long n, KW kw,
-                           SelectShared& sh, SelectScratch& x) {
+__device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned long long total, long long lo,
+                           long long hi, KW kw, SelectShared& sh, SelectScratch& x, const Team& tm, int& hph) {
     bool any = false;
 #pragma unroll
     for (int s = 0; s < S; ++s) {
@@ -180,21 +276,21 @@ __device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned l
             any = true;
         }
     }
-    if (!any) return;  // the same in every thread
+    if (!any) return;  // the same in every thread of the team
     const int warp = threadIdx.x / 32, copy = warp % kHistCopies;
     unsigned mask = 0u;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < S * kHistCopies * kBins; i += kT)
             x.hist[i / (kHistCopies * kBins)][(i / kBins) % kHistCopies][i % kBins] = 0u;
         __syncthreads();
-        for (long long c0 = 0; c0 < n; c0 += kChunk) {  // uniform bounds: hist_add needs every lane
+        for (long long c0 = lo; c0 < hi; c0 += kChunk) {  // uniform bounds: hist_add needs every lane
             unsigned key[kPer], w[kPer];  // every load of the chunk issued before the first atomic
 #pragma unroll
             for (int i = 0; i < kPer; ++i) {
                 const long long c = c0 + static_cast<long long>(i) * kT + threadIdx.x;
                 key[i] = 0u;
                 w[i] = 0u;
-                if (c < n) kw(c, key[i], w[i]);
+                if (c < hi) kw(c, key[i], w[i]);
             }
 #pragma unroll
             for (int i = 0; i < kPer; ++i) {
@@ -210,12 +306,19 @@ __device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned l
             unsigned sum = 0u;
 #pragma unroll
             for (int c = 0; c < kHistCopies; ++c) sum += x.hist[i / kBins][c][i % kBins];
-            sh.tot[i / kBins][i % kBins] = sum;
+            sh.tot[hph][i / kBins][i % kBins] = sum;
         }
+        team_sync(tm);
+        for (int i = threadIdx.x; i < S * kBins; i += kT) {  // the team's histogram, summed in rank order
+            unsigned sum = 0u;
+            for (int rk = 0; rk < tm.size; ++rk) sum += *team_peer(tm, &sh.tot[hph][i / kBins][i % kBins], rk);
+            sh.gtot[i / kBins][i % kBins] = sum;
+        }
+        hph ^= 1;
         __syncthreads();
 #pragma unroll
         for (int s = 0; s < S; ++s)
-            if (warp == s && cut[s].mode == 1) find_bin(sh.tot[s], cut[s].k, &sh.bin[s], &sh.k[s]);
+            if (warp == s && cut[s].mode == 1) find_bin(sh.gtot[s], cut[s].k, &sh.bin[s], &sh.k[s]);
         __syncthreads();
 #pragma unroll
         for (int s = 0; s < S; ++s) {
@@ -227,6 +330,35 @@ __device__ void radix_cuts(Cut (&cut)[S], const long long (&want)[S], unsigned l
         mask |= 255u << shift;
         __syncthreads();
     }
+}
+
+// The tie weight (items keyed exactly at a cut's prefix) of the items of the ranks before this block's [lo, hi),
+// per cut: mark_chunk's starting carry.
+template <int S, typename KW>
+__device__ void team_tie_carry(const Cut (&cut)[S], long long lo, long long hi, KW kw,
+                               unsigned long long (&carry)[S], SelectShared& sh, const TeamIO& ts, const Team& tm,
+                               int& ph) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) carry[s] = 0ull;
+    bool any = false;
+#pragma unroll
+    for (int s = 0; s < S; ++s) any |= cut[s].mode == 1;
+    if (tm.size == 1 || !any) return;  // the same in every thread of the team
+    unsigned long long tie[S], tot[S], before[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) tie[s] = 0ull;
+    for (long long c = lo + threadIdx.x; c < hi; c += kT) {
+        unsigned key, w;
+        kw(c, key, w);
+#pragma unroll
+        for (int s = 0; s < S; ++s)
+            if (cut[s].mode == 1 && w > 0u && key == cut[s].prefix) tie[s] += w;
+    }
+#pragma unroll
+    for (int s = 0; s < S; ++s) scan_u64(tie[s], sh.ws, &tot[s]);
+    team_scan<S>(tm, ts, ph, tot, before, tie);
+#pragma unroll
+    for (int s = 0; s < S; ++s) carry[s] = before[s];
 }
 
 // Marks which of this thread's kPer consecutive ids of the chunk at c0 each cut takes (bit i of take[s]);
@@ -282,12 +414,18 @@ __device__ void mark_chunk(long long c0, long long n, KW kw, const Cut (&cut)[S]
 struct ZoneShared {
     SelectShared sel;
     SelectScratch x;
+    unsigned long long pub[2][kTeamWords];  // TeamIO::pub
 };
 
 __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
     __shared__ ZoneShared sh;
-    const int g = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const Team tm = team_of(a.team);
+    const TeamIO io{sh.pub, sh.x.all};
+    const int g = blockIdx.x / a.team, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int ph = 0, hph = 0;
     const long long C = a.C;
+    long long lo, hi;  // this block's clusters
+    team_range(tm, C, lo, hi);
     const float* probs = a.probs + g * C;
     const float* sizes = a.sizes + g * C;
     std::uint8_t* zone = a.zone + g * C;
@@ -301,31 +439,51 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
     };
 
     unsigned long long mine = 0ull, total;
-    for (long long c = threadIdx.x; c < C; c += kT) {
+    for (long long c = lo + threadIdx.x; c < hi; c += kT) {
         unsigned k, w;
         by_size(c, k, w);
         mine += w;
     }
     scan_u64(mine, sh.sel.ws, &total);
+    {
+        const unsigned long long v[1] = {total};
+        unsigned long long before[1], tot[1];
+        team_scan<1>(tm, io, ph, v, before, tot);
+        total = tot[0];
+    }
 
-    // 1. the cuts at B (candidates) and B + E (estimation zone)
+    // 1. the cuts at B (candidates) and B + E (estimation zone); this block's counts of each and candidate rows
     Cut cut[2];
     const long long want[2] = {B, B + E};
-    radix_cuts<2>(cut, want, total, C, by_size, sh.sel, sh.x);
-    unsigned long long carry[2] = {0ull, 0ull}, n_mine = 0ull, n_cand;
-    for (long long c0 = 0; c0 < C; c0 += kChunk) {
+    radix_cuts<2>(cut, want, total, lo, hi, by_size, sh.sel, sh.x, tm, hph);
+    unsigned long long carry[2];
+    team_tie_carry<2>(cut, lo, hi, by_size, carry, sh.sel, io, tm, ph);
+    unsigned long long counts_mine = 0ull, rows_mine = 0ull;  // counts: candidates (low 32 bits), estimation (high)
+    for (long long c0 = lo; c0 < hi; c0 += kChunk) {
         unsigned take[2];
-        mark_chunk<2>(c0, C, by_size, cut, carry, take, sh.sel);
+        mark_chunk<2>(c0, hi, by_size, cut, carry, take, sh.sel);
         const long long cb = c0 + static_cast<long long>(threadIdx.x) * kPer;
 #pragma unroll
         for (int i = 0; i < kPer; ++i) {
-            if (cb + i >= C) break;
+            if (cb + i >= hi) break;
             const bool in_b = (take[0] >> i) & 1u, in_be = (take[1] >> i) & 1u;
             zone[cb + i] = in_b ? 1 : (in_be ? 2 : 0);
-            n_mine += in_b;
+            if (in_b) {
+                counts_mine += 1ull;
+                rows_mine += static_cast<unsigned long long>(off[cb + i + 1] - off[cb + i]);
+            } else if (in_be) {
+                counts_mine += 1ull << 32;
+            }
         }
     }
-    scan_u64(n_mine, sh.sel.ws, &n_cand);  // its syncs also publish the zone bytes to the block
+    unsigned long long cbase[2], ctot[2];  // [counts, rows] before this block and in the whole team
+    {
+        unsigned long long v[2];
+        scan_u64(counts_mine, sh.sel.ws, &v[0]);  // its syncs also publish the zone bytes to the block
+        scan_u64(rows_mine, sh.sel.ws, &v[1]);
+        team_scan<2>(tm, io, ph, v, cbase, ctot);
+    }
+    const unsigned long long n_cand = ctot[0] & 0xffffffffull;
 
     // 2. the calibration clusters: the candidates after the best n_cand / 2
     auto by_cand = [&](long long c, unsigned& key, unsigned& w) {
@@ -334,7 +492,7 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
     };
     Cut top[1];
     const long long want_top[1] = {static_cast<long long>(n_cand / 2)};
-    radix_cuts<1>(top, want_top, n_cand, C, by_cand, sh.sel, sh.x);
+    radix_cuts<1>(top, want_top, n_cand, lo, hi, by_cand, sh.sel, sh.x, tm, hph);
 
     // 3. compaction in id order: candidates (with their runs) and the estimation zone
     std::int64_t* cand = a.cand + static_cast<long long>(g) * a.r;
@@ -344,17 +502,19 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
     std::uint8_t* low = a.cand_low + static_cast<long long>(g) * a.r;
     std::int64_t* est = a.est + static_cast<long long>(g) * a.e;
     const std::int64_t base = a.slot_base[g];
-    unsigned long long carry_top[1] = {0ull}, counts_before = 0ull, rows_before = 0ull;
-    for (long long c0 = 0; c0 < C; c0 += kChunk) {
+    unsigned long long carry_top[1];
+    team_tie_carry<1>(top, lo, hi, by_cand, carry_top, sh.sel, io, tm, ph);
+    unsigned long long counts_before = cbase[0], rows_before = cbase[1];
+    for (long long c0 = lo; c0 < hi; c0 += kChunk) {
         unsigned take[1];
-        mark_chunk<1>(c0, C, by_cand, top, carry_top, take, sh.sel);
+        mark_chunk<1>(c0, hi, by_cand, top, carry_top, take, sh.sel);
         const long long cb = c0 + static_cast<long long>(threadIdx.x) * kPer;
         unsigned z[kPer];
         long long len[kPer];
-        unsigned long long counts = 0ull, rows = 0ull;  // counts: candidates (low 32 bits), estimation (high)
+        unsigned long long counts = 0ull, rows = 0ull;
 #pragma unroll
         for (int i = 0; i < kPer; ++i) {
-            z[i] = cb + i < C ? zone[cb + i] : 0u;
+            z[i] = cb + i < hi ? zone[cb + i] : 0u;
             len[i] = 0;
             if (z[i] == 1u) {
                 len[i] = off[cb + i + 1] - off[cb + i];
@@ -365,9 +525,9 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
                 counts += 1ull << 32;
             }
         }
-        unsigned long long ctot, rtot;
-        const unsigned long long cpre = scan_u64(counts, sh.sel.ws, &ctot) + counts_before;
-        const unsigned long long rpre = scan_u64(rows, sh.sel.ws, &rtot) + rows_before;
+        unsigned long long cchunk, rchunk;
+        const unsigned long long cpre = scan_u64(counts, sh.sel.ws, &cchunk) + counts_before;
+        const unsigned long long rpre = scan_u64(rows, sh.sel.ws, &rchunk) + rows_before;
         long long jc = static_cast<long long>(cpre & 0xffffffffull), je = static_cast<long long>(cpre >> 32);
         long long pos = static_cast<long long>(rpre);
 #pragma unroll
@@ -389,34 +549,35 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
                 ++je;
             }
         }
-        counts_before += ctot;
-        rows_before += rtot;
+        counts_before += cchunk;
+        rows_before += rchunk;
     }
-    const long long nc = static_cast<long long>(counts_before & 0xffffffffull);
-    const long long ne = static_cast<long long>(counts_before >> 32);
-    for (long long j = nc + threadIdx.x; j < a.r; j += kT) {
+    const long long nc = static_cast<long long>(ctot[0] & 0xffffffffull);
+    const long long ne = static_cast<long long>(ctot[0] >> 32);
+    const long long stride = static_cast<long long>(kT) * tm.size, first = static_cast<long long>(tm.rank) * kT;
+    for (long long j = nc + first + threadIdx.x; j < a.r; j += stride) {
         cand[j] = -1;
         run_row[j] = 0;
         run_len[j] = 0;
-        run_pos[j] = static_cast<long long>(rows_before);
+        run_pos[j] = static_cast<long long>(ctot[1]);
         low[j] = 0;
     }
-    for (long long j = ne + threadIdx.x; j < a.e; j += kT) est[j] = -1;
+    for (long long j = ne + first + threadIdx.x; j < a.e; j += stride) est[j] = -1;
     __syncthreads();  // the calibration marks (zone 3) are visible to the block
 
     // 4. per head: the rest's and the calibration clusters' estimated mass
     for (int h = 0; h < a.Hg; ++h) {
-        MaxSum rest{-INFINITY, 0.0f}, lo{-INFINITY, 0.0f};
+        MaxSum rest{-INFINITY, 0.0f}, lo_s{-INFINITY, 0.0f};
         const float* sc = a.scores + (static_cast<long long>(g) * a.Hg + h) * C;
-        for (long long c0 = 0; c0 < C; c0 += kChunk) {
+        for (long long c0 = lo; c0 < hi; c0 += kChunk) {
             unsigned z[kPer];
             float s[kPer], x[kPer];
 #pragma unroll
             for (int i = 0; i < kPer; ++i) {  // the loads first
                 const long long c = c0 + static_cast<long long>(i) * kT + threadIdx.x;
-                z[i] = c < C ? zone[c] : 1u;
-                s[i] = c < C ? __ldg(sizes + c) : 0.0f;
-                x[i] = c < C ? __ldg(sc + c) : 0.0f;
+                z[i] = c < hi ? zone[c] : 1u;
+                s[i] = c < hi ? __ldg(sizes + c) : 0.0f;
+                x[i] = c < hi ? __ldg(sc + c) : 0.0f;
             }
 #pragma unroll
             for (int i = 0; i < kPer; ++i) {
@@ -425,27 +586,41 @@ __global__ void __launch_bounds__(kT, 1) zones_kernel(const ZoneArgs a) {
                     if (z[i] == 0u)
                         push(rest, v);
                     else
-                        push(lo, v);
+                        push(lo_s, v);
                 }
             }
         }
         stash_head(sh.x.red[0], h, rest);
-        stash_head(sh.x.red[1], h, lo);
+        stash_head(sh.x.red[1], h, lo_s);
     }
     __syncthreads();
-    if (warp < a.Hg) {
+    const int Hg = a.Hg;
+    if (warp < Hg) {
         const MaxSum rest = head_total(sh.x.red[0]);
-        const MaxSum lo = head_total(sh.x.red[1]);
+        const MaxSum lo_s = head_total(sh.x.red[1]);
         if (lane == 0) {
-            a.rest_lse[static_cast<long long>(g) * a.Hg + warp] = lse_of(rest);
-            a.low_lse[static_cast<long long>(g) * a.Hg + warp] = lse_of(lo);
+            sh.pub[ph][warp] = pack_maxsum(rest);
+            sh.pub[ph][Hg + warp] = pack_maxsum(lo_s);
         }
     }
+    team_gather(tm, io, ph, 2 * Hg);
+    if (tm.rank == 0 && threadIdx.x < Hg) {
+        const int h = threadIdx.x;
+        MaxSum rest{-INFINITY, 0.0f}, lo_s{-INFINITY, 0.0f};
+        for (int rk = 0; rk < tm.size; ++rk) {
+            rest = maxsum_merge<true>(rest, unpack_maxsum(io.all[rk * 2 * Hg + h]));
+            lo_s = maxsum_merge<true>(lo_s, unpack_maxsum(io.all[rk * 2 * Hg + Hg + h]));
+        }
+        a.rest_lse[static_cast<long long>(g) * Hg + h] = lse_of(rest);
+        a.low_lse[static_cast<long long>(g) * Hg + h] = lse_of(lo_s);
+    }
+    if (tm.size > 1) team_sync(tm);  // peers may still read this block's shared memory
 }
 
 struct MixShared {
     SelectShared sel;
     SelectScratch x;
+    unsigned long long pub[2][kTeamWords];  // TeamIO::pub
     float dsum[kStepMaxHg][kWarps];
     float ref[kStepMaxHg];
     float off[kStepMaxHg];
@@ -455,9 +630,17 @@ struct MixShared {
 
 __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
     __shared__ MixShared sh;
-    const int g = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const Team tm = team_of(a.team);
+    const TeamIO io{sh.pub, sh.x.all};
+    const int g = blockIdx.x / a.team, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int Hg = a.Hg, r = a.r, e = a.e, t = a.t, M = a.r + a.e;
+    int ph = 0, hph = 0;
     const long long W = a.W, gl = g;
+    long long jlo, jhi, plo, phi, mlo, mhi, qlo, qhi;  // this block's runs, positions, mixture entries, picks
+    team_range(tm, r, jlo, jhi);
+    team_range(tm, W, plo, phi);
+    team_range(tm, M, mlo, mhi);
+    team_range(tm, t, qlo, qhi);
     const float* ts = a.tok_scores + gl * Hg * W;
     const float* rl = a.run_lse + gl * Hg * r;
     const std::uint8_t* low = a.cand_low + gl * r;
@@ -469,7 +652,7 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
     for (int h = 0; h < Hg; ++h) {
         MaxSum all{-INFINITY, 0.0f}, lo{-INFINITY, 0.0f};
 #pragma unroll 8
-        for (int j = threadIdx.x; j < r; j += kT) {
+        for (long long j = jlo + threadIdx.x; j < jhi; j += kT) {
             const float x = __ldg(rl + static_cast<long long>(h) * r + j);
             push(all, x);
             if (__ldg(low + j)) push(lo, x);
@@ -482,16 +665,27 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
         const MaxSum all = head_total(sh.x.red[0]);
         const MaxSum lo = head_total(sh.x.red[1]);
         if (lane == 0) {
-            const float L = lse_of(all);
-            sh.ref[warp] = isfinite(L) ? L : 0.0f;
-            float o = 0.0f;
-            if (a.calibrate && r > 0) {
-                const float d = lse_of(lo) - a.low_lse[gl * Hg + warp];
-                o = isfinite(d) ? fminf(fmaxf(d, -8.0f), 8.0f) : 0.0f;
-            }
-            sh.off[warp] = o;
-            sh.rest_x[warp] = a.rest && a.C > 0 ? a.rest_lse[gl * Hg + warp] + o : -INFINITY;
+            sh.pub[ph][warp] = pack_maxsum(all);
+            sh.pub[ph][Hg + warp] = pack_maxsum(lo);
         }
+    }
+    team_gather(tm, io, ph, 2 * Hg);
+    if (threadIdx.x < Hg) {
+        const int h = threadIdx.x;
+        MaxSum all{-INFINITY, 0.0f}, lo{-INFINITY, 0.0f};
+        for (int rk = 0; rk < tm.size; ++rk) {
+            all = maxsum_merge<true>(all, unpack_maxsum(io.all[rk * 2 * Hg + h]));
+            lo = maxsum_merge<true>(lo, unpack_maxsum(io.all[rk * 2 * Hg + Hg + h]));
+        }
+        const float L = lse_of(all);
+        sh.ref[h] = isfinite(L) ? L : 0.0f;
+        float o = 0.0f;
+        if (a.calibrate && r > 0) {
+            const float d = lse_of(lo) - a.low_lse[gl * Hg + h];
+            o = isfinite(d) ? fminf(fmaxf(d, -8.0f), 8.0f) : 0.0f;
+        }
+        sh.off[h] = o;
+        sh.rest_x[h] = a.rest && a.C > 0 ? a.rest_lse[gl * Hg + h] + o : -INFINITY;
     }
     __syncthreads();
 
@@ -499,13 +693,13 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
     float* u = a.u + gl * W;
     std::uint8_t* flag = a.flag + gl * W;
     unsigned long long nv_mine = 0ull, nv;
-    for (long long i0 = 0; i0 < W; i0 += kChunk) {
+    for (long long i0 = plo; i0 < phi; i0 += kChunk) {
         float v[kPer];
         bool ok[kPer];
 #pragma unroll
         for (int k = 0; k < kPer; ++k) {
             const long long i = i0 + static_cast<long long>(k) * kT + threadIdx.x;
-            const float s0 = i < W ? __ldg(ts + i) : -INFINITY;
+            const float s0 = i < phi ? __ldg(ts + i) : -INFINITY;
             ok[k] = isfinite(s0);
             v[k] = ok[k] ? expf(s0 - sh.ref[0]) : -1.0f;
         }
@@ -523,11 +717,16 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
 #pragma unroll
         for (int k = 0; k < kPer; ++k) {
             const long long i = i0 + static_cast<long long>(k) * kT + threadIdx.x;
-            if (i < W) u[i] = v[k];
+            if (i < phi) u[i] = v[k];
             nv_mine += ok[k];
         }
     }
-    scan_u64(nv_mine, sh.sel.ws, &nv);  // its syncs publish u to the block
+    {
+        unsigned long long v[1], before[1], tot[1];
+        scan_u64(nv_mine, sh.sel.ws, &v[0]);  // its syncs publish u to the block
+        team_scan<1>(tm, io, ph, v, before, tot);
+        nv = tot[0];
+    }
 
     // 3. the T largest, lower position first on ties
     long long T = a.tokens ? a.tokens[g] : a.tokens_all;
@@ -539,28 +738,52 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
     };
     Cut cut[1];
     const long long want[1] = {T};
-    radix_cuts<1>(cut, want, nv, W, by_u, sh.sel, sh.x);
+    radix_cuts<1>(cut, want, nv, plo, phi, by_u, sh.sel, sh.x, tm, hph);
 
     // 4. the exact tokens in position order: rows (from each position's row, written a run a thread) and weights
     std::int64_t* rowof = a.rowof + gl * W;
-    for (int j = threadIdx.x; j < r; j += kT) {
+    for (long long j = jlo + threadIdx.x; j < jhi; j += kT) {
         const long long len = rlen[j], p0 = rpos[j];
         if (len <= 0 || p0 < 0 || p0 > W - len) continue;
         for (long long i = 0; i < len; ++i) rowof[p0 + i] = rrow[j] + i;
     }
-    __syncthreads();
-    unsigned long long carry[1] = {0ull}, picks_before = 0ull;
+    unsigned long long carry[1];
+    team_tie_carry<1>(cut, plo, phi, by_u, carry, sh.sel, io, tm, ph);
+    unsigned long long picks_before = 0ull;
+    auto pad_picks = [&](long long from) {  // the pads after the exact tokens, and the candidate count
+        for (long long p = from + threadIdx.x; p < t; p += kT) {
+            a.pick_rows[gl * t + p] = -1;
+            a.pick_local[gl * t + p] = -1;
+            for (int h = 0; h < Hg; ++h) a.pick_w[(gl * Hg + h) * t + p] = 0.0f;
+        }
+        if (threadIdx.x == 0) a.n_valid[g] = static_cast<std::int64_t>(nv);
+    };
+    if (tm.size > 1) {  // this block's first exact token: the counts of the ranks before it
+        unsigned long long c2[1] = {carry[0]}, n_mine = 0ull, v[1], before[1], tot[1];
+        for (long long c0 = plo; c0 < phi; c0 += kChunk) {
+            unsigned take[1];
+            mark_chunk<1>(c0, phi, by_u, cut, c2, take, sh.sel);
+            n_mine += __popc(take[0]);
+        }
+        scan_u64(n_mine, sh.sel.ws, &v[0]);
+        __threadfence();  // the scan's barrier also publishes rowof to the team
+        team_scan<1>(tm, io, ph, v, before, tot);
+        picks_before = before[0];
+        if (tm.rank == 0) pad_picks(static_cast<long long>(tot[0]));
+    } else {
+        __syncthreads();  // rowof
+    }
     const std::int64_t base = a.slot_base[g];
-    for (long long c0 = 0; c0 < W; c0 += kChunk) {
+    for (long long c0 = plo; c0 < phi; c0 += kChunk) {
         unsigned take[1];
-        mark_chunk<1>(c0, W, by_u, cut, carry, take, sh.sel);
+        mark_chunk<1>(c0, phi, by_u, cut, carry, take, sh.sel);
         unsigned long long tot;
         long long p = static_cast<long long>(scan_u64(__popc(take[0]), sh.sel.ws, &tot) + picks_before);
         const long long cb = c0 + static_cast<long long>(threadIdx.x) * kPer;
 #pragma unroll
         for (int i = 0; i < kPer; ++i) {
             const long long pos = cb + i;
-            if (pos >= W) break;
+            if (pos >= phi) break;
             const bool tk = (take[0] >> i) & 1u;
             flag[pos] = tk;
             if (!tk) continue;
@@ -575,23 +798,18 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
         }
         picks_before += tot;
     }
-    for (long long p = static_cast<long long>(picks_before) + threadIdx.x; p < t; p += kT) {
-        a.pick_rows[gl * t + p] = -1;
-        a.pick_local[gl * t + p] = -1;
-        for (int h = 0; h < Hg; ++h) a.pick_w[(gl * Hg + h) * t + p] = 0.0f;
-    }
-    if (threadIdx.x == 0) a.n_valid[g] = static_cast<std::int64_t>(nv);
-    __syncthreads();  // flags and pick weights visible to the block
+    if (tm.size == 1) pad_picks(static_cast<long long>(picks_before));
+    team_sync_global(tm);  // flags and pick weights visible to the team
 
-    // 5. the exact tokens' mass per head; each candidate's mass that they leave out
+    // 5. the exact tokens' mass per head (this block's share); each candidate's mass that they leave out
     for (int h = 0; h < Hg; ++h) {
         float s = 0.0f;
-        for (int p = threadIdx.x; p < t; p += kT) s += a.pick_w[(gl * Hg + h) * t + p];
+        for (long long p = qlo + threadIdx.x; p < qhi; p += kT) s += a.pick_w[(gl * Hg + h) * t + p];
         s = warp_sum(s);
         if (lane == 0) sh.dsum[h][warp] = s;
     }
     float* mw = a.mix_w + gl * Hg * M;
-    for (int j = threadIdx.x; j < r; j += kT) {  // a run a thread: runs are short (a cluster's tokens)
+    for (long long j = mlo + threadIdx.x; j < mhi && j < r; j += kT) {  // a run a thread: runs are short
         const long long len = rlen[j], p0 = rpos[j];
         const bool ok = len > 0 && p0 >= 0 && p0 <= W - len;
         for (int h = 0; h < Hg; ++h) {
@@ -608,9 +826,10 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
         const std::int64_t c = a.cand[gl * r + j];
         a.mix_rows[gl * M + j] = c >= 0 ? gl * a.C + c : -1;
     }
-    for (int j = threadIdx.x; j < e; j += kT) {
+    for (long long m = (mlo > r ? mlo : r) + threadIdx.x; m < mhi; m += kT) {
+        const long long j = m - r;
         const std::int64_t c = __ldg(a.est + gl * e + j);
-        a.mix_rows[gl * M + r + j] = c >= 0 ? gl * a.C + c : -1;
+        a.mix_rows[gl * M + m] = c >= 0 ? gl * a.C + c : -1;
         const float ls = c >= 0 ? logf(__ldg(a.sizes + gl * a.C + c)) : 0.0f;
         float x[kStepMaxHg];
 #pragma unroll
@@ -618,55 +837,64 @@ __global__ void __launch_bounds__(kT, 1) mix_kernel(const MixArgs a) {
             if (h < Hg) x[h] = c >= 0 ? __ldg(a.scores + (gl * Hg + h) * a.C + c) : 0.0f;
 #pragma unroll
         for (int h = 0; h < kStepMaxHg; ++h)
-            if (h < Hg) mw[static_cast<long long>(h) * M + r + j] = c >= 0 ? x[h] + ls + sh.off[h] : -INFINITY;
+            if (h < Hg) mw[static_cast<long long>(h) * M + m] = c >= 0 ? x[h] + ls + sh.off[h] : -INFINITY;
     }
     __syncthreads();
-    if (warp < Hg) {
-        const float d = warp_sum(sh.dsum[warp][lane]);
-        if (lane == 0) {
-            a.pick_d[gl * Hg + warp] = d;
-            a.pick_ref[gl * Hg + warp] = sh.ref[warp];
-        }
-    }
 
-    // 6. the mixture's log-sum-exp, then its weights
+    // 6. the mixture's log-sum-exp (this block's share, then the team's), then its weights
     for (int h = 0; h < Hg; ++h) {
         MaxSum s{-INFINITY, 0.0f};
 #pragma unroll 8
-        for (int j = threadIdx.x; j < M; j += kT) push(s, mw[static_cast<long long>(h) * M + j]);
+        for (long long j = mlo + threadIdx.x; j < mhi; j += kT) push(s, mw[static_cast<long long>(h) * M + j]);
         stash_head(sh.x.red[0], h, s);
     }
     __syncthreads();
     if (warp < Hg) {
-        MaxSum s = head_total(sh.x.red[0]);
+        const MaxSum s = head_total(sh.x.red[0]);
+        const float d = warp_sum(sh.dsum[warp][lane]);
         if (lane == 0) {
-            push(s, sh.rest_x[warp]);
-            const float L = lse_of(s);
-            sh.lse[warp] = L;
-            a.mix_lse[gl * Hg + warp] = L;
+            sh.pub[ph][warp] = pack_maxsum(s);
+            sh.pub[ph][Hg + warp] = __float_as_uint(d);
+        }
+    }
+    team_gather(tm, io, ph, 2 * Hg);
+    if (threadIdx.x < Hg) {
+        const int h = threadIdx.x;
+        MaxSum s{-INFINITY, 0.0f};
+        float d = 0.0f;
+        for (int rk = 0; rk < tm.size; ++rk) {
+            s = maxsum_merge<true>(s, unpack_maxsum(io.all[rk * 2 * Hg + h]));
+            d += __uint_as_float(static_cast<unsigned>(io.all[rk * 2 * Hg + Hg + h]));
+        }
+        push(s, sh.rest_x[h]);
+        const float L = lse_of(s);
+        sh.lse[h] = L;
+        if (tm.rank == 0) {
+            a.mix_lse[gl * Hg + h] = L;
+            a.pick_d[gl * Hg + h] = d;
+            a.pick_ref[gl * Hg + h] = sh.ref[h];
+            const float Ls = isfinite(L) ? L : 0.0f;
+            a.rest_w[gl * Hg + h] = expf(sh.rest_x[h] - Ls);
         }
     }
     __syncthreads();
     for (int h = 0; h < Hg; ++h) {
         const float L = isfinite(sh.lse[h]) ? sh.lse[h] : 0.0f;
-        for (int j0 = 0; j0 < M; j0 += kChunk) {
+        for (long long j0 = mlo; j0 < mhi; j0 += kChunk) {
             float x[kPer];
 #pragma unroll
             for (int k = 0; k < kPer; ++k) {  // the loads first
-                const int j = j0 + k * kT + threadIdx.x;
-                x[k] = j < M ? mw[static_cast<long long>(h) * M + j] : 0.0f;
+                const long long j = j0 + static_cast<long long>(k) * kT + threadIdx.x;
+                x[k] = j < mhi ? mw[static_cast<long long>(h) * M + j] : 0.0f;
             }
 #pragma unroll
             for (int k = 0; k < kPer; ++k) {
-                const int j = j0 + k * kT + threadIdx.x;
-                if (j < M) mw[static_cast<long long>(h) * M + j] = expf(x[k] - L);
+                const long long j = j0 + static_cast<long long>(k) * kT + threadIdx.x;
+                if (j < mhi) mw[static_cast<long long>(h) * M + j] = expf(x[k] - L);
             }
         }
     }
-    if (threadIdx.x < Hg) {
-        const float L = isfinite(sh.lse[threadIdx.x]) ? sh.lse[threadIdx.x] : 0.0f;
-        a.rest_w[gl * Hg + threadIdx.x] = expf(sh.rest_x[threadIdx.x] - L);
-    }
+    if (tm.size > 1) team_sync(tm);  // peers may still read this block's shared memory
 }
 
 __device__ __forceinline__ float load_as_float(const void* p, DType dt, long long i) {
@@ -731,19 +959,102 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineA
 
 }  // namespace
 
+namespace {
+
+// The most blocks a team of `kernel` may have on this device (clusters need sm_90; above 8 they are
+// non-portable), and how many teams of each size are resident at once (0: that size does not launch).
+struct TeamLimits {
+    int sms = 0;
+    int resident[kMaxTeam + 1] = {};
+};
+
+template <typename Args>
+const TeamLimits& team_limits(void (*kernel)(Args)) {
+    static TeamLimits cache[64];
+    static bool ready[64] = {};
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+    TeamLimits& t = cache[dev];
+    if (!ready[dev]) {
+        int major = 0;
+        cudaDeviceGetAttribute(&t.sms, cudaDevAttrMultiProcessorCount, dev);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        t.resident[1] = t.sms;
+        if (major >= 9) {
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+            for (int size = 2; size <= kMaxTeam; size *= 2) {
+                cudaLaunchConfig_t cfg = {};
+                cudaLaunchAttribute attr[1];
+                attr[0].id = cudaLaunchAttributeClusterDimension;
+                attr[0].val.clusterDim.x = size;
+                attr[0].val.clusterDim.y = 1;
+                attr[0].val.clusterDim.z = 1;
+                cfg.gridDim = dim3(size * 64);
+                cfg.blockDim = dim3(kT);
+                cfg.attrs = attr;
+                cfg.numAttrs = 1;
+                int n = 0;
+                if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) n = 0;
+                t.resident[size] = n;
+            }
+            cudaGetLastError();  // a size the device refuses leaves no error behind
+        }
+        ready[dev] = true;
+    }
+    return t;
+}
+
+template <typename Args>
+int choose_team(void (*kernel)(Args), int G, int requested) {
+    const TeamLimits& lim = team_limits(kernel);
+    if (requested > 0) return requested <= kMaxTeam && lim.resident[requested] > 0 ? requested : -1;
+    int team = 1;
+    for (int size = 2; size <= kMaxTeam; size *= 2)
+        if (static_cast<long long>(G) * size <= lim.sms && lim.resident[size] >= G) team = size;
+    // a team's exchanges cost more than halving a slot's work saves (H200, 64 slots: teams of 2 were slower)
+    return team >= 4 ? team : 1;
+}
+
+template <typename Args>
+cudaError_t launch_teams(void (*kernel)(Args), Args a, cudaStream_t stream) {
+    a.team = choose_team(kernel, a.G, a.team);
+    if (a.team < 1) return cudaErrorInvalidValue;
+    if (a.team == 1) {
+        kernel<<<a.G, kT, 0, stream>>>(a);
+        return cudaGetLastError();
+    }
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = a.team;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(static_cast<unsigned>(a.G) * a.team);
+    cfg.blockDim = dim3(kT);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
+}  // namespace
+
+int wave_team_size(int G, int requested) { return choose_team(zones_kernel, G, requested); }
+
 cudaError_t wave_zones_launch(const ZoneArgs& a, cudaStream_t stream) {
-    if (a.G < 0 || a.Hg < 1 || a.Hg > kStepMaxHg || a.C < 0 || a.r < 0 || a.e < 0) return cudaErrorInvalidValue;
+    if (a.G < 0 || a.Hg < 1 || a.Hg > kStepMaxHg || a.C < 0 || a.r < 0 || a.e < 0 || a.team < 0) return cudaErrorInvalidValue;
     if (a.G == 0) return cudaSuccess;
-    zones_kernel<<<a.G, kT, 0, stream>>>(a);
-    return cudaGetLastError();
+    if (static_cast<long long>(a.G) * kMaxTeam > 2147483647LL) return cudaErrorInvalidValue;
+    return launch_teams(zones_kernel, a, stream);
 }
 
 cudaError_t wave_mix_launch(const MixArgs& a, cudaStream_t stream) {
-    if (a.G < 0 || a.Hg < 1 || a.Hg > kStepMaxHg || a.C < 0 || a.r < 0 || a.e < 0 || a.t < 0 || a.W < 0)
+    if (a.G < 0 || a.Hg < 1 || a.Hg > kStepMaxHg || a.C < 0 || a.r < 0 || a.e < 0 || a.t < 0 || a.W < 0 ||
+        a.team < 0)
         return cudaErrorInvalidValue;
     if (a.G == 0) return cudaSuccess;
-    mix_kernel<<<a.G, kT, 0, stream>>>(a);
-    return cudaGetLastError();
+    if (static_cast<long long>(a.G) * kMaxTeam > 2147483647LL) return cudaErrorInvalidValue;
+    return launch_teams(mix_kernel, a, stream);
 }
 
 cudaError_t wave_combine_launch(const CombineArgs& a, cudaStream_t stream) {

@@ -17,7 +17,13 @@ namespace cluster {
 constexpr int kStepMaxHg = 32;
 constexpr int kStepMaxDv = 256;
 
-// One block a slot. For slot g: the clusters in rank order (probs descending, lower id first on ties) are cut
+// The zone and mix kernels take each slot with a team of blocks (a thread block cluster on sm_90 and later) so
+// that few slots still fill the GPU: `team` in their arguments is the team size, 0 for the launcher's choice (the
+// largest power of two up to 16 with G * team blocks resident at once, 1 when that is below 4).
+// The results do not depend on the team size except for float rounding of sums.
+int wave_team_size(int G, int requested);
+
+// For slot g: the clusters in rank order (probs descending, lower id first on ties) are cut
 // where their sizes reach the candidate budget B (a cluster is a candidate when the sizes ranked ahead of it add
 // up to less than B) and B + E (estimation zone: the next ones, up to B + E); empty clusters are never taken.
 // The candidates ranked in the lower half (all but the best n_cand / 2) are the calibration clusters.
@@ -39,6 +45,7 @@ struct ZoneArgs {
     const std::int64_t* budget;     // [G, 2] or nullptr
     long long cand_tokens, est_tokens;
     int G, Hg, C, r, e;
+    int team;  // blocks a slot (0: the launcher's choice)
     std::uint8_t* zone;
     std::int64_t* cand;
     std::int64_t* run_row;
@@ -51,7 +58,7 @@ struct ZoneArgs {
 };
 cudaError_t wave_zones_launch(const ZoneArgs& a, cudaStream_t stream);
 
-// One block a slot, after candidate_scores. With ref_h = the log-sum-exp of head h over every candidate
+// After candidate_scores. With ref_h = the log-sum-exp of head h over every candidate
 // (run_lse), the group weight of candidate position i is u_i = sum_h exp(tok_scores[g, h, i] - ref_h) (positions
 // whose first head's score is not finite are not candidates). The T (tokens[g], or tokens_all; at most t) of
 // largest u, lower position first on ties, are the exact tokens:
@@ -84,6 +91,7 @@ struct MixArgs {
     long long W;
     int G, Hg, C, r, e, t;
     int calibrate, rest;
+    int team;  // blocks a slot (0: the launcher's choice)
     float* u;
     std::uint8_t* flag;
     std::int64_t* rowof;

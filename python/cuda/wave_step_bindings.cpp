@@ -29,13 +29,29 @@ void check_launch(cudaError_t err, const char* what) {
     TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
+// The blocks a slot of the zone and mix kernels: 0 (the launcher's choice) or a team size this device launches.
+int checked_team(int64_t G, int64_t team) {
+    TORCH_CHECK(team >= 0 && team <= 16, "team must be 0 (automatic) or a team size up to 16, got ", team);
+    if (team > 0)
+        TORCH_CHECK(kvstore::cluster::wave_team_size(static_cast<int>(G), static_cast<int>(team)) == team,
+                    "this device cannot launch teams of ", team, " blocks");
+    return static_cast<int>(team);
+}
+
+// wave_team_size: the team size the zone and mix kernels take for G slots (requested 0) on the current device.
+int64_t wave_team_size(int64_t G) {
+    TORCH_CHECK(G >= 1 && G <= INT32_MAX, "G must be a positive slot count, got ", G);
+    return kvstore::cluster::wave_team_size(static_cast<int>(G), 0);
+}
+
 // probs f32 [G, C], sizes f32 [G, C], scores f32 [G, Hg, C], offsets int64 [G, C + 1], slot_base int64 [G],
 // budget int64 [G, 2] or None -> (cand, run_row, run_len, run_pos int64 [G, r], cand_low uint8 [G, r],
 // est int64 [G, e], rest_lse f32 [G, Hg], low_lse f32 [G, Hg]).
 std::vector<torch::Tensor> wave_zones(const torch::Tensor& probs, const torch::Tensor& sizes,
                                       const torch::Tensor& scores, const torch::Tensor& offsets,
                                       const torch::Tensor& slot_base, c10::optional<torch::Tensor> budget,
-                                      int64_t cand_tokens, int64_t est_tokens, int64_t r, int64_t e) {
+                                      int64_t cand_tokens, int64_t est_tokens, int64_t r, int64_t e,
+                                      int64_t team) {
     const torch::Device dev = probs.device();
     check(probs, "probs", torch::kFloat32, 2, dev);
     const int64_t G = probs.size(0), C = probs.size(1);
@@ -69,10 +85,11 @@ std::vector<torch::Tensor> wave_zones(const torch::Tensor& probs, const torch::T
     kvstore::cluster::ZoneArgs a{probs.data_ptr<float>(), sizes.data_ptr<float>(), scores.data_ptr<float>(),
                                  offsets.data_ptr<int64_t>(), slot_base.data_ptr<int64_t>(), bptr, cand_tokens,
                                  est_tokens, static_cast<int>(G), static_cast<int>(Hg), static_cast<int>(C),
-                                 static_cast<int>(r), static_cast<int>(e), zone.data_ptr<uint8_t>(),
+                                 static_cast<int>(r), static_cast<int>(e), 0, zone.data_ptr<uint8_t>(),
                                  cand.data_ptr<int64_t>(), run_row.data_ptr<int64_t>(), run_len.data_ptr<int64_t>(),
                                  run_pos.data_ptr<int64_t>(), low.data_ptr<uint8_t>(), est.data_ptr<int64_t>(),
                                  rest_lse.data_ptr<float>(), low_lse.data_ptr<float>()};
+    a.team = checked_team(G, team);
     check_launch(kvstore::cluster::wave_zones_launch(a, c10::cuda::getCurrentCUDAStream()), "wave_zones");
     return {cand, run_row, run_len, run_pos, low, est, rest_lse, low_lse};
 }
@@ -86,7 +103,7 @@ std::vector<torch::Tensor> wave_mix(const torch::Tensor& tok_scores, const torch
                                     const torch::Tensor& sizes, const torch::Tensor& rest_lse,
                                     const torch::Tensor& low_lse, const torch::Tensor& slot_base,
                                     c10::optional<torch::Tensor> tokens, int64_t tokens_all, int64_t t,
-                                    bool calibrate, bool rest) {
+                                    bool calibrate, bool rest, int64_t team) {
     const torch::Device dev = tok_scores.device();
     check(tok_scores, "tok_scores", torch::kFloat32, 3, dev);
     const int64_t G = tok_scores.size(0), Hg = tok_scores.size(1), W = tok_scores.size(2);
@@ -160,6 +177,7 @@ std::vector<torch::Tensor> wave_mix(const torch::Tensor& tok_scores, const torch
     a.t = static_cast<int>(t);
     a.calibrate = calibrate ? 1 : 0;
     a.rest = rest ? 1 : 0;
+    a.team = checked_team(G, team);
     a.u = u.data_ptr<float>();
     a.flag = flag.data_ptr<uint8_t>();
     a.rowof = rowof.data_ptr<int64_t>();
@@ -222,15 +240,17 @@ std::tuple<torch::Tensor, torch::Tensor> wave_combine(const torch::Tensor& pick_
 void register_wave_step(pybind11::module_& m) {
     m.def("wave_zones", &wave_zones, pybind11::arg("probs"), pybind11::arg("sizes"), pybind11::arg("scores"),
           pybind11::arg("offsets"), pybind11::arg("slot_base"), pybind11::arg("budget"), pybind11::arg("cand_tokens"),
-          pybind11::arg("est_tokens"), pybind11::arg("r"), pybind11::arg("e"),
+          pybind11::arg("est_tokens"), pybind11::arg("r"), pybind11::arg("e"), pybind11::arg("team") = 0,
           "the wave step's zones: (cand, run_row, run_len, run_pos, cand_low, est, rest_lse, low_lse)");
     m.def("wave_mix", &wave_mix, pybind11::arg("tok_scores"), pybind11::arg("run_lse"), pybind11::arg("run_row"),
           pybind11::arg("run_len"), pybind11::arg("run_pos"), pybind11::arg("cand_low"), pybind11::arg("cand"),
           pybind11::arg("est"), pybind11::arg("scores"), pybind11::arg("sizes"), pybind11::arg("rest_lse"),
           pybind11::arg("low_lse"), pybind11::arg("slot_base"), pybind11::arg("tokens"), pybind11::arg("tokens_all"),
-          pybind11::arg("t"), pybind11::arg("calibrate"), pybind11::arg("rest"),
+          pybind11::arg("t"), pybind11::arg("calibrate"), pybind11::arg("rest"), pybind11::arg("team") = 0,
           "the wave step's exact tokens and mixture weights: (pick_rows, pick_local, pick_w, pick_d, pick_ref, "
           "n_valid, mix_rows, mix_w, rest_w, mix_lse)");
+    m.def("wave_team_size", &wave_team_size, pybind11::arg("G"),
+          "blocks a slot the zone and mix kernels take for G slots on the current CUDA device");
     m.def("wave_combine", &wave_combine, pybind11::arg("pick_part"), pybind11::arg("mix_part"),
           pybind11::arg("pick_d"), pybind11::arg("pick_ref"), pybind11::arg("mix_lse"), pybind11::arg("rest_w"),
           pybind11::arg("value_mean"), pybind11::arg("steady_o"), pybind11::arg("steady_lse"),
