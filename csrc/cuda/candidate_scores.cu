@@ -4,7 +4,8 @@
 // of kLpr lanes of a warp take kU rows of the run at a time (kU = 2 when the runs average 8 rows or fewer, so that
 // short runs, the best clusters being the small ones, leave fewer lanes idle; else 4) (group i: rows i, i + kGroups, ...); lane l of a group
 // reads the 16-byte chunks l, l + kLpr, ... of a row (8 lanes: a 128-byte line per row and load) and multiplies
-// them with the query chunks of kHb heads at once. The group's sums are scattered over its lanes
+// them with the query chunks of kHb heads at once (the short-run variant keeps 6 blocks an SM: its 80 registers
+// leave no spills; the other needs more). The group's sums are scattered over its lanes
 // (group_reduce_scatter): each lane writes the scores of a few rows of one head and keeps that head's online
 // softmax statistics in shared memory, merged into the run's log-sum-exp when the run ends. Every key row is read
 // once.
@@ -36,7 +37,7 @@ struct CandArgs {
 };
 
 template <typename T, int kVec, int kLpr, int kChunks, int kHb, int kU>
-__global__ void __launch_bounds__(kThreads, 4) candidate_kernel(const CandArgs a) {
+__global__ void __launch_bounds__(kThreads, kU == 2 ? 6 : 4) candidate_kernel(const CandArgs a) {
     static_assert(kLpr % kHb == 0, "the lanes of a group split evenly over the heads");
     constexpr int kGroups = 32 / kLpr;          // lane groups of a warp
     constexpr int kLanesPerHead = kLpr / kHb;   // lanes of a group that end with one head's sums
