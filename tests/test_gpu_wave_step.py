@@ -45,14 +45,15 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _layer(dtype, N=30000, B=4, H=4, Hg=4, D=128, seed=11):
-    """A layer of B * H slots, B * H >= FUSED_MIN_SLOTS (fewer take the torch ops)."""
-    from kvstore.attention.selection import FUSED_MIN_SLOTS
+    """A layer of B * H slots and queries whose step the kernel path takes."""
+    from kvstore.attention.selection import _fused_ready
 
-    assert B * H >= FUSED_MIN_SLOTS
     k, v = _kv(B, H, N, D, dtype, seed)
     layer = GpuWaveLayer.build(k, v, WaveGpuConfig(segment_len=8192, cuda_graph=False, backend="cuda"))
     q = torch.randn(B, H * Hg, D, device="cuda", dtype=dtype) * 2
-    return layer, k, v, q.reshape(layer.G, Hg, D)
+    qg = q.reshape(layer.G, Hg, D)
+    assert _fused_ready(qg, *layer._slots())
+    return layer, k, v, qg
 
 
 def _budget(layer, case):

@@ -203,62 +203,38 @@ def _masked_part(logits: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
     return torch.bmm(torch.exp(logits - ref[..., None]), values), lse
 
 
-_STEADY_RUNS: dict[tuple, object] = {}
-
-
-def _steady_runs(G: int, S: int, length: int | torch.Tensor, dev: torch.device):
-    """The steady zone's run table (one run of ``length`` rows a slot); kept for an int length, so that a step
-    makes no small kernels for it (a CUDA graph captures the kept tensors)."""
-    from ..gpu.attention_ops import RunTable
-
-    key = (G, S, int(length), str(dev)) if not isinstance(length, torch.Tensor) else None
-    if key is not None and key in _STEADY_RUNS:
-        return _STEADY_RUNS[key]
-    lengths = (length.to(device=dev, dtype=torch.int32).reshape(G) if key is None
-               else torch.full((G,), int(length), dtype=torch.int32, device=dev))
-    runs = RunTable(torch.zeros(G, dtype=torch.int32, device=dev), torch.arange(G, device=dev) * S, lengths,
-                    torch.arange(G + 1, device=dev, dtype=torch.int32))
-    if key is not None:
-        if len(_STEADY_RUNS) >= 256:
-            _STEADY_RUNS.clear()
-        _STEADY_RUNS[key] = runs
-    return runs
-
-
 def _steady_part(q: torch.Tensor, steady: SteadyZone, scale: float, backend: str, dt: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the steady zone: ``(o [G, Hg, Dv], lse [G, Hg])`` (o in q's dtype on the kernel
     path, else ``dt``)."""
-    from ..gpu.attention_ops import KVSource, kernel_misfit, sparse_decode_attention
+    from ..gpu.attention_ops import KVSource, RunTable, kernel_misfit, sparse_decode_attention
 
     G, Hg, D = q.shape
     S, Dv = steady.k.shape[1], steady.v.shape[2]
     dev = q.device
+    slen = steady.length if isinstance(steady.length, torch.Tensor) else torch.full((G,), int(steady.length),
+                                                                                   dtype=torch.int64, device=dev)
     if _kernel_path(backend, q):
         src = [KVSource(steady.k.reshape(G * S, D), steady.v.reshape(G * S, Dv))]
-        runs = _steady_runs(G, S, steady.length, dev)
+        runs = RunTable(torch.zeros(G, dtype=torch.int32, device=dev), torch.arange(G, device=dev) * S,
+                        slen.to(device=dev, dtype=torch.int32).reshape(G),
+                        torch.arange(G + 1, device=dev, dtype=torch.int32))
         if kernel_misfit(q, src, runs, None, D, Dv, Hg) is None:
             return sparse_decode_attention(q, src, runs, None, scale, backend=backend)
     # torch ops (also on CUDA where the kernel lacks the head size: its checked fallback would sync)
-    slen = steady.length if isinstance(steady.length, torch.Tensor) else torch.full((G,), int(steady.length),
-                                                                                   dtype=torch.int32, device=dev)
     ok = torch.arange(S, device=dev)[None, :] < slen.to(dev)[:, None]
     s_st = (torch.bmm(q.to(dt), steady.k.to(dt).transpose(1, 2)) * scale).masked_fill(~ok[:, None, :], -math.inf)
     return _masked_part(s_st, steady.v.to(dt))
 
 
-# The bookkeeping kernels take a slot with a team of blocks (up to 16, a thread block cluster) so that few slots
-# still fill the GPU; below this many slots the torch ops take the step.
-FUSED_MIN_SLOTS = 1
-
-
 def _fused_ready(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone) -> bool:
-    """Whether the step's bookkeeping kernels (``wave_zones`` / ``wave_mix`` / ``wave_combine``) take this step."""
+    """Whether the step's bookkeeping kernels (``wave_zones`` / ``wave_mix`` / ``wave_combine``) take this step (for
+    any slot count: they split a slot over a team of blocks when the slots are too few to fill the GPU)."""
     from ..gpu._ext import cuda_ext
 
     ext = cuda_ext()
     Hg, Dv = q.shape[1], slots.values.shape[1]
-    return (q.shape[0] >= FUSED_MIN_SLOTS and hasattr(ext, "wave_zones") and q.dtype != torch.float64 and 1 <= Hg <= 32 and 1 <= Dv <= 256
+    return (hasattr(ext, "wave_zones") and q.dtype != torch.float64 and 1 <= Hg <= 32 and 1 <= Dv <= 256
             and q.shape[0] < 65536 and slots.sizes.dtype == torch.float32)
 
 
