@@ -40,8 +40,7 @@ def _median_ms(fn, reps: int = 50) -> float:
 def time_stages(layer: GpuWaveLayer, q: torch.Tensor) -> None:
     """CUDA-graph timings of the gpu_only step's kernels, each run alone on the layer's index: ranking (centroid
     scores), zones (the cuts of the rank order), candidate scores, the exact tokens and mixture weights, the two
-    weighted row sums, the steady zone, the merge, and the whole step."""
-    from kvstore.attention.selection import _steady_part
+    weighted row sums (apart and in one launch), the merge with the steady zone, and the whole step."""
     from kvstore.gpu._ext import cuda_ext
     from kvstore.gpu.cluster_ops import candidate_scores, cluster_scores
 
@@ -53,7 +52,9 @@ def time_stages(layer: GpuWaveLayer, q: torch.Tensor) -> None:
     bound = getattr(budget, "bound", budget)
     r = layer.bounds.clusters_for(bound.candidates)
     e = layer.bounds.clusters_for(bound.candidates + bound.estimation) if bound.estimation else 0
-    scores, probs = cluster_scores(qg, layer.centroids, layer.sizes, layer.scale)
+    radii = layer.radii if bound.rank_radius else None
+    scores, probs = cluster_scores(qg, layer.centroids, layer.sizes, layer.scale, radii=radii,
+                                   rank_radius=bound.rank_radius)
 
     def zones():
         return ext.wave_zones(probs, layer.sizes, scores, layer.offsets, layer.slot_base, None, bound.candidates,
@@ -70,21 +71,22 @@ def time_stages(layer: GpuWaveLayer, q: torch.Tensor) -> None:
 
     pick_rows, _, pick_w, pick_d, pick_ref, _, mix_rows, mix_w, rest_w, mix_lse = mix()
     means = layer.mean_values.reshape(G * layer.C, layer.Dv)
-    pick_part = ext.weighted_rows_partial(pick_w, pick_rows, layer.kv_v)
-    mix_part = ext.weighted_rows_partial(mix_w, mix_rows, means)
-    o_st, lse_st = _steady_part(qg, steady, layer.scale, "auto", torch.float32)
+    pick_part, mix_part = ext.weighted_rows_jobs([pick_w, mix_w], [pick_rows, mix_rows], [layer.kv_v, means])
     cases = {
         f"cluster scores ({layer.C} clusters a slot)":
-            lambda: cluster_scores(qg, layer.centroids, layer.sizes, layer.scale),
+            lambda: cluster_scores(qg, layer.centroids, layer.sizes, layer.scale, radii=radii,
+                                   rank_radius=bound.rank_radius),
         f"zones ({r} candidate, {e} estimation clusters at most)": zones,
         f"candidate scores ({r} clusters, {width} rows a slot)":
             lambda: candidate_scores(qg, layer.kv_k, run_row, run_len, run_pos, width, layer.scale),
         f"exact tokens and mixture ({t} tokens a slot)": mix,
         "values of the exact tokens": lambda: ext.weighted_rows_partial(pick_w, pick_rows, layer.kv_v),
         "mean values of the mixture": lambda: ext.weighted_rows_partial(mix_w, mix_rows, means),
-        "steady zone": lambda: _steady_part(qg, steady, layer.scale, "auto", torch.float32),
-        "merge": lambda: ext.wave_combine(pick_part, mix_part, pick_d, pick_ref, mix_lse, rest_w, layer.value_mean,
-                                          o_st, lse_st),
+        "values and mean values (one launch)":
+            lambda: ext.weighted_rows_jobs([pick_w, mix_w], [pick_rows, mix_rows], [layer.kv_v, means]),
+        "merge with the steady zone": lambda: ext.wave_combine(pick_part, mix_part, pick_d, pick_ref, mix_lse, rest_w,
+                                                               layer.value_mean, qg, steady.k, steady.v,
+                                                               steady.length, layer.scale),
         "whole step (graph replay of layer.decode)": lambda: layer._decode_gpu_only(q),
     }
     for name, fn in cases.items():

@@ -687,3 +687,23 @@ def test_weighted_rows_kernel_matches_reference(dtype, G, Hg, t, R, Dv):
     torch.cuda.synchronize()
     ref = weighted_rows(*case, backend="torch")
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("G,Hg,t1,t2,Dv", [(64, 4, 2600, 1300, 128), (8, 4, 21000, 9000, 128), (3, 9, 300, 0, 64),
+                                           (2, 1, 5, 700, 256)])
+def test_two_weighted_row_jobs_in_one_launch_match_each_alone(dtype, G, Hg, t1, t2, Dv):
+    """weighted_rows_jobs: the wave step's exact-token values and mixture mean values in one launch; each job's
+    partials sum to its reference (the chunks differ from a launch alone: the warps are shared between jobs)."""
+    from kvstore.gpu._ext import cuda_ext
+
+    a = [x.cuda() for x in weighted_case(G, Hg, t1, 50_000, Dv, dtype, torch.Generator().manual_seed(t1))]
+    b = [x.cuda() for x in weighted_case(G, Hg, t2, 3_000, Dv, dtype, torch.Generator().manual_seed(t2 + 1))]
+    pa, pb = cuda_ext().weighted_rows_jobs([a[0], b[0]], [a[1], b[1]], [a[2], b[2]])
+    torch.cuda.synchronize()
+    for part, case in ((pa, a), (pb, b)):
+        assert part.shape[0] == G and part.shape[2:] == (Hg, Dv)
+        ref = weighted_rows(*(x.cpu() for x in case), backend="torch")
+        torch.testing.assert_close(part.sum(1).cpu(), ref, rtol=1e-4, atol=1e-3)

@@ -196,3 +196,27 @@ def test_kernel_step_with_few_slots_matches_torch_step(B, H):
     assert float((lse - lse_ref).abs().max()) < 1.0
     assert _overlap(step.candidates, step_ref.candidates) > 0.98
     assert _overlap(step.exact_rows, step_ref.exact_rows) > 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_step_with_long_and_ragged_steady_zones(dtype):
+    """The merge kernel attends the steady zone itself: zones of 0 to 700 rows (several of its 256-row chunks),
+    a different length in every slot, match the torch step."""
+    if not _ready():
+        pytest.skip("kvstore._cuda not built")
+    from kvstore.attention.selection import SteadyZone
+
+    layer, _, _, qg = _layer(dtype)
+    slots, _ = layer._slots()
+    G, D, S = layer.G, layer.D, 700
+    gen = torch.Generator().manual_seed(5)
+    sk = (torch.randn(G, S, D, generator=gen) * 1.5).to("cuda", dtype)
+    sv = torch.randn(G, S, layer.Dv, generator=gen).to("cuda", dtype)
+    lens = [0, 1, 255, 256, 257, 700, 699, 512, 3, 64, 300, 600, 128, 2, 511, 450]
+    steady = SteadyZone(sk, sv, torch.tensor([lens[g % len(lens)] for g in range(G)], device="cuda"))
+    budget = _budget(layer, "defaults")
+    o, lse, _ = wave_attend(qg, slots, steady, budget, layer.bounds, layer.scale, backend="cuda")
+    o_ref, lse_ref, _ = wave_attend(qg, slots, steady, budget, layer.bounds, layer.scale, backend="torch")
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    assert _rel(o, o_ref) < tol
+    assert float((lse - lse_ref).abs().max()) < 50 * tol

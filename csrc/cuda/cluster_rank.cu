@@ -82,7 +82,7 @@ scores_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* _
                 if (li != h || hh >= Hg) continue;
                 MaxSum s = st[gi * Hg + hh];
                 float* out = scores + (static_cast<long long>(g) * Hg + hh) * C;
-                const float bq = rg == nullptr ? 0.0f : rad.q_bonus[static_cast<long long>(g) * Hg + hh];
+                const float bq = rg == nullptr ? 0.0f : rad.bonus_scale * rad.q_bonus[static_cast<long long>(g) * Hg + hh];
 #pragma unroll
                 for (int u = 0; u < kU; ++u) {
                     const int c = cb + u;
@@ -124,7 +124,7 @@ probs_kernel(const float* __restrict__ scores, const float2* __restrict__ tile_s
         if (lane == 0) {
             m_s[h] = m;
             inv_s[h] = l > 0.0f ? 1.0f / l : 0.0f;
-            bq_s[h] = rad.radii == nullptr ? 0.0f : rad.q_bonus[static_cast<long long>(g) * Hg + h];
+            bq_s[h] = rad.radii == nullptr ? 0.0f : rad.bonus_scale * rad.q_bonus[static_cast<long long>(g) * Hg + h];
             if (lse_out != nullptr && blockIdx.x == 0)
                 lse_out[static_cast<long long>(g) * Hg + h] = l > 0.0f ? m + __logf(l) : -INFINITY;
         }
@@ -288,8 +288,8 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
     }
     const float* sd = fs.key_sd == nullptr ? nullptr : fs.key_sd + static_cast<long long>(g) * C;
     const float* rg = rad.radii == nullptr ? nullptr : rad.radii + static_cast<long long>(g) * C;
-    const float bq_a = (rg != nullptr && gr < Hg) ? rad.q_bonus[static_cast<long long>(g) * Hg + gr] : 0.0f;
-    const float bq_b = (rg != nullptr && gr + 8 < Hg) ? rad.q_bonus[static_cast<long long>(g) * Hg + gr + 8] : 0.0f;
+    const float bq_a = (rg != nullptr && gr < Hg) ? rad.bonus_scale * rad.q_bonus[static_cast<long long>(g) * Hg + gr] : 0.0f;
+    const float bq_b = (rg != nullptr && gr + 8 < Hg) ? rad.bonus_scale * rad.q_bonus[static_cast<long long>(g) * Hg + gr + 8] : 0.0f;
     const T* cg = cen + static_cast<long long>(g) * C * D;
     const float* sg = sizes + static_cast<long long>(g) * C;
     float* out_a = scores + (static_cast<long long>(g) * Hg + gr) * C;

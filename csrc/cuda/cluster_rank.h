@@ -34,11 +34,12 @@ struct FsArgs {
 };
 
 // The radius term of the ranking (kvstore/attention/selection.py, step 1): with radii set, probs (and lse) are
-// of the rank scores scores[g, h, c] + q_bonus[g, h] * radii[g, c] (q_bonus = rank_radius * |q_h| * scale);
-// the scores written stay q.c * scale.
+// of the rank scores scores[g, h, c] + bonus_scale * q_bonus[g, h] * radii[g, c] (q_bonus = |q_h|, bonus_scale
+// = rank_radius * scale); the scores written stay q.c * scale.
 struct RadiusArgs {
     const float* q_bonus = nullptr;  // [G, Hg]
     const float* radii = nullptr;    // [G, C]; null: rank by the scores
+    float bonus_scale = 1.0f;
 };
 
 // Floats of the workspace cluster_scores_launch needs: the per-tile softmax

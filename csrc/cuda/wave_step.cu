@@ -21,6 +21,7 @@ constexpr int kChunk = kT * kPer;
 constexpr int kBins = 256;           // 8-bit digits
 constexpr int kHistCopies = 16;      // a histogram per two warps: atomics to one bin from the whole block serialise
 constexpr int kCombineThreads = 256;
+constexpr int kSteadyChunk = 256;       // steady-zone rows the combine kernel scores at a time
 constexpr int kMaxTeam = 16;         // blocks of a slot (thread block cluster, non-portable above 8)
 constexpr int kTeamWords = 2 * kStepMaxHg;
 
@@ -903,11 +904,104 @@ __device__ __forceinline__ float load_as_float(const void* p, DType dt, long lon
     return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
+// Exact attention of head h of slot g over the slot's steady zone (rows [0, len) of steady_k / steady_v), for
+// the combine kernel's block: returns the zone's log-sum-exp; every thread whose ch < Dv adds the zone's
+// normalised output for channel ch to *out (0 when the zone is empty). The rows are split over the block's row
+// groups of ch_threads threads (thread t: group t / ch_threads, channel t % ch_threads) so that each thread keeps
+// few value loads in sequence; the groups' sums meet in shared memory (red [groups][kStepMaxDv]).
+__device__ float steady_attention(const CombineArgs& a, long long g, long long gh, float* qs, float* sc, float* red,
+                                  float* out) {
+    constexpr int kCW = kCombineThreads / 32;
+    const int D = a.D, Dv = a.Dv, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const long long S = a.steady_cap;
+    const long long len = a.steady_len[g];
+    for (int c = threadIdx.x; c < D; c += kCombineThreads) qs[c] = load_as_float(a.q, a.q_dtype, gh * D + c);
+    __syncthreads();
+    if (len < 0 || len > S) return quiet_nan();  // the same in every thread
+    const int ch_threads = (Dv + 31) / 32 * 32, groups = kCombineThreads / ch_threads;
+    const int grp = threadIdx.x / ch_threads, ch = threadIdx.x % ch_threads;
+    const long long krow0 = g * S;
+    float m = -INFINITY, l = 0.0f, acc = 0.0f;
+    bool bad = false;  // a NaN score: the zone's result is NaN (the same in every thread)
+    for (long long s0 = 0; s0 < len; s0 += kSteadyChunk) {
+        const int n = static_cast<int>(min(static_cast<long long>(kSteadyChunk), len - s0));
+        // scores: warp w takes rows w, w + kCW, ... (kRowsInFlight rows' loads issued together)
+        constexpr int kRowsInFlight = 4;
+        for (int i0 = warp; i0 < n; i0 += kCW * kRowsInFlight) {
+            float dot[kRowsInFlight];
+#pragma unroll
+            for (int u = 0; u < kRowsInFlight; ++u) {
+                const int i = i0 + u * kCW;
+                dot[u] = 0.0f;
+                if (i < n) {
+                    const long long row = (krow0 + s0 + i) * D;
+                    for (int c = lane; c < D; c += 32) dot[u] += qs[c] * load_as_float(a.steady_k, a.kv_dtype, row + c);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < kRowsInFlight; ++u) {
+                const float v = warp_sum(dot[u]);
+                const int i = i0 + u * kCW;
+                if (lane == 0 && i < n) sc[i] = v * a.scale;
+            }
+        }
+        __syncthreads();
+        float cm = -INFINITY;
+        bool nan = false;
+        for (int i = lane; i < n; i += 32) {
+            cm = fmaxf(cm, sc[i]);
+            nan |= sc[i] != sc[i];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) cm = fmaxf(cm, __shfl_xor_sync(kFullMask, cm, o));
+        bad |= __any_sync(kFullMask, nan);
+        const float nm = fmaxf(m, cm);
+        if (!bad && nm > -INFINITY) {
+            const float f = m > -INFINITY ? expf(m - nm) : 0.0f;
+            l *= f;
+            acc *= f;
+            m = nm;
+            float part = 0.0f;
+            constexpr int kVU = 8;  // value loads in flight
+            for (int i0 = grp; i0 < n; i0 += groups * kVU) {
+                float v[kVU], p[kVU];
+#pragma unroll
+                for (int u = 0; u < kVU; ++u) {
+                    const int i = i0 + u * groups;
+                    v[u] = i < n && ch < Dv ? load_as_float(a.steady_v, a.kv_dtype, (krow0 + s0 + i) * Dv + ch) : 0.0f;
+                    p[u] = i < n ? expf(sc[i] - m) : 0.0f;
+                }
+#pragma unroll
+                for (int u = 0; u < kVU; ++u) part += p[u] * v[u];
+            }
+            acc += part;
+            for (int i = 0; i < n; ++i) l += expf(sc[i] - m);  // every thread: the same sum in the same order
+        }
+        __syncthreads();  // sc is rewritten by the next chunk
+    }
+    if (bad || l != l) {
+        for (int c = threadIdx.x; c < Dv; c += kCombineThreads) out[c] = quiet_nan();
+        return quiet_nan();
+    }
+    if (!(l > 0.0f)) return -INFINITY;
+    if (ch < Dv) red[grp * kStepMaxDv + ch] = acc;
+    __syncthreads();
+    for (int c = threadIdx.x; c < Dv; c += kCombineThreads) {
+        float sum = 0.0f;
+        for (int k = 0; k < groups; ++k) sum += red[k * kStepMaxDv + c];
+        out[c] = sum / l;
+    }
+    return m + logf(l);
+}
+
 // A block per (slot, head): warp w sums the chunks w, w + 8, ... of both parts (lane l holds channels l, l + 32,
-// ...), then warp 0 adds the warps' sums and merges.
+// ...); the block attends the steady zone; then the parts merge.
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineArgs a) {
     constexpr int kCW = kCombineThreads / 32, kPerLane = kStepMaxDv / 32;
     __shared__ float part[2][kCW][kStepMaxDv];
+    __shared__ float qs[kStepMaxD];
+    __shared__ float sc[kSteadyChunk];
+    __shared__ float st[kStepMaxDv];
     const long long gh = blockIdx.x, g = gh / a.Hg;
     const int h = static_cast<int>(gh % a.Hg), Hg = a.Hg, Dv = a.Dv;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -926,6 +1020,10 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineA
         for (int i = 0; i < kPerLane; ++i)
             if (lane + 32 * i < Dv) nm[i] += src[lane + 32 * i];
     }
+    for (int c = threadIdx.x; c < Dv; c += kCombineThreads) st[c] = 0.0f;
+    // part[0] is free until the chunk sums below: the steady zone's row groups use it
+    const float ls = steady_attention(a, g, gh, qs, sc, &part[0][0][0], st);
+    __syncthreads();
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
         if (lane + 32 * i < Dv) {
@@ -936,7 +1034,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineA
     __syncthreads();
     const float d = a.pick_d[gh];
     const float lp = d > 0.0f ? a.pick_ref[gh] + logf(d) : -INFINITY;
-    const float lm = a.mix_lse[gh], ls = a.steady_lse[gh];
+    const float lm = a.mix_lse[gh];
     const float m = fmaxf(fmaxf(lp, lm), ls);
     const float ms = isfinite(m) ? m : 0.0f;
     const float ep = expf(lp - ms), em = expf(lm - ms), es = expf(ls - ms);
@@ -950,9 +1048,8 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineA
             sm += part[1][w][c];
         }
         const float op = d > 0.0f ? sp / d : 0.0f;
-        const float st = load_as_float(a.steady_o, a.steady_dtype, gh * Dv + c);
-        const float num = (ep > 0.0f ? ep * op : 0.0f) + (em > 0.0f ? em * sm : 0.0f) + (es > 0.0f ? es * st : 0.0f);
-        a.o[gh * Dv + c] = den > 0.0f ? num / den : num;
+        const float num = (ep > 0.0f ? ep * op : 0.0f) + (em > 0.0f ? em * sm : 0.0f) + (es > 0.0f ? es * st[c] : 0.0f);
+        a.o[gh * Dv + c] = den > 0.0f ? num / den : (den == den ? num : den);
     }
     if (threadIdx.x == 0) a.lse[gh] = den > 0.0f ? ms + logf(den) : (den == den ? -INFINITY : den);
 }
@@ -1058,7 +1155,8 @@ cudaError_t wave_mix_launch(const MixArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t wave_combine_launch(const CombineArgs& a, cudaStream_t stream) {
-    if (a.G < 0 || a.Hg < 1 || a.Dv < 1 || a.Dv > kStepMaxDv || a.pick_chunks < 1 || a.mix_chunks < 1)
+    if (a.G < 0 || a.Hg < 1 || a.Dv < 1 || a.Dv > kStepMaxDv || a.D < 1 || a.D > kStepMaxD || a.steady_cap < 0 ||
+        a.pick_chunks < 1 || a.mix_chunks < 1)
         return cudaErrorInvalidValue;
     if (a.G == 0) return cudaSuccess;
     const long long blocks = static_cast<long long>(a.G) * a.Hg;

@@ -16,6 +16,7 @@ namespace cluster {
 // Limits of the launchers below (checked by them and by the bindings).
 constexpr int kStepMaxHg = 32;
 constexpr int kStepMaxDv = 256;
+constexpr int kStepMaxD = 256;
 
 // The zone and mix kernels take each slot with a team of blocks (a thread block cluster on sm_90 and later) so
 // that few slots still fill the GPU: `team` in their arguments is the team size, 0 for the launcher's choice (the
@@ -110,8 +111,10 @@ cudaError_t wave_mix_launch(const MixArgs& a, cudaStream_t stream);
 
 // The step's output from its parts: the exact tokens (pick_part f32 [G, pick_chunks, Hg, Dv]: weighted_rows
 // partial sums, with pick_d, pick_ref), the mixture (mix_part f32 [G, mix_chunks, Hg, Dv] with rest_w x
-// value_mean f32 [G, Dv], mix_lse) and the steady zone (steady_o [G, Hg, Dv] of steady_dtype, steady_lse f32
-// [G, Hg]) merged by log-sum-exp into o f32 [G, Hg, Dv] and lse f32 [G, Hg] (-inf and 0 when every part is empty).
+// value_mean f32 [G, Dv], mix_lse) and the steady zone, attended here exactly: q [G, Hg, D] of q_dtype over rows
+// [0, steady_len[g]) of steady_k [G, steady_cap, D] / steady_v [G, steady_cap, Dv] of kv_dtype (a length outside
+// [0, steady_cap] makes the slot's output NaN); merged by log-sum-exp into o f32 [G, Hg, Dv] and lse f32 [G, Hg]
+// (-inf and 0 when every part is empty). D <= kStepMaxD.
 struct CombineArgs {
     const float* pick_part;
     long long pick_chunks;
@@ -122,10 +125,15 @@ struct CombineArgs {
     const float* mix_lse;
     const float* rest_w;
     const float* value_mean;
-    const void* steady_o;
-    DType steady_dtype;
-    const float* steady_lse;
-    int G, Hg, Dv;
+    const void* q;
+    DType q_dtype;
+    const void* steady_k;
+    const void* steady_v;
+    DType kv_dtype;
+    const std::int64_t* steady_len;  // [G]
+    long long steady_cap;
+    int G, Hg, D, Dv;
+    float scale;
     float* o;
     float* lse;
 };

@@ -233,16 +233,18 @@ def _fused_ready(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone) -> bool:
     from ..gpu._ext import cuda_ext
 
     ext = cuda_ext()
-    Hg, Dv = q.shape[1], slots.values.shape[1]
+    Hg, D, Dv = q.shape[1], q.shape[2], slots.values.shape[1]
     return (hasattr(ext, "wave_zones") and q.dtype != torch.float64 and 1 <= Hg <= 32 and 1 <= Dv <= 256
-            and q.shape[0] < 65536 and slots.sizes.dtype == torch.float32)
+            and 1 <= D <= 256 and q.shape[0] < 65536 and slots.sizes.dtype == torch.float32
+            and steady.k.dtype == steady.v.dtype != torch.float64)
 
 
 def _wave_attend_fused(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: WaveBudget | SlotBudgets,
                        bounds: ClusterBounds, scale: float, s_cl: torch.Tensor, probs: torch.Tensor, backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor, WaveStep]:
     """:func:`wave_attend` on the CUDA kernels: the same step, its bookkeeping in three kernels (zones in
-    ascending cluster id, the exact tokens and mixture weights, the merge) around the kernels that read the KV."""
+    ascending cluster id, the exact tokens and mixture weights, the merge with the steady zone attended exactly)
+    around the kernels that read the KV."""
     from ..gpu._ext import cuda_ext
     from ..gpu.cluster_ops import candidate_scores
 
@@ -268,11 +270,19 @@ def _wave_attend_fused(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, bu
     (pick_rows, pick_local, pick_w, pick_d, pick_ref, n_valid, mix_rows, mix_w, rest_w, mix_lse) = ext.wave_mix(
         s_tok, run_lse, run_row, run_len, run_pos, cand_low, cand, est, s_cl, sizes, rest_lse, low_lse,
         slots.slot_base.contiguous(), tokens, bound.tokens, t, bound.calibrate, bound.rest)
-    pick_part = ext.weighted_rows_partial(pick_w, pick_rows, slots.values.contiguous())
-    mix_part = ext.weighted_rows_partial(mix_w, mix_rows, slots.mean_values.reshape(G * C, Dv).contiguous())
-    o_st, lse_st = _steady_part(q, steady, scale, backend, f32)
+    means = slots.mean_values.reshape(G * C, Dv).contiguous()
+    values = slots.values.contiguous()
+    if means.dtype == values.dtype:  # one launch: the exact tokens' values and the mixture's mean values
+        pick_part, mix_part = ext.weighted_rows_jobs([pick_w, mix_w], [pick_rows, mix_rows], [values, means])
+    else:
+        pick_part = ext.weighted_rows_partial(pick_w, pick_rows, values)
+        mix_part = ext.weighted_rows_partial(mix_w, mix_rows, means)
+    slen = steady.length
+    slen = (slen.to(device=q.device, dtype=torch.int64).reshape(G) if isinstance(slen, torch.Tensor)
+            else torch.full((G,), int(slen), dtype=torch.int64, device=q.device))
     o, lse = ext.wave_combine(pick_part, mix_part, pick_d, pick_ref, mix_lse, rest_w,
-                              slots.value_mean.to(f32).contiguous(), o_st.contiguous(), lse_st.to(f32).contiguous())
+                              slots.value_mean.to(f32).contiguous(), q.contiguous(), steady.k.contiguous(),
+                              steady.v.contiguous(), slen.contiguous(), scale)
     return o, lse, WaveStep(cand, est, pick_local, n_valid)
 
 

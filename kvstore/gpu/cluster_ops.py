@@ -130,7 +130,9 @@ def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
             raise ValueError(f"radii must be [G={G}, C={C}], got {tuple(radii.shape)}")
         if radii.device != q.device:
             raise ValueError(f"radii must be on q's device {q.device}, got {radii.device}")
-        bonus = q.float().norm(dim=2) * (float(rank_radius) * scale)
+        bonus_scale = float(rank_radius) * scale
+        bonus = (q.float().norm(dim=2) if q.dtype == torch.float64                   # |q_h| (f32)
+                 else torch.linalg.vector_norm(q, dim=2, dtype=torch.float32))       # one kernel
     if use_cuda_kernel(backend, q, centroids, sizes):
         if Hg > _MAX_HG or Hg * D > _MAX_HG_TIMES_D or G > 65535 or C >= 2 ** 31:
             raise ValueError(f"q [G={G}, Hg={Hg}, D={D}] with C={C} exceeds the kernel's limits "
@@ -138,10 +140,11 @@ def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
         from ._ext import cuda_ext
 
         return cuda_ext().cluster_scores(q.contiguous(), centroids.contiguous(), sizes.contiguous(), scale,
-                                         *(() if bonus is None else (bonus.contiguous(), radii.contiguous())))
+                                         *(() if bonus is None else (bonus.contiguous(), radii.contiguous(),
+                                                                     bonus_scale)))
     s = torch.bmm(q.float(), centroids.float().transpose(1, 2)) * scale          # [G, Hg, C]
     s = s.masked_fill((sizes <= 0)[:, None, :], -math.inf)
-    rank = s if bonus is None else s + bonus[..., None] * radii[:, None, :]
+    rank = s if bonus is None else s + (bonus * bonus_scale)[..., None] * radii[:, None, :]
     m = rank.amax(dim=2, keepdim=True) if C else s.new_zeros(G, Hg, 1)
     w = torch.exp(rank - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))   # exp(-inf) = 0
     z = w.sum(dim=2, keepdim=True)

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "candidate_scores.h"
 #include "cluster_rank.h"
@@ -32,11 +33,13 @@ void check_launch(cudaError_t err, const char* what) {
 }
 
 // q [G, Hg, D], centroids [G, C, D] (same dtype), sizes f32 [G, C] -> (scores f32 [G, Hg, C], probs f32 [G, C]);
-// with q_bonus f32 [G, Hg] and radii f32 [G, C], probs rank by scores + q_bonus * radii (cluster_rank.h).
+// with q_bonus f32 [G, Hg] and radii f32 [G, C], probs rank by scores + bonus_scale * q_bonus * radii
+// (cluster_rank.h).
 std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, const torch::Tensor& centroids,
                                                         const torch::Tensor& sizes, double scale,
                                                         const c10::optional<torch::Tensor>& q_bonus,
-                                                        const c10::optional<torch::Tensor>& radii) {
+                                                        const c10::optional<torch::Tensor>& radii,
+                                                        double bonus_scale) {
     check_cuda(q, "q");
     check_cuda(centroids, "centroids");
     check_cuda(sizes, "sizes");
@@ -63,8 +66,10 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
                         radii->scalar_type() == torch::kFloat32 && radii->is_contiguous(),
                     "radii must be contiguous float32 [G, C]");
         TORCH_CHECK(q_bonus->device() == q.device() && radii->device() == q.device(), "tensors on different devices");
+        TORCH_CHECK(std::isfinite(bonus_scale), "bonus_scale must be finite");
         rad.q_bonus = q_bonus->data_ptr<float>();
         rad.radii = radii->data_ptr<float>();
+        rad.bonus_scale = static_cast<float>(bonus_scale);
     }
     const DType dt = kernel_dtype(q.scalar_type(), "q");
     const c10::cuda::CUDAGuard guard(q.device());
@@ -310,31 +315,68 @@ torch::Tensor kmeans_means(const torch::Tensor& x, const torch::Tensor& order, c
     return means;
 }
 
-// w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> the partial sums f32 [G, chunks, Hg, Dv] of
-// weighted_rows.h (their sum over chunks is weighted_rows; the wave step's merge kernel adds them itself).
-torch::Tensor weighted_rows_partial(const torch::Tensor& w, const torch::Tensor& rows, const torch::Tensor& values) {
+// Checks one weighted_rows job (w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv]) and returns its t.
+int64_t check_weighted(const torch::Tensor& w, const torch::Tensor& rows, const torch::Tensor& values, int64_t G,
+                       int64_t Hg, int64_t Dv) {
     check_cuda(w, "w");
     check_cuda(rows, "rows");
     check_cuda(values, "values");
-    TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kFloat32, "w must be float32 [G, Hg, t]");
-    const int64_t G = w.size(0), Hg = w.size(1), t = w.size(2);
+    TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kFloat32 && w.size(0) == G && w.size(1) == Hg,
+                "w must be float32 [G, Hg, t]");
+    const int64_t t = w.size(2);
     TORCH_CHECK(rows.dim() == 2 && rows.size(0) == G && rows.size(1) == t && rows.scalar_type() == torch::kInt64,
                 "rows must be int64 [G, t] like w");
-    TORCH_CHECK(values.dim() == 2 && values.size(1) >= 1 && values.size(1) <= kvstore::cluster::kWeightedMaxDv,
-                "values must be [R, Dv] with 1 <= Dv <= ", kvstore::cluster::kWeightedMaxDv);
+    TORCH_CHECK(values.dim() == 2 && values.size(1) == Dv, "values must be [R, Dv]");
     TORCH_CHECK(w.device() == rows.device() && w.device() == values.device(), "tensors on different devices");
+    return t;
+}
+
+// One or two jobs (w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv]; one G, Hg, Dv and values dtype) in one
+// launch -> each job's partial sums f32 [G, chunks, Hg, Dv] of weighted_rows.h (their sum over chunks is
+// weighted_rows; the wave step's merge kernel adds them itself).
+std::vector<torch::Tensor> weighted_rows_jobs(const std::vector<torch::Tensor>& w,
+                                              const std::vector<torch::Tensor>& rows,
+                                              const std::vector<torch::Tensor>& values) {
+    const size_t n = w.size();
+    TORCH_CHECK(n >= 1 && n <= static_cast<size_t>(kvstore::cluster::kWeightedMaxJobs) && rows.size() == n &&
+                    values.size() == n,
+                "1 to ", kvstore::cluster::kWeightedMaxJobs, " jobs of (w, rows, values)");
+    TORCH_CHECK(w[0].dim() == 3 && values[0].dim() == 2, "w must be [G, Hg, t] and values [R, Dv]");
+    const int64_t G = w[0].size(0), Hg = w[0].size(1), Dv = values[0].size(1);
+    TORCH_CHECK(Dv >= 1 && Dv <= kvstore::cluster::kWeightedMaxDv, "values must be [R, Dv] with 1 <= Dv <= ",
+                kvstore::cluster::kWeightedMaxDv);
     TORCH_CHECK(G < 65536 && Hg <= INT32_MAX, "unsupported sizes G=", G, " Hg=", Hg);
-    const DType dt = kernel_dtype(values.scalar_type(), "values");
-    const c10::cuda::CUDAGuard guard(w.device());
-    const int Dv = static_cast<int>(values.size(1));
-    const long long chunks = kvstore::cluster::weighted_rows_chunks(static_cast<int>(G), t, Dv, dt, values.data_ptr());
-    torch::Tensor partial = torch::empty({G, chunks, Hg, Dv}, w.options());
-    check_launch(kvstore::cluster::weighted_rows_launch(
-                     w.data_ptr<float>(), rows.data_ptr<int64_t>(), values.data_ptr(), dt, static_cast<int>(G),
-                     static_cast<int>(Hg), t, values.size(0), Dv, partial.data_ptr<float>(),
-                     c10::cuda::getCurrentCUDAStream()),
+    const DType dt = kernel_dtype(values[0].scalar_type(), "values");
+    int64_t t_all = 0;
+    bool aligned = true;
+    std::vector<int64_t> t(n);
+    for (size_t k = 0; k < n; ++k) {
+        t[k] = check_weighted(w[k], rows[k], values[k], G, Hg, Dv);
+        TORCH_CHECK(values[k].scalar_type() == values[0].scalar_type(), "the jobs' values must have one dtype");
+        TORCH_CHECK(w[k].device() == w[0].device(), "the jobs must be on one device");
+        t_all += t[k];
+        aligned = aligned && kvstore::gpu::is_aligned(values[k].data_ptr(), 16);
+    }
+    const c10::cuda::CUDAGuard guard(w[0].device());
+    std::vector<torch::Tensor> out;
+    kvstore::cluster::WeightedJob jobs[kvstore::cluster::kWeightedMaxJobs];
+    for (size_t k = 0; k < n; ++k) {
+        const long long chunks = kvstore::cluster::weighted_rows_chunks(
+            static_cast<int>(G), static_cast<int>(Hg), t[k], t_all, static_cast<int>(Dv), dt, aligned);
+        out.push_back(torch::empty({G, chunks, Hg, Dv}, w[k].options()));
+        jobs[k] = kvstore::cluster::WeightedJob{w[k].data_ptr<float>(), rows[k].data_ptr<int64_t>(),
+                                                values[k].data_ptr(), t[k], values[k].size(0),
+                                                out[k].data_ptr<float>()};
+    }
+    check_launch(kvstore::cluster::weighted_rows_launch(jobs, static_cast<int>(n), dt, static_cast<int>(G),
+                                                        static_cast<int>(Hg), static_cast<int>(Dv),
+                                                        c10::cuda::getCurrentCUDAStream()),
                  "weighted_rows");
-    return partial;
+    return out;
+}
+
+torch::Tensor weighted_rows_partial(const torch::Tensor& w, const torch::Tensor& rows, const torch::Tensor& values) {
+    return weighted_rows_jobs({w}, {rows}, {values})[0];
 }
 
 // w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> f32 [G, Hg, Dv]: see weighted_rows.h.
@@ -348,8 +390,9 @@ torch::Tensor weighted_rows(const torch::Tensor& w, const torch::Tensor& rows, c
 void register_cluster_ops(pybind11::module_& m) {
     m.def("cluster_scores", &cluster_scores, pybind11::arg("q"), pybind11::arg("centroids"), pybind11::arg("sizes"),
           pybind11::arg("scale"), pybind11::arg("q_bonus") = pybind11::none(), pybind11::arg("radii") = pybind11::none(),
+          pybind11::arg("bonus_scale") = 1.0,
           "q [G, Hg, D], centroids [G, C, D], sizes f32 [G, C] (q_bonus f32 [G, Hg], radii f32 [G, C]: rank by "
-          "scores + q_bonus * radii) -> (scores f32 [G, Hg, C], probs f32 [G, C])");
+          "scores + bonus_scale * q_bonus * radii) -> (scores f32 [G, Hg, C], probs f32 [G, C])");
     m.def("select_clusters", &select_clusters, pybind11::arg("probs"), pybind11::arg("r"), pybind11::arg("e"),
           "probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r best, the next e, each zone by ascending id");
     m.def("cluster_scores_fs", &cluster_scores_fs, pybind11::arg("q"), pybind11::arg("centroids"),
@@ -373,4 +416,7 @@ void register_cluster_ops(pybind11::module_& m) {
           "w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> f32 [G, Hg, Dv]: sum_i w[g, h, i] values[rows[g, i]]");
     m.def("weighted_rows_partial", &weighted_rows_partial, pybind11::arg("w"), pybind11::arg("rows"),
           pybind11::arg("values"), "weighted_rows before the sum over its chunks: f32 [G, chunks, Hg, Dv]");
+    m.def("weighted_rows_jobs", &weighted_rows_jobs, pybind11::arg("w"), pybind11::arg("rows"),
+          pybind11::arg("values"),
+          "weighted_rows_partial of one or two jobs (lists of w, rows, values) in one launch: their partials");
 }

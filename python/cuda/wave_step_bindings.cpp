@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -196,12 +197,14 @@ std::vector<torch::Tensor> wave_mix(const torch::Tensor& tok_scores, const torch
 }
 
 // pick_part f32 [G, c1, Hg, Dv], mix_part f32 [G, c2, Hg, Dv], pick_d / pick_ref / mix_lse / rest_w f32
-// [G, Hg], value_mean f32 [G, Dv], steady_o [G, Hg, Dv], steady_lse f32 [G, Hg] -> (o f32 [G, Hg, Dv], lse f32).
+// [G, Hg], value_mean f32 [G, Dv], q [G, Hg, D], steady_k [G, S, D] / steady_v [G, S, Dv] (one dtype),
+// steady_len int64 [G] -> (o f32 [G, Hg, Dv], lse f32 [G, Hg]).
 std::tuple<torch::Tensor, torch::Tensor> wave_combine(const torch::Tensor& pick_part, const torch::Tensor& mix_part,
                                                       const torch::Tensor& pick_d, const torch::Tensor& pick_ref,
                                                       const torch::Tensor& mix_lse, const torch::Tensor& rest_w,
-                                                      const torch::Tensor& value_mean, const torch::Tensor& steady_o,
-                                                      const torch::Tensor& steady_lse) {
+                                                      const torch::Tensor& value_mean, const torch::Tensor& q,
+                                                      const torch::Tensor& steady_k, const torch::Tensor& steady_v,
+                                                      const torch::Tensor& steady_len, double scale) {
     const torch::Device dev = pick_part.device();
     check(pick_part, "pick_part", torch::kFloat32, 4, dev);
     const int64_t G = pick_part.size(0), Hg = pick_part.size(2), Dv = pick_part.size(3);
@@ -209,27 +212,39 @@ std::tuple<torch::Tensor, torch::Tensor> wave_combine(const torch::Tensor& pick_
     TORCH_CHECK(mix_part.size(0) == G && mix_part.size(2) == Hg && mix_part.size(3) == Dv,
                 "mix_part must be [G, chunks, Hg, Dv] like pick_part");
     for (auto [x, name] : {std::pair{&pick_d, "pick_d"}, {&pick_ref, "pick_ref"}, {&mix_lse, "mix_lse"},
-                           {&rest_w, "rest_w"}, {&steady_lse, "steady_lse"}}) {
+                           {&rest_w, "rest_w"}}) {
         check(*x, name, torch::kFloat32, 2, dev);
         check_shape(*x, name, {G, Hg});
     }
     check(value_mean, "value_mean", torch::kFloat32, 2, dev);
     check_shape(value_mean, "value_mean", {G, Dv});
-    TORCH_CHECK(steady_o.is_cuda() && steady_o.device() == dev && steady_o.is_contiguous(),
-                "steady_o must be a contiguous CUDA tensor on ", dev);
-    check_shape(steady_o, "steady_o", {G, Hg, Dv});
-    TORCH_CHECK(Dv >= 1 && Dv <= kvstore::cluster::kStepMaxDv && Hg >= 1 && G * Hg <= INT32_MAX,
-                "unsupported sizes G=", G, " Hg=", Hg, " Dv=", Dv);
+    for (auto [x, name] : {std::pair{&q, "q"}, {&steady_k, "steady_k"}, {&steady_v, "steady_v"}}) {
+        TORCH_CHECK(x->is_cuda() && x->device() == dev && x->is_contiguous() && x->dim() == 3,
+                    name, " must be a contiguous 3-d CUDA tensor on ", dev);
+    }
+    const int64_t D = q.size(2), S = steady_k.size(1);
+    check_shape(q, "q", {G, Hg, D});
+    check_shape(steady_k, "steady_k", {G, S, D});
+    check_shape(steady_v, "steady_v", {G, S, Dv});
+    TORCH_CHECK(steady_k.scalar_type() == steady_v.scalar_type(), "steady_k and steady_v must have one dtype");
+    check(steady_len, "steady_len", torch::kInt64, 1, dev);
+    check_shape(steady_len, "steady_len", {G});
+    TORCH_CHECK(Dv >= 1 && Dv <= kvstore::cluster::kStepMaxDv && D >= 1 && D <= kvstore::cluster::kStepMaxD &&
+                    Hg >= 1 && G * Hg <= INT32_MAX,
+                "unsupported sizes G=", G, " Hg=", Hg, " D=", D, " Dv=", Dv);
     TORCH_CHECK(pick_part.size(1) >= 1 && mix_part.size(1) >= 1, "pick_part and mix_part need a chunk");
+    TORCH_CHECK(std::isfinite(scale), "scale must be finite");
     const c10::cuda::CUDAGuard guard(dev);
     auto f32 = pick_part.options();
     torch::Tensor o = torch::empty({G, Hg, Dv}, f32), lse = torch::empty({G, Hg}, f32);
     kvstore::cluster::CombineArgs a{pick_part.data_ptr<float>(), pick_part.size(1), mix_part.data_ptr<float>(),
                                     mix_part.size(1), pick_d.data_ptr<float>(), pick_ref.data_ptr<float>(),
                                     mix_lse.data_ptr<float>(), rest_w.data_ptr<float>(),
-                                    value_mean.data_ptr<float>(), steady_o.data_ptr(),
-                                    kernel_dtype(steady_o.scalar_type(), "steady_o"), steady_lse.data_ptr<float>(),
-                                    static_cast<int>(G), static_cast<int>(Hg), static_cast<int>(Dv),
+                                    value_mean.data_ptr<float>(), q.data_ptr(), kernel_dtype(q.scalar_type(), "q"),
+                                    steady_k.data_ptr(), steady_v.data_ptr(),
+                                    kernel_dtype(steady_k.scalar_type(), "steady_k"),
+                                    steady_len.data_ptr<int64_t>(), S, static_cast<int>(G), static_cast<int>(Hg),
+                                    static_cast<int>(D), static_cast<int>(Dv), static_cast<float>(scale),
                                     o.data_ptr<float>(), lse.data_ptr<float>()};
     check_launch(kvstore::cluster::wave_combine_launch(a, c10::cuda::getCurrentCUDAStream()), "wave_combine");
     return {o, lse};
@@ -253,6 +268,7 @@ void register_wave_step(pybind11::module_& m) {
           "blocks a slot the zone and mix kernels take for G slots on the current CUDA device");
     m.def("wave_combine", &wave_combine, pybind11::arg("pick_part"), pybind11::arg("mix_part"),
           pybind11::arg("pick_d"), pybind11::arg("pick_ref"), pybind11::arg("mix_lse"), pybind11::arg("rest_w"),
-          pybind11::arg("value_mean"), pybind11::arg("steady_o"), pybind11::arg("steady_lse"),
-          "the wave step's output from its parts: (o f32 [G, Hg, Dv], lse f32 [G, Hg])");
+          pybind11::arg("value_mean"), pybind11::arg("q"), pybind11::arg("steady_k"), pybind11::arg("steady_v"),
+          pybind11::arg("steady_len"), pybind11::arg("scale"),
+          "the wave step's output from its parts and the steady zone: (o f32 [G, Hg, Dv], lse f32 [G, Hg])");
 }
