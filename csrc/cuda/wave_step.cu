@@ -21,7 +21,6 @@ constexpr int kChunk = kT * kPer;
 constexpr int kBins = 256;           // 8-bit digits
 constexpr int kHistCopies = 16;      // a histogram per two warps: atomics to one bin from the whole block serialise
 constexpr int kCombineThreads = 256;
-constexpr int kSteadyChunk = 256;       // steady-zone rows the combine kernel scores at a time
 constexpr int kMaxTeam = 16;         // blocks of a slot (thread block cluster, non-portable above 8)
 constexpr int kTeamWords = 2 * kStepMaxHg;
 
@@ -905,102 +904,118 @@ __device__ __forceinline__ float load_as_float(const void* p, DType dt, long lon
 }
 
 // Exact attention of head h of slot g over the slot's steady zone (rows [0, len) of steady_k / steady_v), for
-// the combine kernel's block: returns the zone's log-sum-exp; every thread whose ch < Dv adds the zone's
-// normalised output for channel ch to *out (0 when the zone is empty). The rows are split over the block's row
-// groups of ch_threads threads (thread t: group t / ch_threads, channel t % ch_threads) so that each thread keeps
-// few value loads in sequence; the groups' sums meet in shared memory (red [groups][kStepMaxDv]).
-__device__ float steady_attention(const CombineArgs& a, long long g, long long gh, float* qs, float* sc, float* red,
-                                  float* out) {
-    constexpr int kCW = kCombineThreads / 32;
+// the combine kernel's block: returns the zone's log-sum-exp; the threads c < Dv write the zone's normalised
+// output for channel c to out (0 when the zone is empty, NaN with the log-sum-exp when a score is NaN). Warp w
+// takes rows w, w + kCW, ..., kR at a time with both their keys and values loaded before any use (lane l holds
+// channels l, l + 32, ... < 32 kCh) and keeps an online softmax; the warps' states merge in shared memory
+// (red [kCW][kStepMaxDv], wst [kCW][2]).
+template <typename T, int kCh>
+__device__ float steady_attention(const CombineArgs& a, long long g, long long gh, float* qs, float* red,
+                                  float (*wst)[2], float* out) {
+    constexpr int kCW = kCombineThreads / 32, kR = kCh <= 4 ? 8 : 4;
+    const T* sk = static_cast<const T*>(a.steady_k);
+    const T* sv = static_cast<const T*>(a.steady_v);
     const int D = a.D, Dv = a.Dv, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const long long S = a.steady_cap;
     const long long len = a.steady_len[g];
     for (int c = threadIdx.x; c < D; c += kCombineThreads) qs[c] = load_as_float(a.q, a.q_dtype, gh * D + c);
     __syncthreads();
-    if (len < 0 || len > S) return quiet_nan();  // the same in every thread
-    const int ch_threads = (Dv + 31) / 32 * 32, groups = kCombineThreads / ch_threads;
-    const int grp = threadIdx.x / ch_threads, ch = threadIdx.x % ch_threads;
-    const long long krow0 = g * S;
-    float m = -INFINITY, l = 0.0f, acc = 0.0f;
-    bool bad = false;  // a NaN score: the zone's result is NaN (the same in every thread)
-    for (long long s0 = 0; s0 < len; s0 += kSteadyChunk) {
-        const int n = static_cast<int>(min(static_cast<long long>(kSteadyChunk), len - s0));
-        // scores: warp w takes rows w, w + kCW, ... (kRowsInFlight rows' loads issued together)
-        constexpr int kRowsInFlight = 4;
-        for (int i0 = warp; i0 < n; i0 += kCW * kRowsInFlight) {
-            float dot[kRowsInFlight];
-#pragma unroll
-            for (int u = 0; u < kRowsInFlight; ++u) {
-                const int i = i0 + u * kCW;
-                dot[u] = 0.0f;
-                if (i < n) {
-                    const long long row = (krow0 + s0 + i) * D;
-                    for (int c = lane; c < D; c += 32) dot[u] += qs[c] * load_as_float(a.steady_k, a.kv_dtype, row + c);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < kRowsInFlight; ++u) {
-                const float v = warp_sum(dot[u]);
-                const int i = i0 + u * kCW;
-                if (lane == 0 && i < n) sc[i] = v * a.scale;
-            }
-        }
-        __syncthreads();
-        float cm = -INFINITY;
-        bool nan = false;
-        for (int i = lane; i < n; i += 32) {
-            cm = fmaxf(cm, sc[i]);
-            nan |= sc[i] != sc[i];
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) cm = fmaxf(cm, __shfl_xor_sync(kFullMask, cm, o));
-        bad |= __any_sync(kFullMask, nan);
-        const float nm = fmaxf(m, cm);
-        if (!bad && nm > -INFINITY) {
-            const float f = m > -INFINITY ? expf(m - nm) : 0.0f;
-            l *= f;
-            acc *= f;
-            m = nm;
-            float part = 0.0f;
-            constexpr int kVU = 8;  // value loads in flight
-            for (int i0 = grp; i0 < n; i0 += groups * kVU) {
-                float v[kVU], p[kVU];
-#pragma unroll
-                for (int u = 0; u < kVU; ++u) {
-                    const int i = i0 + u * groups;
-                    v[u] = i < n && ch < Dv ? load_as_float(a.steady_v, a.kv_dtype, (krow0 + s0 + i) * Dv + ch) : 0.0f;
-                    p[u] = i < n ? expf(sc[i] - m) : 0.0f;
-                }
-#pragma unroll
-                for (int u = 0; u < kVU; ++u) part += p[u] * v[u];
-            }
-            acc += part;
-            for (int i = 0; i < n; ++i) l += expf(sc[i] - m);  // every thread: the same sum in the same order
-        }
-        __syncthreads();  // sc is rewritten by the next chunk
-    }
-    if (bad || l != l) {
+    if (len < 0 || len > S) {  // the same in every thread
         for (int c = threadIdx.x; c < Dv; c += kCombineThreads) out[c] = quiet_nan();
         return quiet_nan();
     }
-    if (!(l > 0.0f)) return -INFINITY;
-    if (ch < Dv) red[grp * kStepMaxDv + ch] = acc;
+    const long long row0 = g * S;
+    float qr[kCh];
+#pragma unroll
+    for (int j = 0; j < kCh; ++j) qr[j] = lane + 32 * j < D ? qs[lane + 32 * j] : 0.0f;
+    float m = -INFINITY, l = 0.0f, acc[kCh];
+    bool bad = false;
+#pragma unroll
+    for (int j = 0; j < kCh; ++j) acc[j] = 0.0f;
+    for (long long i0 = warp; i0 < len; i0 += static_cast<long long>(kCW) * kR) {
+        float kx[kR][kCh], vx[kR][kCh];
+#pragma unroll
+        for (int u = 0; u < kR; ++u) {
+            const long long i = i0 + static_cast<long long>(u) * kCW;
+            const bool ok = i < len;
+            const long long rk = (row0 + (ok ? i : 0)) * D, rv = (row0 + (ok ? i : 0)) * Dv;
+#pragma unroll
+            for (int j = 0; j < kCh; ++j) {
+                const int c = lane + 32 * j;
+                kx[u][j] = ok && c < D ? to_float(sk[rk + c]) : 0.0f;
+                vx[u][j] = ok && c < Dv ? to_float(sv[rv + c]) : 0.0f;
+            }
+        }
+        float sc[kR], rm = -INFINITY;
+#pragma unroll
+        for (int u = 0; u < kR; ++u) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int j = 0; j < kCh; ++j) dot += qr[j] * kx[u][j];
+            dot = warp_sum(dot);
+            sc[u] = i0 + static_cast<long long>(u) * kCW < len ? dot * a.scale : -INFINITY;
+            bad |= sc[u] != sc[u];
+            rm = fmaxf(rm, sc[u]);
+        }
+        const float nm = fmaxf(m, rm);
+        if (nm > -INFINITY) {
+            const float f = m > -INFINITY ? expf(m - nm) : 0.0f;
+            l *= f;
+#pragma unroll
+            for (int j = 0; j < kCh; ++j) acc[j] *= f;
+#pragma unroll
+            for (int u = 0; u < kR; ++u) {
+                const float p = sc[u] > -INFINITY ? expf(sc[u] - nm) : 0.0f;
+                l += p;
+#pragma unroll
+                for (int j = 0; j < kCh; ++j) acc[j] += p * vx[u][j];
+            }
+            m = nm;
+        }
+    }
+    if (lane == 0) {
+        wst[warp][0] = bad ? quiet_nan() : m;
+        wst[warp][1] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < kCh; ++j)
+        if (lane + 32 * j < Dv) red[warp * kStepMaxDv + lane + 32 * j] = acc[j];
     __syncthreads();
+    float M = -INFINITY;
+    bool nan = false;
+#pragma unroll
+    for (int w = 0; w < kCW; ++w) {
+        nan |= wst[w][0] != wst[w][0];
+        M = fmaxf(M, wst[w][0]);
+    }
+    if (nan) {
+        for (int c = threadIdx.x; c < Dv; c += kCombineThreads) out[c] = quiet_nan();
+        return quiet_nan();
+    }
+    if (!(M > -INFINITY)) return -INFINITY;  // out stays 0
+    float L = 0.0f, f[kCW];
+#pragma unroll
+    for (int w = 0; w < kCW; ++w) {
+        f[w] = wst[w][0] > -INFINITY ? expf(wst[w][0] - M) : 0.0f;
+        L += f[w] * wst[w][1];
+    }
     for (int c = threadIdx.x; c < Dv; c += kCombineThreads) {
         float sum = 0.0f;
-        for (int k = 0; k < groups; ++k) sum += red[k * kStepMaxDv + c];
-        out[c] = sum / l;
+#pragma unroll
+        for (int w = 0; w < kCW; ++w) sum += f[w] * red[w * kStepMaxDv + c];
+        out[c] = sum / L;
     }
-    return m + logf(l);
+    return M + logf(L);
 }
 
 // A block per (slot, head): warp w sums the chunks w, w + 8, ... of both parts (lane l holds channels l, l + 32,
 // ...); the block attends the steady zone; then the parts merge.
+template <typename T, int kCh>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineArgs a) {
     constexpr int kCW = kCombineThreads / 32, kPerLane = kStepMaxDv / 32;
     __shared__ float part[2][kCW][kStepMaxDv];
     __shared__ float qs[kStepMaxD];
-    __shared__ float sc[kSteadyChunk];
+    __shared__ float wst[kCombineThreads / 32][2];
     __shared__ float st[kStepMaxDv];
     const long long gh = blockIdx.x, g = gh / a.Hg;
     const int h = static_cast<int>(gh % a.Hg), Hg = a.Hg, Dv = a.Dv;
@@ -1022,7 +1037,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const CombineA
     }
     for (int c = threadIdx.x; c < Dv; c += kCombineThreads) st[c] = 0.0f;
     // part[0] is free until the chunk sums below: the steady zone's row groups use it
-    const float ls = steady_attention(a, g, gh, qs, sc, &part[0][0][0], st);
+    const float ls = steady_attention<T, kCh>(a, g, gh, qs, &part[0][0][0], wst, st);
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
@@ -1161,7 +1176,31 @@ cudaError_t wave_combine_launch(const CombineArgs& a, cudaStream_t stream) {
     if (a.G == 0) return cudaSuccess;
     const long long blocks = static_cast<long long>(a.G) * a.Hg;
     if (blocks > 2147483647LL) return cudaErrorInvalidValue;
-    combine_kernel<<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(a);
+    const int widest = a.D > a.Dv ? a.D : a.Dv;
+    auto launch = [&](auto tag) -> cudaError_t {
+        using T = decltype(tag);
+        if (widest <= 64) {
+            combine_kernel<T, 2><<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(a);
+        } else if (widest <= 128) {
+            combine_kernel<T, 4><<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(a);
+        } else {
+            combine_kernel<T, 8><<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(a);
+        }
+        return cudaSuccess;
+    };
+    switch (a.kv_dtype) {
+        case DType::F32:
+            launch(float{});
+            break;
+        case DType::F16:
+            launch(__half{});
+            break;
+        case DType::BF16:
+            launch(__nv_bfloat16{});
+            break;
+        default:
+            return cudaErrorInvalidValue;
+    }
     return cudaGetLastError();
 }
 

@@ -16,6 +16,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kWaves = 2;  // warps a launch aims at: twice what the GPU holds at once
+constexpr int kStage = 64;  // rows whose indices and weights a warp stages in shared memory at a time
 
 // The light variants (one 16-byte chunk a lane, up to 4 heads a pass) keep 8 rows a row lane in flight within 128
 // registers (2 blocks an SM); the others 4 rows, 1 block an SM (their accumulators need the registers).
@@ -64,6 +65,8 @@ template <typename T, int kVec, int kJ, int kHb,
 __global__ void __launch_bounds__(kThreads, blocks_per_sm(kLight)) weighted_rows_kernel(const WeightedArgs a) {
     constexpr int kU = rows_in_flight(kLight);  // rows in flight per row lane
     __shared__ float red[kWarpsPerBlock][kWeightedMaxDv];
+    __shared__ std::int64_t rs[kWarpsPerBlock][kStage];
+    __shared__ float ws[kWarpsPerBlock][kHb][kStage];
     const long long blk = blockIdx.x;
     int jb = 0;
     while (jb + 1 < a.jobs && blk >= a.first[jb + 1]) ++jb;
@@ -86,43 +89,52 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kLight)) weighted_rows
             for (int j = 0; j < kJ; ++j)
 #pragma unroll
                 for (int e = 0; e < kVec; ++e) acc[hh][j][e] = 0.f;
-        for (long long i = i0 + rl; i < i1; i += static_cast<long long>(rpw) * kU) {
-            long long row[kU];
-            bool ok[kU];
+        for (long long s0 = i0; s0 < i1; s0 += kStage) {
+            // the stage's row indices and weights, read by the warp at once (coalesced), before any value
+            const int ns = static_cast<int>(min(static_cast<long long>(kStage), i1 - s0));
+            __syncwarp();
+            for (int k = lane; k < ns; k += 32) {
+                rs[warp][k] = rg[s0 + k];
 #pragma unroll
-            for (int u = 0; u < kU; ++u) {
-                const long long ii = i + static_cast<long long>(u) * rpw;
-                row[u] = ii < i1 ? rg[ii] : -1;
-                ok[u] = row[u] >= 0 && row[u] < R;
+                for (int hh = 0; hh < kHb; ++hh) ws[warp][hh][k] = h0 + hh < a.Hg ? wg[(h0 + hh) * t + s0 + k] : 0.f;
             }
-            float wv[kU][kHb];
+            __syncwarp();
+            for (int i = rl; i < ns; i += rpw * kU) {
+                long long row[kU];
+                bool ok[kU];
 #pragma unroll
-            for (int u = 0; u < kU; ++u) {
-                const long long ii = i + static_cast<long long>(u) * rpw;
-#pragma unroll
-                for (int hh = 0; hh < kHb; ++hh) {
-                    wv[u][hh] = ok[u] && h0 + hh < a.Hg ? wg[(h0 + hh) * t + ii] : 0.f;
+                for (int u = 0; u < kU; ++u) {
+                    const int ii = i + u * rpw;
+                    row[u] = ii < ns ? rs[warp][ii] : -1;
+                    ok[u] = row[u] >= 0 && row[u] < R;
                 }
+                float wv[kU][kHb];
+#pragma unroll
+                for (int u = 0; u < kU; ++u) {
+                    const int ii = i + u * rpw;
+#pragma unroll
+                    for (int hh = 0; hh < kHb; ++hh) wv[u][hh] = ok[u] ? ws[warp][hh][ii] : 0.f;
+                }
+                Held<T, kVec> held[kU][kJ];
+#pragma unroll
+                for (int u = 0; u < kU; ++u)
+#pragma unroll
+                    for (int j = 0; j < kJ; ++j) {
+                        const int c = (j * tpr + li) * kVec;
+                        held[u][j].load(vals + (ok[u] ? row[u] : 0) * a.Dv + c, ok[u] && c < a.Dv);
+                    }
+#pragma unroll
+                for (int u = 0; u < kU; ++u)
+#pragma unroll
+                    for (int j = 0; j < kJ; ++j) {
+                        float v[kVec];
+                        held[u][j].get(v);
+#pragma unroll
+                        for (int hh = 0; hh < kHb; ++hh)
+#pragma unroll
+                            for (int e = 0; e < kVec; ++e) acc[hh][j][e] += wv[u][hh] * v[e];
+                    }
             }
-            Held<T, kVec> held[kU][kJ];
-#pragma unroll
-            for (int u = 0; u < kU; ++u)
-#pragma unroll
-                for (int j = 0; j < kJ; ++j) {
-                    const int c = (j * tpr + li) * kVec;
-                    held[u][j].load(vals + (ok[u] ? row[u] : 0) * a.Dv + c, ok[u] && c < a.Dv);
-                }
-#pragma unroll
-            for (int u = 0; u < kU; ++u)
-#pragma unroll
-                for (int j = 0; j < kJ; ++j) {
-                    float v[kVec];
-                    held[u][j].get(v);
-#pragma unroll
-                    for (int hh = 0; hh < kHb; ++hh)
-#pragma unroll
-                        for (int e = 0; e < kVec; ++e) acc[hh][j][e] += wv[u][hh] * v[e];
-                }
         }
         // the row lanes of the warp hold the same channels: sum them, then the warps' sums, head by head
         for (int off = tpr; off < 32; off *= 2) {
