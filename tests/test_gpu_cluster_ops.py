@@ -707,23 +707,3 @@ def test_two_weighted_row_jobs_in_one_launch_match_each_alone(dtype, G, Hg, t1, 
         assert part.shape[0] == G and part.shape[2:] == (Hg, Dv)
         ref = weighted_rows(*(x.cpu() for x in case), backend="torch")
         torch.testing.assert_close(part.sum(1).cpu(), ref, rtol=1e-4, atol=1e-3)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("G,Hg,D,r,max_len", [(64, 4, 128, 1251, 12), (8, 1, 64, 500, 10), (4, 8, 128, 300, 14),
-                                              (3, 2, 64, 200, 16), (2, 16, 128, 97, 3)])
-@pytest.mark.parametrize("runs_per_block", [0, 1, 5, 64])
-def test_candidate_scores_pipelined_kernel_equals_one_pass_kernel(G, Hg, D, r, max_len, runs_per_block):
-    """Short runs of bf16 rows take the pipelined kernel (the next batch's loads in flight while one is reduced):
-    the same scores and log-sum-exps as the one-pass kernel, for any runs a block, empty runs included."""
-    from kvstore.gpu._ext import cuda_ext
-
-    gen = torch.Generator().manual_seed(G * 7 + r)
-    q, keys, row, length, pos, width = candidate_cuda(
-        candidate_case(G, Hg, D, r, rows=20_000, max_len=max_len, dtype=torch.bfloat16, gen=gen, empty_frac=0.2))
-    scale = 1 / math.sqrt(D)
-    one = cuda_ext().candidate_scores(q, keys, row, length, pos, width, scale, runs_per_block, 1)
-    piped = cuda_ext().candidate_scores(q, keys, row, length, pos, width, scale, runs_per_block, 2)
-    torch.testing.assert_close(piped[0], one[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(piped[1], one[1], rtol=1e-6, atol=1e-6)

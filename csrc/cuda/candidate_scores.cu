@@ -35,7 +35,6 @@ struct CandArgs {
     float* scores;
     float* run_lse;
     int runs_per_block;
-    int kernel;  // 0: the launcher's choice, 1: the one-pass kernel, 2: the pipelined one
 };
 
 template <typename T, int kVec, int kLpr, int kChunks, int kHb, int kU>
@@ -129,192 +128,11 @@ __global__ void __launch_bounds__(kThreads, kU == 2 ? 6 : 4) candidate_kernel(co
     }
 }
 
-// The pipelined variant, for rows a lane group reads in one pass of its lanes (D / kVec <= kChunks * kLpr,
-// 16-byte chunks): a warp walks the batches of kGroups * kU rows of its runs and issues the loads of the next batch
-// (and the run table entry after it) before it multiplies and reduces the current one, so that a batch's load
-// latency overlaps the previous batch's reductions and its run's log-sum-exp. The rows are held as raw words.
-template <typename T, int kVec, int kLpr, int kChunks, int kHb, int kU>
-__global__ void __launch_bounds__(kThreads, 5) candidate_pipelined_kernel(const CandArgs a) {  // 96 registers
-    static_assert(kLpr % kHb == 0, "the lanes of a group split evenly over the heads");
-    static_assert(kVec * sizeof(T) == 16, "16-byte chunks");
-    constexpr int kGroups = 32 / kLpr;
-    constexpr int kBatch = kGroups * kU;        // rows of a warp's batch
-    constexpr int kLanesPerHead = kLpr / kHb;
-    constexpr int kN = kU * kHb;
-    constexpr int kM = kN >= kLpr ? kN / kLpr : 1;
-    constexpr int kShare = kN >= kLpr ? 1 : kLpr / kN;
-    extern __shared__ float4 smem4[];
-    const int Hg = a.Hg, D = a.D, r = a.r, nch = D / kVec;
-    const int passes = (Hg + kHb - 1) / kHb;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gi = lane / kLpr, li = lane % kLpr;
-    const int u0 = li / kShare * kM % kU;
-    const bool owner = li % kShare == 0;
-    float* qs = reinterpret_cast<float*>(smem4);
-    MaxSum* st = reinterpret_cast<MaxSum*>(qs + Hg * D) + warp * passes * 32;
-
-    const int rpb = a.runs_per_block;
-    const int blocks_per_slot = (r + rpb - 1) / rpb;
-    const long long g = blockIdx.x / blocks_per_slot;
-    const int j0 = static_cast<int>(blockIdx.x % blocks_per_slot) * rpb;
-    const int j1 = min(j0 + rpb, r);
-    stage_queries<T, kVec>(static_cast<const T*>(a.q) + g * Hg * D, Hg * D, D, qs);
-    for (int p = 0; p < passes; ++p) st[p * 32 + lane] = MaxSum{-INFINITY, 0.0f};
-    __syncthreads();
-
-    const std::int64_t *run_row = a.run_row + g * r, *run_len = a.run_len + g * r, *run_pos = a.run_pos + g * r;
-    const T* keys = static_cast<const T*>(a.keys);
-    float* out_g = a.scores + g * Hg * a.width;
-    float* lse_g = a.run_lse + g * Hg * r;
-
-    // The warp's position: run j (rows [row0, row0 + len) at positions [pos0, ...)), batch at row `base`.
-    struct At {
-        int j;
-        long long row0, len, pos0, base;
-    };
-    // the table entry of the run after the one being entered, loaded one run ahead
-    long long pf_row = 0, pf_len = 0, pf_pos = 0;
-    int pf_j = j0 + warp;
-    if (pf_j < j1) {
-        pf_row = run_row[pf_j];
-        pf_len = run_len[pf_j];
-        pf_pos = run_pos[pf_j];
-    }
-    // Moves `at` to the first batch of the next run that has rows (runs without are answered on the way).
-    auto enter_next_run = [&](At& at) {
-        while (pf_j < j1) {
-            at.j = pf_j;
-            at.row0 = pf_row;
-            at.len = pf_len;
-            at.pos0 = pf_pos;
-            at.base = 0;
-            pf_j += kWarps;
-            if (pf_j < j1) {
-                pf_row = run_row[pf_j];
-                pf_len = run_len[pf_j];
-                pf_pos = run_pos[pf_j];
-            }
-            if (at.len <= 0 || at.row0 < 0 || at.pos0 < 0 || at.row0 > a.rows - at.len ||
-                at.pos0 > a.width - at.len) {
-                const float v = at.len == 0 ? neg_inf() : quiet_nan();
-                for (int h = lane; h < Hg; h += 32) lse_g[static_cast<long long>(h) * r + at.j] = v;
-                continue;
-            }
-            return;
-        }
-        at.j = -1;
-    };
-    auto load_batch = [&](const At& at, Raw<T, kVec> (&x)[kU][kChunks]) {
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-            const long long i = at.base + u * kGroups + gi;
-            const bool ok = at.j >= 0 && i < at.len;
-            const T* p = keys + (at.row0 + (ok ? i : 0)) * D;
-#pragma unroll
-            for (int c = 0; c < kChunks; ++c) {
-                const int ch = li + c * kLpr;
-                if (ok && ch < nch) {
-                    load_raw<T, kVec>(p + ch * kVec, x[u][c]);
-                } else {
-                    zero_raw<T, kVec>(x[u][c]);
-                }
-            }
-        }
-    };
-
-    At cur;
-    enter_next_run(cur);
-    Raw<T, kVec> xc[kU][kChunks];
-    load_batch(cur, xc);
-    while (cur.j >= 0) {  // uniform over the warp: the shuffles need every lane
-        At nxt = cur;
-        nxt.base += kBatch;
-        if (nxt.base >= nxt.len) enter_next_run(nxt);
-        Raw<T, kVec> xn[kU][kChunks];
-        load_batch(nxt, xn);  // in flight while this batch is reduced
-        for (int h0 = 0; h0 < Hg; h0 += kHb) {
-            float acc[kU][kHb];
-#pragma unroll
-            for (int u = 0; u < kU; ++u)
-#pragma unroll
-                for (int h = 0; h < kHb; ++h) acc[u][h] = 0.0f;
-#pragma unroll
-            for (int c = 0; c < kChunks; ++c) {
-                const int ch = li + c * kLpr;
-                if (ch >= nch) break;
-                float x[kU][kVec];
-#pragma unroll
-                for (int u = 0; u < kU; ++u) raw_to_float<T, kVec>(xc[u][c], x[u]);
-#pragma unroll
-                for (int h = 0; h < kHb; ++h) {
-                    if (h0 + h >= Hg) break;
-                    float qv[kVec];
-                    load_q_chunk<kVec>(qs + (h0 + h) * D, ch, nch, qv);
-#pragma unroll
-                    for (int u = 0; u < kU; ++u)
-#pragma unroll
-                        for (int e = 0; e < kVec; ++e) acc[u][h] = fmaf(x[u][e], qv[e], acc[u][h]);
-                }
-            }
-            float part[kN];
-#pragma unroll
-            for (int h = 0; h < kHb; ++h)
-#pragma unroll
-                for (int u = 0; u < kU; ++u) part[h * kU + u] = acc[u][h];
-            group_reduce_scatter<kLpr, kN>(part, li);
-            const int hh = h0 + li / kLanesPerHead;
-            if (owner && hh < Hg) {
-                MaxSum sm = st[(h0 / kHb) * 32 + lane];
-                float* out = out_g + hh * a.width + cur.pos0;
-#pragma unroll
-                for (int m = 0; m < kM; ++m) {
-                    const long long i = cur.base + (u0 + m) * kGroups + gi;
-                    if (i >= cur.len) break;
-                    const float v = part[m] * a.scale;
-                    out[i] = v;
-                    maxsum_push(sm, v);
-                }
-                st[(h0 / kHb) * 32 + lane] = sm;
-            }
-        }
-        if (cur.base + kBatch >= cur.len) {  // the run's last batch: its log-sum-exp
-            __syncwarp();
-            for (int h = lane; h < Hg; h += 32) {
-                const MaxSum* sh = st + (h / kHb) * 32 + (h % kHb) * kLanesPerHead;
-                MaxSum sm{-INFINITY, 0.0f};
-                for (int i = 0; i < kGroups; ++i)
-                    sm = maxsum_merge(sm, maxsum_merge_strided(sh + i * kLpr, kLanesPerHead, 1));
-                lse_g[static_cast<long long>(h) * r + cur.j] = sm.l > 0.0f ? sm.m + __logf(sm.l) : -INFINITY;
-            }
-            __syncwarp();
-            for (int p = 0; p < passes; ++p) st[p * 32 + lane] = MaxSum{-INFINITY, 0.0f};
-            __syncwarp();
-        }
-        cur = nxt;
-#pragma unroll
-        for (int u = 0; u < kU; ++u)
-#pragma unroll
-            for (int c = 0; c < kChunks; ++c) xc[u][c] = xn[u][c];
-    }
-}
-
 template <typename T, int kVec, int kLpr, int kChunks, int kHb>
 cudaError_t launch(const CandArgs& a, cudaStream_t stream) {
     const size_t smem = sizeof(float) * a.Hg * a.D + sizeof(MaxSum) * kThreads * ((a.Hg + kHb - 1) / kHb);
     const long long blocks = static_cast<long long>(a.G) * ((a.r + a.runs_per_block - 1) / a.runs_per_block);
-    const bool short_runs = a.width <= 8LL * a.r;  // runs of 8 rows or fewer on average
-    if constexpr (kVec * sizeof(T) == 16) {
-        // short runs of rows read in one pass of the group's lanes: the pipelined variant
-        const bool fits = short_runs && a.D / kVec <= kChunks * kLpr;
-        if (a.kernel == 2 && !fits) return cudaErrorInvalidValue;
-        if (fits && a.kernel != 1) {
-            candidate_pipelined_kernel<T, kVec, kLpr, kChunks, kHb, 2>
-                <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
-            return cudaGetLastError();
-        }
-    } else if (a.kernel == 2) {
-        return cudaErrorInvalidValue;
-    }
-    if (short_runs)
+    if (a.width <= 8LL * a.r)  // runs of 8 rows or fewer on average
         candidate_kernel<T, kVec, kLpr, kChunks, kHb, 2><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
     else
         candidate_kernel<T, kVec, kLpr, kChunks, kHb, 4><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
@@ -346,14 +164,14 @@ cudaError_t dispatch(const CandArgs& a, cudaStream_t stream) {
 cudaError_t candidate_scores_launch(const void* q, const void* keys, DType dtype, int G, int Hg, int D, int r,
                                     long long rows, const std::int64_t* run_row, const std::int64_t* run_len,
                                     const std::int64_t* run_pos, long long width, float scale, float* scores,
-                                    float* run_lse, cudaStream_t stream, int runs_per_block, int kernel) {
+                                    float* run_lse, cudaStream_t stream, int runs_per_block) {
     if (G < 0 || Hg < 0 || Hg > kCandMaxHg || D < 1 || static_cast<long long>(Hg) * D > kCandMaxHgTimesD || r < 0 ||
         rows < 0 || width < 0 || static_cast<long long>(G) * r > 0x7fffffffLL || runs_per_block < 0 ||
-        runs_per_block > 4096 || kernel < 0 || kernel > 2)
+        runs_per_block > 4096)
         return cudaErrorInvalidValue;
     if (static_cast<long long>(G) * r == 0 || Hg == 0) return cudaSuccess;
     const CandArgs a{q, keys, rows, run_row, run_len, run_pos, G, Hg, D, r, width, scale, scores, run_lse,
-                     runs_per_block > 0 ? runs_per_block : kRunsPerBlock, kernel};
+                     runs_per_block > 0 ? runs_per_block : kRunsPerBlock};
     switch (dtype) {
         case DType::F32:
             return dispatch<float>(a, stream);

@@ -23,15 +23,13 @@ constexpr int kCandMaxHgTimesD = 8192;  // Hg * D (the queries live in shared me
 // A run with run_len < 0, run_row < 0, run_pos < 0, run_row + run_len > rows or run_pos + run_len > width is
 // skipped (nothing read or written for it) and gets run_lse NaN. Positions no run writes are left as they are:
 // the caller fills scores with -inf first. One launch on `stream` (a warp per run, runs_per_block consecutive runs
-// of a slot a block, 0: the default, at most 4096; kernel 0: the launcher's choice, 1: the one-pass kernel, 2: the
-// pipelined one, which takes runs of 8 rows or fewer on average and rows of one pass of 16-byte loads, else the
-// launch fails); 16-byte loads when
+// of a slot a block, 0: the default, at most 4096); 16-byte loads when
 // D * sizeof(dtype) % 16 == 0 and keys is 16-byte aligned. Needs Hg <= kCandMaxHg, Hg * D <= kCandMaxHgTimesD,
 // G * r < 2**31.
 cudaError_t candidate_scores_launch(const void* q, const void* keys, DType dtype, int G, int Hg, int D, int r,
                                     long long rows, const std::int64_t* run_row, const std::int64_t* run_len,
                                     const std::int64_t* run_pos, long long width, float scale, float* scores,
-                                    float* run_lse, cudaStream_t stream, int runs_per_block = 0, int kernel = 0);
+                                    float* run_lse, cudaStream_t stream, int runs_per_block = 0);
 
 }  // namespace cluster
 }  // namespace kvstore

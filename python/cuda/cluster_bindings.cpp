@@ -180,7 +180,7 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_runs(const torch::Tensor& ids, 
 std::tuple<torch::Tensor, torch::Tensor> candidate_scores(const torch::Tensor& q, const torch::Tensor& keys,
                                                           const torch::Tensor& run_row, const torch::Tensor& run_len,
                                                           const torch::Tensor& run_pos, int64_t width, double scale,
-                                                          int64_t runs_per_block, int64_t kernel) {
+                                                          int64_t runs_per_block) {
     check_cuda(q, "q");
     check_cuda(keys, "keys");
     TORCH_CHECK(q.dim() == 3 && keys.dim() == 2, "q must be [G, Hg, D], keys [rows, D]");
@@ -200,7 +200,6 @@ std::tuple<torch::Tensor, torch::Tensor> candidate_scores(const torch::Tensor& q
     const int64_t r = run_row.size(1);
     TORCH_CHECK(width >= 0, "width must be >= 0, got ", width);
     TORCH_CHECK(runs_per_block >= 0 && runs_per_block <= 4096, "runs_per_block must be in [0, 4096]");
-    TORCH_CHECK(kernel >= 0 && kernel <= 2, "kernel must be 0 (auto), 1 (one pass) or 2 (pipelined)");
     TORCH_CHECK(Hg <= kvstore::cluster::kCandMaxHg && D >= 1 && Hg * D <= kvstore::cluster::kCandMaxHgTimesD &&
                     G <= INT32_MAX && r <= INT32_MAX && G * r <= INT32_MAX,
                 "unsupported sizes G=", G, " Hg=", Hg, " D=", D, " r=", r);
@@ -213,8 +212,7 @@ std::tuple<torch::Tensor, torch::Tensor> candidate_scores(const torch::Tensor& q
                      q.data_ptr(), keys.data_ptr(), dt, static_cast<int>(G), static_cast<int>(Hg), static_cast<int>(D),
                      static_cast<int>(r), keys.size(0), run_row.data_ptr<int64_t>(), run_len.data_ptr<int64_t>(),
                      run_pos.data_ptr<int64_t>(), width, static_cast<float>(scale), scores.data_ptr<float>(),
-                     lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(), static_cast<int>(runs_per_block),
-                     static_cast<int>(kernel)),
+                     lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(), static_cast<int>(runs_per_block)),
                  "candidate_scores");
     return {scores, lse};
 }
@@ -408,7 +406,7 @@ void register_cluster_ops(pybind11::module_& m) {
           "the run table of a wave decode step: (row int64 [G, r + 1], len int32 [G, r + 1])");
     m.def("candidate_scores", &candidate_scores, pybind11::arg("q"), pybind11::arg("keys"),
           pybind11::arg("run_row"), pybind11::arg("run_len"), pybind11::arg("run_pos"), pybind11::arg("width"),
-          pybind11::arg("scale"), pybind11::arg("runs_per_block") = 0, pybind11::arg("kernel") = 0,
+          pybind11::arg("scale"), pybind11::arg("runs_per_block") = 0,
           "exact scores of the candidate runs: (scores f32 [G, Hg, width], run_lse f32 [G, Hg, r])");
     m.def("copy_rows", &copy_rows, pybind11::arg("dst_k"), pybind11::arg("dst_v"), pybind11::arg("src_k"),
           pybind11::arg("src_v"), pybind11::arg("src_row"), pybind11::arg("dst_row"), pybind11::arg("length"),
