@@ -1,7 +1,7 @@
 // The bookkeeping kernels of the wave decode step (kvstore/attention/selection.py wave_attend, kernel path):
 // the zones a step reads (cuts of the rank order at token budgets), the exact tokens and the mixture weights
 // once the candidates are scored, and the merge of the step's parts. Between them run the kernels that read the
-// KV (cluster_scores, candidate_scores, weighted_rows, the steady zone's sparse attention).
+// KV (cluster_scores, candidate_scores, weighted_rows); the merge attends the steady zone itself.
 #pragma once
 
 #include <cuda_runtime.h>
