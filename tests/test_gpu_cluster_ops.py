@@ -707,3 +707,21 @@ def test_two_weighted_row_jobs_in_one_launch_match_each_alone(dtype, G, Hg, t1, 
         assert part.shape[0] == G and part.shape[2:] == (Hg, Dv)
         ref = weighted_rows(*(x.cpu() for x in case), backend="torch")
         torch.testing.assert_close(part.sum(1).cpu(), ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("runs_per_block", [1, 5, 8, 64, 4096])
+def test_candidate_scores_do_not_depend_on_runs_per_block(runs_per_block):
+    """The runs a block takes (16 by default, chosen by a sweep on the H200) change the launch, not the result."""
+    from kvstore.gpu._ext import cuda_ext
+
+    gen = torch.Generator().manual_seed(21)
+    q, keys, row, length, pos, width = candidate_cuda(
+        candidate_case(16, 4, 128, 700, rows=20_000, max_len=12, dtype=torch.bfloat16, gen=gen, empty_frac=0.2))
+    ext = cuda_ext()
+    default = ext.candidate_scores(q, keys, row, length, pos, width, 0.1)
+    other = ext.candidate_scores(q, keys, row, length, pos, width, 0.1, runs_per_block)
+    assert torch.equal(default[0], other[0]) and torch.equal(default[1], other[1])
+    with pytest.raises(RuntimeError, match="runs_per_block"):
+        ext.candidate_scores(q, keys, row, length, pos, width, 0.1, 4097)
