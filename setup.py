@@ -42,6 +42,7 @@ CUDA_SOURCES = [
     "csrc/cuda/cluster_runs.cu",
     "csrc/cuda/copy_rows.cu",
     "csrc/cuda/kmeans_update.cu",
+    "csrc/cuda/kmeans_assign.cu",
     "csrc/cuda/sparse_attention.cu",
     "csrc/cuda/wave_step.cu",
     "csrc/cuda/weighted_rows.cu",

@@ -125,6 +125,34 @@ def test_half_precision_matmul_keeps_quality():
         assert bool((obj <= obj32 * 1.01).all()), (mm, obj, obj32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_directions_keep_float32_quality(dtype):
+    """matmul='split' (the stored 16-bit keys against directions as two 16-bit terms) clusters as well as fp32."""
+    keys = keys_like(2, 3000, 64, seed=5).to(dtype)
+    a32, c32, _ = segmented_kmeans_gpu(keys, 16, 1500, 10, 0, backend="torch", matmul="fp32")
+    a, c, s = segmented_kmeans_gpu(keys, 16, 1500, 10, 0, backend="torch", matmul="split")
+    check_invariants(keys.float(), a, c, s)
+    obj, obj32 = kmeans_objective(keys.float(), a, c), kmeans_objective(keys.float(), a32, c32)
+    torch.testing.assert_close(obj, obj32, rtol=1e-3, atol=0)
+    assert float((a == a32).double().mean()) >= 0.99
+
+
+def test_split_terms_sum_to_the_direction():
+    from kvstore.gpu.kmeans import split_directions
+
+    c = torch.randn(3, 40, 64, generator=torch.Generator().manual_seed(1)) * 5
+    u, terms = split_directions(c, torch.bfloat16)
+    assert terms.shape == (3, 2, 40, 64) and terms.dtype == torch.bfloat16
+    torch.testing.assert_close(u.norm(dim=-1), torch.ones(3, 40), rtol=1e-6, atol=0)
+    err = (terms[:, 0].float() + terms[:, 1].float() - u).abs()
+    assert float((err / u.abs().clamp_min(1e-30)).max()) < 2.0 ** -16
+
+
+def test_split_needs_16_bit_keys():
+    with pytest.raises(ValueError, match="split"):
+        segmented_kmeans_gpu(torch.randn(1, 100, 16), matmul="split")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cluster_means_torch_matches_float64(dtype):
     gen = torch.Generator().manual_seed(0)
@@ -199,8 +227,9 @@ def test_cluster_means_kernel_matches_torch(dtype, B, L, D, C):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_kmeans_cuda_vs_torch_backend(dtype):
     keys = keys_like(4, 5000, 128, seed=21).to(dtype).cuda()
-    ak, ck, sk = segmented_kmeans_gpu(keys, 16, 2048, 10, 0, backend="cuda")
-    at, ct, st = segmented_kmeans_gpu(keys, 16, 2048, 10, 0, backend="torch")
+    mm = "fp32" if dtype == torch.float32 else "split"   # 16-bit keys: the tensor-core kernel against torch
+    ak, ck, sk = segmented_kmeans_gpu(keys, 16, 2048, 10, 0, backend="cuda", matmul=mm)
+    at, ct, st = segmented_kmeans_gpu(keys, 16, 2048, 10, 0, backend="torch", matmul=mm)
     check_invariants(keys.float(), ak, ck, sk)
     agree = float((ak == at).double().mean())
     assert agree >= 0.999
@@ -221,6 +250,87 @@ def test_gpu_kmeans_vs_cpu_reference(dup, matmul):
     # amplifies a flip over the iterations: then only the quality (objective) is comparable
     compare_with_cpu_reference(keys, a, c, s, 16, 2500, 10, 7, min_agree=0.95 if matmul == "fp32" else 0.0,
                                obj_tol=1e-3 if matmul == "fp32" else 1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,L,C,D", [(3, 1000, 37, 128), (2, 777, 100, 64), (2, 300, 129, 256), (1, 5, 1, 128),
+                                     (4, 2048, 128, 128)])
+def test_assign_kernel_matches_torch(dtype, B, L, C, D):
+    """The tensor-core assignment against the same products in f32 torch: best scores to f32 rounding, the same
+    centroid wherever the runner-up is not within rounding of the best."""
+    from kvstore.gpu.kmeans import _assign_split
+
+    gen = torch.Generator(device="cuda").manual_seed(B * 1000 + C)
+    raw = (torch.randn(B, L, D, device="cuda", generator=gen) + 3).to(dtype)
+    mu = raw.float().mean(1)
+    c = torch.randn(B, C, D, device="cuda", generator=gen)
+    bk, ak = _assign_split(raw, mu, c, kernel=True)
+    bt, at = _assign_split(raw, mu, c, kernel=False)
+    assert bk.shape == (B, L) and ak.dtype == torch.int64
+    scale = raw.float().norm(dim=-1)
+    assert float(((bk - bt).abs() / scale).max()) < 1e-5
+    from kvstore.gpu.kmeans import split_directions
+
+    u, terms = split_directions(c, dtype)
+    w = terms[:, 0].float() + terms[:, 1].float()
+    s = torch.bmm(raw.float(), w.transpose(1, 2))
+    top2 = s.topk(min(2, C), dim=2).values
+    clear = (top2[..., 0] - top2[..., -1]) > 1e-4 * scale if C > 1 else torch.ones_like(bk, dtype=torch.bool)
+    assert torch.equal(ak[clear], at[clear])
+
+
+@pytest.mark.gpu
+@gpu
+def test_assign_kernel_ties_take_the_lowest_id():
+    from kvstore.gpu.kmeans import _assign_split
+
+    raw = torch.randn(2, 600, 128, device="cuda").bfloat16()
+    c = torch.randn(2, 50, 128, device="cuda")
+    c[:, 30:] = c[:, 0:20]                                 # centroids 30..49 repeat 0..19
+    c[:, 20:30] = c[:, 5:6]                                # and 20..29 repeat 5
+    best, arg = _assign_split(raw, torch.zeros(2, 128, device="cuda"), c, kernel=True)
+    _, ref = _assign_split(raw, torch.zeros(2, 128, device="cuda"), c[:, :20], kernel=True)
+    assert torch.equal(arg, ref)
+
+
+@pytest.mark.gpu
+@gpu
+def test_assign_kernel_rejects_bad_input():
+    ext = pytest.importorskip("kvstore.gpu._ext").cuda_ext()
+    x = torch.zeros(1, 10, 128, device="cuda", dtype=torch.bfloat16)
+    cen = torch.zeros(1, 4, 128, device="cuda")
+    mu = torch.zeros(1, 128, device="cuda")
+    best, arg = ext.kmeans_assign(x, cen, mu)
+    assert best.shape == arg.shape == (1, 10)
+    with pytest.raises(RuntimeError, match="cen"):
+        ext.kmeans_assign(x, cen[:, :, :64].contiguous(), mu)
+    with pytest.raises(RuntimeError, match="cen"):
+        ext.kmeans_assign(x, cen.half(), mu)
+    with pytest.raises(RuntimeError, match="mu"):
+        ext.kmeans_assign(x, cen, mu.double())
+    with pytest.raises(RuntimeError, match="64, 128 or 256"):
+        ext.kmeans_assign(x[..., :96].contiguous(), cen[..., :96].contiguous(), mu[:, :96].contiguous())
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.kmeans_assign(x[:, ::2], cen, mu)
+    assert not ext.kmeans_assign_supported(x.float())
+    assert ext.kmeans_assign_supported(x) and ext.kmeans_assign_supported(x.half())
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_kmeans_split_vs_fp32_on_model_like_keys():
+    """The default (split kernel) against the fp32 matmul on generated attention keys: the same quality."""
+    from kvstore.datasets.attention_like import generate_kv
+
+    k, _ = generate_kv(1, 32768, device="cuda", seed=3)
+    keys = k[0]                                                           # [8, 32768, 128] bf16
+    a, c, s = segmented_kmeans_gpu(keys, backend="cuda")
+    a32, c32, _ = segmented_kmeans_gpu(keys, backend="cuda", matmul="fp32")
+    check_invariants(keys.float(), a, c, s)
+    obj, obj32 = kmeans_objective(keys.float(), a, c), kmeans_objective(keys.float(), a32, c32)
+    assert bool((obj <= obj32 * 1.002).all()), (obj, obj32)
 
 
 @pytest.mark.gpu

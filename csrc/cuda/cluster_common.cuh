@@ -23,6 +23,27 @@ using namespace gpu;  // DType, dtype_size, is_aligned, to_float, warp reduction
 
 #ifdef __CUDACC__  // device code: the headers of the launchers are also read by the host compiler (bindings)
 
+// c += a b for one mma.m16n8k16 (sm_80+; bf16 or fp16 inputs, f32 accumulators): a holds the A fragment of
+// rows (g, g + 8) and b0, b1 the B fragment of column g, lane (g, t) = (lane / 4, lane % 4), in PTX's layout.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+#endif
+}
+
 // Elements of T in one 16-byte vector.
 template <typename T>
 struct Vec16 {

@@ -1,7 +1,9 @@
-// The centroid update of the GPU segmented k-means (kvstore/gpu/kmeans.py):
-// the mean of each cluster's member rows, summed in double in a fixed order,
-// so that the result is deterministic (no atomics) and equals the torch
+// The two steps of the GPU segmented k-means (kvstore/gpu/kmeans.py).
+// Update: the mean of each cluster's member rows, summed in double in a fixed
+// order, so that the result is deterministic (no atomics) and equals the torch
 // reference (index_add_ in float64) after rounding to float.
+// Assignment: each row's best centroid on tensor cores, the scores kept in
+// registers (never written to memory).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,6 +24,18 @@ namespace cluster {
 cudaError_t kmeans_means_launch(const void* x, DType dtype, const std::int64_t* order,
                                 const std::int64_t* offsets, long long K, int D, const float* fallback, float* means,
                                 cudaStream_t stream);
+
+// Whether kmeans_assign_launch takes rows of `dtype` (bf16 or fp16) and D columns (64, 128 or 256) on the current
+// device (sm_80 and later).
+bool kmeans_assign_supported(DType dtype, int D);
+
+// For each of the B batches: x [L, D] rows of `dtype`, centroids cen f32 [C, D], mu f32 [D]. With u_c the unit
+// direction of centroid c (f64, rounded to f32) split into hi + lo of `dtype` (the split keeps f32 precision of
+// u on 16-bit tensor cores), row l's score is x_l . (hi_c + lo_c) - mu . u_c (the score of the row centred by mu;
+// products summed in f32). Writes best f32 [B, L] (the largest score) and arg int64 [B, L] (its centroid, the
+// lowest id among equal scores). x contiguous and 16-byte aligned, cen and mu contiguous; C >= 1. One launch.
+cudaError_t kmeans_assign_launch(const void* x, const float* cen, const float* mu, DType dtype, long long B,
+                                 long long L, int C, int D, float* best, std::int64_t* arg, cudaStream_t stream);
 
 }  // namespace cluster
 }  // namespace kvstore

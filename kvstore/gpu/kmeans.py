@@ -10,9 +10,13 @@ emptied cluster is re-seeded with the token farthest from its centroid's ray,
 as the reference does), one final assignment, then the centroids are the plain
 means of the members' (un-centred) keys.
 
-All heads and all equal-length segments of a head go through one batched
-matmul a chunk at a time (scores ``[batches, L, C]``, tensor cores on CUDA),
-then an argmax; the centroid update is :func:`cluster_means` (a CUDA kernel
+All heads and all equal-length segments of a head are assigned at once. With
+16-bit keys on CUDA (the default, ``matmul="split"``) a tensor-core kernel
+scores each key against the centroid directions split into two 16-bit terms
+(f32 precision of the direction; the head mean enters as a per-centroid
+bias, so the keys are used exactly as stored) and keeps each key's best
+centroid in registers; otherwise one batched matmul a chunk at a time gives
+the scores ``[batches, L, C]``, then an argmax. The centroid update is :func:`cluster_means` (a CUDA kernel
 summing the members in float64 in a fixed order, or its torch reference with
 ``index_add_``). Both backends share everything else, so they agree up to
 float rounding of the matmul.
@@ -31,7 +35,7 @@ from .cluster_ops import check_count, check_tensor, use_cuda_kernel
 
 __all__ = ["segmented_kmeans_gpu", "cluster_means", "kmeans_objective"]
 
-MATMULS = ("auto", "fp32", "fp16", "bf16")
+MATMULS = ("auto", "split", "fp32", "fp16", "bf16")
 _SCORE_BYTES = 1 << 28   # bytes of one f32 score chunk [batches, L, C]
 _FP16_MAX = 60000.0      # centred keys beyond this (in absolute value) use bf16 instead of fp16
 
@@ -92,13 +96,28 @@ def _bmm_out_dtype_works(device: str) -> bool:
         return False
 
 
-def _pick_matmul(matmul: str, x: torch.Tensor) -> torch.dtype:
-    """The input dtype of the assignment matmul (products accumulate in f32 whatever it is)."""
+def _split_kernel(keys: torch.Tensor, backend: str) -> bool:
+    """Whether the tensor-core assignment kernel takes these keys (16-bit, CUDA, a supported head size)."""
+    if not use_cuda_kernel(backend, keys):
+        return False
+    from ._ext import cuda_ext
+
+    return bool(cuda_ext().kmeans_assign_supported(keys))
+
+
+def _pick_matmul(matmul: str, keys: torch.Tensor, backend: str) -> torch.dtype | str:
+    """How the assignment scores are computed: ``"split"`` or the input dtype of a matmul (products accumulate
+    in f32 whatever it is). keys: the (uncentred) keys as given."""
     if matmul == "auto":
-        # fp32: on an H200 fp16 inputs left the k-means objective 5.5% worse than the CPU reference on
-        # clustered keys with duplicates, and the build is not dominated by this matmul
-        return torch.float32
-    if matmul == "fp16" and x.is_cuda and not _bmm_out_dtype_works(str(x.device)):
+        # fp32 where the kernel does not run: on an H200 fp16 inputs left the k-means objective 5.5% worse than
+        # the CPU reference on clustered keys with duplicates
+        return "split" if keys.dtype in (torch.float16, torch.bfloat16) and _split_kernel(keys, backend) \
+            else torch.float32
+    if matmul == "split":
+        if keys.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"matmul='split' needs bf16 or fp16 keys, got {keys.dtype}")
+        return "split"
+    if matmul == "fp16" and keys.is_cuda and not _bmm_out_dtype_works(str(keys.device)):
         return torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[matmul]
 
@@ -118,22 +137,52 @@ def _normalised(c: torch.Tensor) -> torch.Tensor:
     return (cd / cd.norm(dim=-1, keepdim=True).clamp_min(1e-300)).float()
 
 
-def _assign(xm: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best normalised centroid of every row: xm ``[B, L, D]`` (matmul dtype), c f32 ``[B, C, D]`` ->
-    (best score f32 ``[B, L]``, local cluster id int64 ``[B, L]``), first maximum wins."""
-    B, L, _ = xm.shape
-    C = c.shape[1]
-    cm = _normalised(c).to(xm.dtype)
-    best = torch.empty(B, L, dtype=torch.float32, device=xm.device)
-    arg = torch.empty(B, L, dtype=torch.int64, device=xm.device)
+def _chunked_best(scores, B: int, L: int, C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise max and argmax (first maximum wins) of the [B, L, C] f32 scores that ``scores(b0, b1, l0, l1)``
+    gives a chunk at a time (at most _SCORE_BYTES of them)."""
+    best = torch.empty(B, L, dtype=torch.float32, device=device)
+    arg = torch.empty(B, L, dtype=torch.int64, device=device)
     rows = max(1, min(L, _SCORE_BYTES // (4 * C)))   # rows of one batch per chunk (long segments)
     step = max(1, _SCORE_BYTES // (4 * L * C)) if rows == L else 1
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         for l0 in range(0, L, rows):
             l1 = min(L, l0 + rows)
-            torch.max(_scores(xm[b0:b1, l0:l1], cm[b0:b1]), dim=2, out=(best[b0:b1, l0:l1], arg[b0:b1, l0:l1]))
+            torch.max(scores(b0, b1, l0, l1), dim=2, out=(best[b0:b1, l0:l1], arg[b0:b1, l0:l1]))
     return best, arg
+
+
+def _assign(xm: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best normalised centroid of every row: xm ``[B, L, D]`` (matmul dtype), c f32 ``[B, C, D]`` ->
+    (best score f32 ``[B, L]``, local cluster id int64 ``[B, L]``), first maximum wins."""
+    B, L, _ = xm.shape
+    cm = _normalised(c).to(xm.dtype)
+    return _chunked_best(lambda b0, b1, l0, l1: _scores(xm[b0:b1, l0:l1], cm[b0:b1]), B, L, c.shape[1], xm.device)
+
+
+def split_directions(c: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit directions of the centroids c f32 ``[B, C, D]`` (f32, as :func:`_normalised`) and the same as two
+    terms of the 16-bit ``dtype``, ``[B, 2, C, D]``, whose sum is the direction to about 2^-17 of each entry."""
+    u = _normalised(c)
+    hi = u.to(dtype)
+    return u, torch.stack([hi, (u - hi.float()).to(dtype)], 1)
+
+
+def _assign_split(raw: torch.Tensor, mu: torch.Tensor, c: torch.Tensor, kernel: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_assign` of the centred keys ``raw - mu`` computed from the stored keys: raw ``[B, L, D]`` (16-bit),
+    mu f32 ``[B, D]`` (the head mean of each batch), c f32 ``[B, C, D]``. A key's score is raw . u - mu . u with
+    u the direction split into two 16-bit terms; ``kernel``: on tensor cores, scores kept in registers."""
+    B, L, _ = raw.shape
+    if kernel:  # the kernel derives the directions, their split and the bias itself, the same way
+        from ._ext import cuda_ext
+
+        return cuda_ext().kmeans_assign(raw, c.contiguous(), mu.contiguous())
+    u, terms = split_directions(c, raw.dtype)
+    bias = torch.bmm(u.double(), mu.double()[:, :, None]).squeeze(2).float()                # [B, C]
+    w = terms[:, 0].float() + terms[:, 1].float()                         # the two terms' sum, exact in f32
+    return _chunked_best(lambda b0, b1, l0, l1: torch.bmm(raw[b0:b1, l0:l1].float(), w[b0:b1].transpose(1, 2))
+                         - bias[b0:b1, None, :], B, L, c.shape[1], raw.device)
 
 
 def _reseed(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, best: torch.Tensor) -> None:
@@ -151,13 +200,12 @@ def _reseed(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, best: torch.T
     c[eb[bi], ci] = x[eb[bi], far[bi, rank[bi, ci]]]
 
 
-def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, matmul: torch.dtype, backend: str) -> torch.Tensor:
-    """Spherical k-means of B batches: x f32 ``[B, L, D]`` (centred), c f32 ``[B, C, D]`` (init).
-    Returns the final assignment int64 ``[B, L]``."""
-    xm = x if matmul == torch.float32 else x.to(matmul)
+def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str) -> torch.Tensor:
+    """Spherical k-means of B batches: x f32 ``[B, L, D]`` (centred), c f32 ``[B, C, D]`` (init),
+    ``assign(c) -> (best, arg)`` the assignment step. Returns the final assignment int64 ``[B, L]``."""
     C = c.shape[1]
     for it in range(iters + 1):
-        best, a = _assign(xm, c)
+        best, a = assign(c)
         if it == iters:
             return a
         c, cnt = cluster_means(x, a, C, fallback=c, backend=backend)
@@ -178,11 +226,16 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
     with size 0 and a zero centroid, so every head has the same ``C`` =
     sum over segments of ``clusters_for(segment length, tokens_per_cluster)``.
 
-    matmul: input dtype of the assignment matmul, products summed in f32:
-    ``"fp32"`` (torch's f32 matmul: TF32 on CUDA only if the user enabled it),
-    ``"fp16"``, ``"bf16"``, or ``"auto"`` (fp32: fp16 inputs cost 5.5% of
-    the objective on clustered keys in a GPU test). ``backend``
-    picks the centroid update (:func:`cluster_means`).
+    matmul: how the assignment scores are computed, products summed in f32:
+    ``"split"`` (16-bit keys only: the stored keys against the centroid
+    directions as two 16-bit terms, on tensor cores where the kernel runs,
+    else the same products in f32 torch), ``"fp32"`` (torch's f32 matmul of
+    the centred keys: TF32 on CUDA only if the user enabled it), ``"fp16"``,
+    ``"bf16"`` (the centred keys and directions rounded), or ``"auto"``
+    (split where the kernel takes the keys, else fp32: fp16 inputs cost 5.5%
+    of the objective on clustered keys in a GPU test). ``backend`` picks the
+    centroid update (:func:`cluster_means`) and whether the split kernel may
+    run.
 
     Returns assign int64 ``[G, n]`` (cluster id within the head, ``0..C-1``),
     centroids f32 ``[G, C, D]`` (plain means of the members' keys), sizes f32
@@ -208,9 +261,10 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
         keys = keys.float()
     if not bool(torch.isfinite(keys).all()):
         raise ValueError("keys contains NaN or inf")
+    mm = _pick_matmul(matmul, keys, backend)
+    kernel = mm == "split" and _split_kernel(keys, backend)
     mean = (torch.sum(keys, dim=1, dtype=torch.float64) / n).float()    # [G, D]
     x = keys.float() - mean[:, None, :]
-    mm = _pick_matmul(matmul, x)
     bounds = segment_bounds(n, tpc, seg)
     nseg = len(bounds) - 1
     cs = [clusters_for(bounds[s + 1] - bounds[s], tpc) for s in range(nseg)]
@@ -228,7 +282,18 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
         xs = x[:, bounds[s0]:bounds[s1]].reshape(G * S, L, D)
         rows = torch.tensor([_init_rows(L, C, seed + s) for s in range(s0, s1)], dtype=torch.int64, device=dev)
         c0 = xs.view(G, S, L, D)[:, torch.arange(S, device=dev)[:, None], rows].reshape(G * S, C, D)
-        a = _iterate(xs, c0, iters, mm, backend)                               # [G*S, L]
+        if mm == "split":
+            raw = keys[:, bounds[s0]:bounds[s1]].reshape(G * S, L, D).contiguous()
+            mu = mean.repeat_interleave(S, 0)                                   # [G*S, D]
+
+            def assign_step(c, raw=raw, mu=mu):
+                return _assign_split(raw, mu, c, kernel)
+        else:
+            xm = xs if mm == torch.float32 else xs.to(mm)
+
+            def assign_step(c, xm=xm):
+                return _assign(xm, c)
+        a = _iterate(xs, c0, iters, assign_step, backend)                            # [G*S, L]
         base = torch.tensor(cbase[s0:s1], dtype=torch.int64, device=dev)
         assign[:, bounds[s0]:bounds[s1]] = (a.view(G, S, L) + base[None, :, None]).reshape(G, S * L)
         s0 = s1

@@ -193,6 +193,8 @@ class GpuWaveLayer:
         dev = torch.device(device) if device is not None else (k.device if k.is_cuda else
                                                                torch.device("cuda" if torch.cuda.is_available()
                                                                             else "cpu"))
+        if dev.type == "cuda" and dev.index is None:  # "cuda" is the current device, as tensors put there say
+            dev = torch.device("cuda", torch.cuda.current_device())
         self.device, self.dtype = dev, k.dtype
         B, H, N, D = k.shape
         Dv = v.shape[-1]

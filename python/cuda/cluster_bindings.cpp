@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "candidate_scores.h"
@@ -317,6 +318,44 @@ torch::Tensor kmeans_means(const torch::Tensor& x, const torch::Tensor& order, c
     return means;
 }
 
+// x [B, L, D] (bf16/fp16), cen f32 [B, C, D], mu f32 [B, D] -> (best f32 [B, L], arg int64 [B, L]): each row's
+// best centroid direction and its score (the row centred by mu; see kmeans_update.h).
+std::tuple<torch::Tensor, torch::Tensor> kmeans_assign(const torch::Tensor& x, const torch::Tensor& cen,
+                                                       const torch::Tensor& mu) {
+    check_cuda(x, "x");
+    check_cuda(cen, "cen");
+    check_cuda(mu, "mu");
+    TORCH_CHECK(x.dim() == 3 && cen.dim() == 3 && mu.dim() == 2, "x must be [B, L, D], cen [B, C, D], mu [B, D]");
+    const int64_t B = x.size(0), L = x.size(1), D = x.size(2), C = cen.size(1);
+    TORCH_CHECK(cen.size(0) == B && cen.size(2) == D && C >= 1 && cen.scalar_type() == torch::kFloat32,
+                "cen must be float32 [B=", B, ", C >= 1, D=", D, "], got [", cen.size(0), ", ", C, ", ", cen.size(2),
+                "]");
+    TORCH_CHECK(mu.size(0) == B && mu.size(1) == D && mu.scalar_type() == torch::kFloat32, "mu must be float32 [B, D]");
+    TORCH_CHECK(C <= INT32_MAX && D <= INT32_MAX, "C and D must fit in int32");
+    TORCH_CHECK(cen.device() == x.device() && mu.device() == x.device(), "tensors on different devices");
+    const DType dt = kernel_dtype(x.scalar_type(), "x");
+    const c10::cuda::CUDAGuard guard(x.device());
+    TORCH_CHECK(kvstore::cluster::kmeans_assign_supported(dt, static_cast<int>(D)),
+                "kmeans_assign needs bf16 or fp16 rows of 64, 128 or 256 columns and an sm_80+ device");
+    torch::Tensor best = torch::empty({B, L}, x.options().dtype(torch::kFloat32));
+    torch::Tensor arg = torch::empty({B, L}, x.options().dtype(torch::kInt64));
+    check_launch(kvstore::cluster::kmeans_assign_launch(x.data_ptr(), cen.data_ptr<float>(), mu.data_ptr<float>(), dt,
+                                                        B, L, static_cast<int>(C), static_cast<int>(D),
+                                                        best.data_ptr<float>(), arg.data_ptr<int64_t>(),
+                                                        c10::cuda::getCurrentCUDAStream()),
+                 "kmeans_assign");
+    return {best, arg};
+}
+
+// Whether kmeans_assign takes rows like x on x's device.
+bool kmeans_assign_supported(const torch::Tensor& x) {
+    if (!x.is_cuda() || x.dim() < 1) return false;
+    if (x.scalar_type() != torch::kBFloat16 && x.scalar_type() != torch::kHalf) return false;
+    const c10::cuda::CUDAGuard guard(x.device());
+    const DType dt = x.scalar_type() == torch::kBFloat16 ? DType::BF16 : DType::F16;
+    return x.size(-1) <= INT32_MAX && kvstore::cluster::kmeans_assign_supported(dt, static_cast<int>(x.size(-1)));
+}
+
 // Checks one weighted_rows job (w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv]) and returns its t.
 int64_t check_weighted(const torch::Tensor& w, const torch::Tensor& rows, const torch::Tensor& values, int64_t G,
                        int64_t Hg, int64_t Dv) {
@@ -411,6 +450,10 @@ void register_cluster_ops(pybind11::module_& m) {
     m.def("copy_rows", &copy_rows, pybind11::arg("dst_k"), pybind11::arg("dst_v"), pybind11::arg("src_k"),
           pybind11::arg("src_v"), pybind11::arg("src_row"), pybind11::arg("dst_row"), pybind11::arg("length"),
           pybind11::arg("blocks_per_run") = 1, "Copy M runs of rows (k and optionally v) in one launch");
+    m.def("kmeans_assign", &kmeans_assign, pybind11::arg("x"), pybind11::arg("cen"), pybind11::arg("mu"),
+          "Best centroid of each row (k-means assignment on tensor cores): (best f32 [B, L], arg int64 [B, L])");
+    m.def("kmeans_assign_supported", &kmeans_assign_supported, pybind11::arg("x"),
+          "Whether kmeans_assign takes rows like x on x's device");
     m.def("kmeans_means", &kmeans_means, pybind11::arg("x"), pybind11::arg("order"), pybind11::arg("offsets"),
           pybind11::arg("fallback") = pybind11::none(),
           "x [R, D], order int64, offsets int64 [K + 1], fallback f32 [K, D] or None -> means f32 [K, D]");

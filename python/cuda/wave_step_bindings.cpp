@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "registry.h"
@@ -22,8 +23,16 @@ void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64
     TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(), "-D");
 }
 
+// "[a, b, ...]" built here: streaming an IntArrayRef into the message crashed with some torch builds.
+std::string shape_text(const std::vector<int64_t>& shape) {
+    std::string s = "[";
+    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+
 void check_shape(const torch::Tensor& t, const char* name, std::vector<int64_t> shape) {
-    TORCH_CHECK(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ", c10::IntArrayRef(shape));
+    const std::vector<int64_t> got = t.sizes().vec();
+    TORCH_CHECK(got == shape, name, " has shape ", shape_text(got), ", expected ", shape_text(shape));
 }
 
 void check_launch(cudaError_t err, const char* what) {
