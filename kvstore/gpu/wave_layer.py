@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config import GPU_MODES, StoreConfig
-from ..wave import cluster_radii
+from ..wave import cluster_radii, clusters_for, segment_bounds
 
 MODES = GPU_MODES
 SRC_HOST, SRC_CACHE, SRC_STEADY = 0, 1, 2   # source ids of the offload run table (kvstore.gpu.wave_buffer)
@@ -140,6 +140,57 @@ def _stage_host_runs(kv_k: torch.Tensor, kv_v: torch.Tensor, src: torch.Tensor, 
     return staged, row, copy_src_row
 
 
+# Middle tokens (per KV head) clustered in one k-means call: sequences of one length are grouped up to this many
+# tokens, so that the work space (f32 keys) stays near that of one 512K-token sequence.
+_GROUP_TOKENS = 1 << 19
+
+
+def _clusters_of(m: int, cfg: "WaveGpuConfig") -> int:
+    """Clusters the k-means makes of m middle tokens (every segment's share)."""
+    if m == 0:
+        return 0
+    b = segment_bounds(m, cfg.tokens_per_cluster, cfg.segment_len)
+    return sum(clusters_for(b[i + 1] - b[i], cfg.tokens_per_cluster) for i in range(len(b) - 1))
+
+
+def _contiguous(r: torch.Tensor) -> bool:
+    """Whether the (CPU, ascending) positions r are one range."""
+    return r.numel() == 0 or int(r[-1]) - int(r[0]) + 1 == r.numel()
+
+
+def _build_groups(rows: list[torch.Tensor], sink: list[int], mid: list[int], H: int) -> list[tuple[int, int]]:
+    """Runs [b0, b1) of consecutive sequences clustered together: one middle length, their middle tokens a range
+    at one offset, at most _GROUP_TOKENS tokens a head (sequences without middle tokens are skipped)."""
+    out: list[tuple[int, int]] = []
+    for b, m in enumerate(mid):
+        if not m:
+            continue
+        start = int(rows[b][sink[b]]) if _contiguous(rows[b]) else -1
+        if out:
+            b0, b1 = out[-1]
+            same = (b1 == b and mid[b0] == m and start >= 0 and _contiguous(rows[b0])
+                    and int(rows[b0][sink[b0]]) == start and (b1 - b0 + 1) * m <= _GROUP_TOKENS)
+            if same:
+                out[-1] = (b0, b + 1)
+                continue
+        out.append((b, b + 1))
+    return out
+
+
+def _middle(x: torch.Tensor, rows: list[torch.Tensor], sink: list[int], mid: list[int], b0: int, b1: int,
+            dev: torch.device) -> torch.Tensor:
+    """The middle tokens of sequences b0 .. b1 - 1 (one group of _build_groups) on dev: x [B, H, N, D] ->
+    [(b1 - b0) * H, m, D], a view of x where possible."""
+    m = mid[b0]
+    r = rows[b0]
+    if _contiguous(r):
+        s0 = int(r[sink[b0]])
+        part = x[b0:b1, :, s0:s0 + m]
+    else:
+        part = x[b0:b1][:, :, r[sink[b0]:sink[b0] + m].to(x.device)]
+    return part.reshape((b1 - b0) * x.shape[1], m, x.shape[3]).to(dev)
+
+
 def _check_kv(k: Any, v: Any) -> None:
     for name, x in (("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
@@ -218,21 +269,19 @@ class GpuWaveLayer:
         self.s_cap = cfg.sink + cfg.window + cfg.update_interval
         self.steady_k = torch.zeros(G, self.s_cap, D, dtype=k.dtype, device=dev)
         self.steady_v = torch.zeros(G, self.s_cap, Dv, dtype=k.dtype, device=dev)
-        parts = []
         for b in range(B):
             rb = rows[b].to(k.device)
             sl = slice(b * H, (b + 1) * H)
             st = torch.cat([rb[:sink[b]], rb[seq[b] - win[b]:]])
             self.steady_k[sl, :st.numel()] = k[b][:, st].to(dev)
             self.steady_v[sl, :st.numel()] = v[b][:, st].to(dev)
-            if mid[b]:
-                mb = rb[sink[b]:sink[b] + mid[b]]
-                kb, vb = k[b][:, mb].to(dev), v[b][:, mb].to(dev)
-                parts.append((b, kb, vb, *segmented_kmeans_gpu(kb, cfg.tokens_per_cluster, cfg.segment_len,
-                                                               cfg.kmeans_iters, cfg.seed, backend=cfg.backend)))
-        self._alloc_index(max([p[4].shape[1] for p in parts], default=0), k.dtype)
-        for b, kb, vb, a, cen, sizes in parts:
-            self._store_sequence(b, kb, vb, a, cen, sizes)
+        self._alloc_index(max(_clusters_of(m, cfg) for m in mid), k.dtype)
+        for b0, b1 in _build_groups(rows, sink, mid, H):
+            kb, vb = _middle(k, rows, sink, mid, b0, b1, dev), _middle(v, rows, sink, mid, b0, b1, dev)
+            a, cen, sizes = segmented_kmeans_gpu(kb, cfg.tokens_per_cluster, cfg.segment_len, cfg.kmeans_iters,
+                                                 cfg.seed, backend=cfg.backend)
+            self._store_sequences(slice(b0 * H, b1 * H), kb, vb, a, cen, sizes)
+            del kb, vb, a, cen, sizes
         self._finish_build()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -265,9 +314,7 @@ class GpuWaveLayer:
             self.kv_v = torch.zeros(G * n, self.Dv, dtype=dtype, device=dev)
             self.pinned = False
         else:
-            self._alloc_pinned_kv(G * n)
-            self.kv_k.zero_()
-            self.kv_v.zero_()
+            self._alloc_pinned_kv(G * n)  # every slot's rows are written by _store_sequences
 
     def _alloc_pinned_kv(self, rows: int) -> None:
         """Offload: kv_k / kv_v of ``rows`` rows in pinned host memory (pageable, with a warning, if pinning
@@ -288,15 +335,15 @@ class GpuWaveLayer:
             self.kv_k.copy_(k)
             self.kv_v.copy_(v)
 
-    def _store_sequence(self, b: int, kb: torch.Tensor, vb: torch.Tensor, assign: torch.Tensor,
-                        cen: torch.Tensor, sizes: torch.Tensor) -> None:
-        """Write sequence b's clusters: kb/vb [H, m, D], assign [H, m], cen [H, C_b, D] f32, sizes [H, C_b]."""
+    def _store_sequences(self, sl: slice, kb: torch.Tensor, vb: torch.Tensor, assign: torch.Tensor,
+                         cen: torch.Tensor, sizes: torch.Tensor) -> None:
+        """Write the clusters of the slots ``sl`` (sequences of one middle length m): kb/vb [S, m, D],
+        assign [S, m], cen [S, C_b, D] f32, sizes [S, C_b]."""
         from .cluster_ops import cluster_order
 
         H, m = kb.shape[0], kb.shape[1]
         Cb = cen.shape[1]
-        order, offsets = cluster_order(assign, Cb)                                       # [H, m], [H, Cb+1]
-        sl = slice(b * H, (b + 1) * H)
+        order, offsets = cluster_order(assign, Cb)                                       # [S, m], [S, Cb+1]
         self.centroids[sl, :Cb] = cen.to(self.dtype)
         self.sizes[sl, :Cb] = sizes.float()
         self.offsets[sl, :Cb + 1] = offsets.to(torch.int64)
@@ -313,8 +360,12 @@ class GpuWaveLayer:
         vsrt = torch.gather(vb, 1, order[..., None].expand(H, m, self.Dv))
         kv_k = self.kv_k.view(self.G, self.n, self.D)
         kv_v = self.kv_v.view(self.G, self.n, self.Dv)
-        kv_k[sl, :m].copy_(ks.to(self.kv_k.device))
-        kv_v[sl, :m].copy_(vsrt.to(self.kv_v.device))
+        # into pinned host memory (offload) straight from the device, as one DMA each
+        kv_k[sl, :m].copy_(ks, non_blocking=self.pinned)
+        kv_v[sl, :m].copy_(vsrt, non_blocking=self.pinned)
+        if m < self.n and self.kv_k.device.type == "cpu":  # rows no cluster holds, never read: zeros, not garbage
+            kv_k[sl, m:].zero_()
+            kv_v[sl, m:].zero_()
 
     def _finish_build(self) -> None:
         cfg, G, dev = self.cfg, self.G, self.device
