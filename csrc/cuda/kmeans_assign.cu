@@ -1,4 +1,5 @@
-// The assignment step of the GPU k-means (see kmeans_update.h): a block takes rows of one batch, holds them as
+// The assignment step of the GPU k-means (see kmeans_update.h). A first kernel splits each centroid's unit
+// direction into two 16-bit terms and computes its bias; then a block takes rows of one batch, holds them as
 // mma A fragments in registers, and walks the batch's centroids in shared-memory tiles of kTile; each
 // mma.m16n8k16 scores 16 rows against 8 centroids and every lane keeps the running best of the 4 scores it holds,
 // so the [L, C] score matrix never leaves the registers. As in the tensor-core ranking kernel, lane (g, t) feeds A
@@ -20,7 +21,7 @@ constexpr int kTile = 64;  // centroids a shared-memory tile
 __host__ __device__ constexpr int row_bytes(int D) { return D * 2 + 64; }
 __host__ __device__ constexpr int rows_per_warp(int D) { return D <= 128 ? 32 : 16; }
 template <int D>
-constexpr size_t assign_smem() { return static_cast<size_t>(2 * kTile) * row_bytes(D) + (kTile + D) * sizeof(float); }
+constexpr size_t assign_smem() { return static_cast<size_t>(2 * kTile) * row_bytes(D) + kTile * sizeof(float); }
 
 // Whether (v, i) ranks before (w, j): the larger score, the lower id among equals.
 __device__ __forceinline__ bool better(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
@@ -37,9 +38,38 @@ __device__ __forceinline__ T to_16(float f) {
     else return __float2half_rn(f);
 }
 
+// A warp a centroid row: its unit direction u = c / |c| (f64, rounded to f32) as hi + lo of T, and the bias
+// mu . u (f64): the numbers of split_directions and the bias in kvstore/gpu/kmeans.py.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+split_kernel(const float* __restrict__ cen, const float* __restrict__ mu, long long B, int C, int D,
+             T* __restrict__ terms, float* __restrict__ bias) {
+    const long long row = static_cast<long long>(blockIdx.x) * kWarps + threadIdx.x / 32;
+    if (row >= B * C) return;
+    const int lane = threadIdx.x % 32;
+    const long long b = row / C, c = row % C;
+    const float* src = cen + row * D;
+    const float* m = mu + b * D;
+    T* hi = terms + (b * 2 * C + c) * D;
+    T* lo = hi + static_cast<long long>(C) * D;
+    double ss = 0.0;
+    for (int i = lane; i < D; i += 32) ss += static_cast<double>(src[i]) * src[i];
+    const double nrm = fmax(sqrt(warp_sum_f64(ss)), 1e-300);
+    double bs = 0.0;
+    for (int i = lane; i < D; i += 32) {
+        const float u = static_cast<float>(static_cast<double>(src[i]) / nrm);
+        const T h = to_16<T>(u);
+        hi[i] = h;
+        lo[i] = to_16<T>(u - to_float(h));
+        bs += static_cast<double>(u) * m[i];
+    }
+    bs = warp_sum_f64(bs);
+    if (lane == 0) bias[row] = static_cast<float>(bs);
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2)
-assign_kernel(const T* __restrict__ x, const float* __restrict__ cen, const float* __restrict__ mu, long long L,
+assign_kernel(const T* __restrict__ x, const T* __restrict__ terms, const float* __restrict__ bias, long long L,
               int C, long long blocks_per_batch, float* __restrict__ best, std::int64_t* __restrict__ arg) {
     constexpr int NJ = D / 32;                 // chunks a lane holds of a row: 4 lanes x 8 elements each
     constexpr int MT = rows_per_warp(D) / 16;  // m16 tiles a warp
@@ -47,15 +77,14 @@ assign_kernel(const T* __restrict__ x, const float* __restrict__ cen, const floa
     extern __shared__ uint4 smem_raw[];
     unsigned char* tile = reinterpret_cast<unsigned char*>(smem_raw);      // [2 terms][kTile][RB]
     float* tbias = reinterpret_cast<float*>(tile + 2 * kTile * RB);       // [kTile]
-    float* smu = tbias + kTile;                                           // [D]
 
     const long long b = blockIdx.x / blocks_per_batch;
     const long long row0 = (blockIdx.x % blocks_per_batch) * (kWarps * rows_per_warp(D));
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int gr = lane / 4, t = lane % 4;
     const T* xb = x + b * L * D;
-    const float* cb = cen + b * static_cast<long long>(C) * D;
-    for (int i = threadIdx.x; i < D; i += kThreads) smu[i] = mu[b * D + i];
+    const T* cb = terms + b * 2 * static_cast<long long>(C) * D;
+    const float* bb = bias + b * C;
 
     uint4 ra[MT][NJ], rb[MT][NJ];  // rows gr and gr + 8 of each m16 tile
     const long long wrow = row0 + static_cast<long long>(warp) * rows_per_warp(D);
@@ -81,36 +110,15 @@ assign_kernel(const T* __restrict__ x, const float* __restrict__ cen, const floa
     for (int c0 = 0; c0 < C; c0 += kTile) {
         const int nc = min(kTile, C - c0);
         __syncthreads();  // the previous tile is no longer read
-        // a warp a centroid row: its unit direction u = c / |c| (f64, rounded to f32), split into hi + lo of T,
-        // and the bias mu . u (f64) - the same numbers as split_directions and the bias in kvstore/gpu/kmeans.py
-        for (int r = warp; r < kTile; r += kWarps) {
-            T* hi = reinterpret_cast<T*>(tile + r * RB);
-            T* lo = reinterpret_cast<T*>(tile + (kTile + r) * RB);
-            if (r >= nc) {
-                for (int i = lane; i < D; i += 32) hi[i] = lo[i] = to_16<T>(0.0f);
-                if (lane == 0) tbias[r] = INFINITY;
-                continue;
-            }
-            float v[D / 32];
-            double ss = 0.0;
-#pragma unroll
-            for (int i = 0; i < D / 32; ++i) {
-                v[i] = __ldg(cb + static_cast<long long>(c0 + r) * D + lane + 32 * i);
-                ss += static_cast<double>(v[i]) * v[i];
-            }
-            const double nrm = fmax(sqrt(warp_sum_f64(ss)), 1e-300);
-            double bs = 0.0;
-#pragma unroll
-            for (int i = 0; i < D / 32; ++i) {
-                const float u = static_cast<float>(static_cast<double>(v[i]) / nrm);
-                const T h = to_16<T>(u);
-                hi[lane + 32 * i] = h;
-                lo[lane + 32 * i] = to_16<T>(u - to_float(h));
-                bs += static_cast<double>(u) * smu[lane + 32 * i];
-            }
-            bs = warp_sum_f64(bs);
-            if (lane == 0) tbias[r] = static_cast<float>(bs);
+        constexpr int kChunksRow = D / 8;
+        for (int i = threadIdx.x; i < 2 * kTile * kChunksRow; i += kThreads) {
+            const int term = i / (kTile * kChunksRow), r = (i / kChunksRow) % kTile, ch = i % kChunksRow;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (r < nc)
+                v = __ldg(reinterpret_cast<const uint4*>(cb + (static_cast<long long>(term) * C + c0 + r) * D + ch * 8));
+            *reinterpret_cast<uint4*>(tile + (term * kTile + r) * RB + ch * 16) = v;
         }
+        for (int i = threadIdx.x; i < kTile; i += kThreads) tbias[i] = i < nc ? bb[c0 + i] : INFINITY;
         __syncthreads();
         for (int n0 = 0; n0 < nc; n0 += 8) {
             float acc[MT][4];
@@ -175,30 +183,32 @@ assign_kernel(const T* __restrict__ x, const float* __restrict__ cen, const floa
 }
 
 template <typename T, int D>
-cudaError_t launch(const void* x, const float* cen, const float* mu, long long B, long long L, int C, float* best,
-                   std::int64_t* arg, cudaStream_t stream) {
+cudaError_t launch(const void* x, const float* cen, const float* mu, long long B, long long L, int C, void* terms,
+                   float* bias, float* best, std::int64_t* arg, cudaStream_t stream) {
+    const long long split_blocks = (B * C + kWarps - 1) / kWarps;
+    const long long per = (L + kWarps * rows_per_warp(D) - 1) / (kWarps * rows_per_warp(D));
+    if (split_blocks > 0x7fffffffLL || B * per > 0x7fffffffLL) return cudaErrorInvalidValue;
+    split_kernel<T><<<static_cast<unsigned>(split_blocks), kThreads, 0, stream>>>(cen, mu, B, C, D,
+                                                                                  static_cast<T*>(terms), bias);
     constexpr size_t smem = assign_smem<D>();
     const cudaError_t e = cudaFuncSetAttribute(assign_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem));  // per device: set at every launch
     if (e != cudaSuccess) return e;
-    const long long per = (L + kWarps * rows_per_warp(D) - 1) / (kWarps * rows_per_warp(D));
-    const long long blocks = B * per;
-    if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-    assign_kernel<T, D><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-        static_cast<const T*>(x), cen, mu, L, C, per, best, arg);
+    assign_kernel<T, D><<<static_cast<unsigned>(B * per), kThreads, smem, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(terms), bias, L, C, per, best, arg);
     return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_d(const void* x, const float* cen, const float* mu, long long B, long long L, int C, int D,
-                     float* best, std::int64_t* arg, cudaStream_t stream) {
+                     void* terms, float* bias, float* best, std::int64_t* arg, cudaStream_t stream) {
     switch (D) {
         case 64:
-            return launch<T, 64>(x, cen, mu, B, L, C, best, arg, stream);
+            return launch<T, 64>(x, cen, mu, B, L, C, terms, bias, best, arg, stream);
         case 128:
-            return launch<T, 128>(x, cen, mu, B, L, C, best, arg, stream);
+            return launch<T, 128>(x, cen, mu, B, L, C, terms, bias, best, arg, stream);
         case 256:
-            return launch<T, 256>(x, cen, mu, B, L, C, best, arg, stream);
+            return launch<T, 256>(x, cen, mu, B, L, C, terms, bias, best, arg, stream);
         default:
             return cudaErrorInvalidValue;
     }
@@ -217,11 +227,12 @@ bool kmeans_assign_supported(DType dtype, int D) {
 }
 
 cudaError_t kmeans_assign_launch(const void* x, const float* cen, const float* mu, DType dtype, long long B,
-                                 long long L, int C, int D, float* best, std::int64_t* arg, cudaStream_t stream) {
+                                 long long L, int C, int D, void* terms, float* bias, float* best, std::int64_t* arg,
+                                 cudaStream_t stream) {
     if (B < 0 || L < 0 || C < 1 || !kmeans_assign_supported(dtype, D) || !is_aligned(x, 16)) return cudaErrorInvalidValue;
     if (B == 0 || L == 0) return cudaSuccess;
-    if (dtype == DType::BF16) return launch_d<__nv_bfloat16>(x, cen, mu, B, L, C, D, best, arg, stream);
-    return launch_d<__half>(x, cen, mu, B, L, C, D, best, arg, stream);
+    if (dtype == DType::BF16) return launch_d<__nv_bfloat16>(x, cen, mu, B, L, C, D, terms, bias, best, arg, stream);
+    return launch_d<__half>(x, cen, mu, B, L, C, D, terms, bias, best, arg, stream);
 }
 
 }  // namespace cluster

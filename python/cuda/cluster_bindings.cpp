@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -328,8 +329,7 @@ std::tuple<torch::Tensor, torch::Tensor> kmeans_assign(const torch::Tensor& x, c
     TORCH_CHECK(x.dim() == 3 && cen.dim() == 3 && mu.dim() == 2, "x must be [B, L, D], cen [B, C, D], mu [B, D]");
     const int64_t B = x.size(0), L = x.size(1), D = x.size(2), C = cen.size(1);
     TORCH_CHECK(cen.size(0) == B && cen.size(2) == D && C >= 1 && cen.scalar_type() == torch::kFloat32,
-                "cen must be float32 [B=", B, ", C >= 1, D=", D, "], got [", cen.size(0), ", ", C, ", ", cen.size(2),
-                "]");
+                "cen must be float32 [B=" + std::to_string(B) + ", C >= 1, D=" + std::to_string(D) + "]");
     TORCH_CHECK(mu.size(0) == B && mu.size(1) == D && mu.scalar_type() == torch::kFloat32, "mu must be float32 [B, D]");
     TORCH_CHECK(C <= INT32_MAX && D <= INT32_MAX, "C and D must fit in int32");
     TORCH_CHECK(cen.device() == x.device() && mu.device() == x.device(), "tensors on different devices");
@@ -339,8 +339,11 @@ std::tuple<torch::Tensor, torch::Tensor> kmeans_assign(const torch::Tensor& x, c
                 "kmeans_assign needs bf16 or fp16 rows of 64, 128 or 256 columns and an sm_80+ device");
     torch::Tensor best = torch::empty({B, L}, x.options().dtype(torch::kFloat32));
     torch::Tensor arg = torch::empty({B, L}, x.options().dtype(torch::kInt64));
+    torch::Tensor terms = torch::empty({B, 2, C, D}, x.options());
+    torch::Tensor bias = torch::empty({B, C}, x.options().dtype(torch::kFloat32));
     check_launch(kvstore::cluster::kmeans_assign_launch(x.data_ptr(), cen.data_ptr<float>(), mu.data_ptr<float>(), dt,
                                                         B, L, static_cast<int>(C), static_cast<int>(D),
+                                                        terms.data_ptr(), bias.data_ptr<float>(),
                                                         best.data_ptr<float>(), arg.data_ptr<int64_t>(),
                                                         c10::cuda::getCurrentCUDAStream()),
                  "kmeans_assign");
