@@ -137,6 +137,27 @@ def test_split_directions_keep_float32_quality(dtype):
     assert float((a == a32).double().mean()) >= 0.99
 
 
+@pytest.mark.parametrize("n,seg", [(3000, 1024), (2048, 1024), (1000, 1024), (2070, 1024)])
+def test_padded_segments_equal_runs_of_equal_segments(n, seg):
+    """All segments in one padded batch (the path of the tensor-core kernel) give the clustering of the runs of
+    equal segments: the same assignment (f32 torch products here; a shorter or longer last segment)."""
+    import kvstore.gpu.kmeans as km
+    from kvstore.wave import clusters_for, segment_bounds
+
+    keys = keys_like(2, n, 64, seed=9).bfloat16()
+    ref = segmented_kmeans_gpu(keys, 16, seg, 6, 3, backend="torch", matmul="split")
+    x = keys.float()
+    mean = (torch.sum(keys, dim=1, dtype=torch.float64) / n).float()
+    b = segment_bounds(n, 16, seg)
+    cs = [clusters_for(b[i + 1] - b[i], 16) for i in range(len(b) - 1)]
+    cbase = [0]
+    for c in cs:
+        cbase.append(cbase[-1] + c)
+    a = torch.empty(2, n, dtype=torch.int64)
+    km._kmeans_padded(keys, x - mean[:, None], mean, b, cs, cbase, 6, 3, "torch", a, kernel=False)
+    assert float((a == ref[0]).double().mean()) >= 0.999
+
+
 def test_split_terms_sum_to_the_direction():
     from kvstore.gpu.kmeans import split_directions
 
@@ -279,6 +300,19 @@ def test_assign_kernel_matches_torch(dtype, B, L, C, D):
     top2 = s.topk(min(2, C), dim=2).values
     clear = (top2[..., 0] - top2[..., -1]) > 1e-4 * scale if C > 1 else torch.ones_like(bk, dtype=torch.bool)
     assert torch.equal(ak[clear], at[clear])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n,seg", [(6000, 2048), (4096, 2048), (4120, 2048), (1500, 2048)])
+def test_gpu_padded_segments_equal_runs_exactly(monkeypatch, n, seg):
+    import kvstore.gpu.kmeans as km
+
+    keys = keys_like(3, n, 128, seed=4).bfloat16().cuda()
+    padded = segmented_kmeans_gpu(keys, 16, seg, 10, 0, backend="cuda")
+    monkeypatch.setattr(km, "_PAD_SEGMENTS", False)
+    runs = segmented_kmeans_gpu(keys, 16, seg, 10, 0, backend="cuda")
+    assert all(torch.equal(p, r) for p, r in zip(padded, runs))
 
 
 @pytest.mark.gpu

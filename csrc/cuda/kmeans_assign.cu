@@ -42,8 +42,8 @@ __device__ __forceinline__ T to_16(float f) {
 // mu . u (f64): the numbers of split_directions and the bias in kvstore/gpu/kmeans.py.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-split_kernel(const float* __restrict__ cen, const float* __restrict__ mu, long long B, int C, int D,
-             T* __restrict__ terms, float* __restrict__ bias) {
+split_kernel(const float* __restrict__ cen, const float* __restrict__ mu, const int* __restrict__ ncent, long long B,
+             int C, int D, T* __restrict__ terms, float* __restrict__ bias) {
     const long long row = static_cast<long long>(blockIdx.x) * kWarps + threadIdx.x / 32;
     if (row >= B * C) return;
     const int lane = threadIdx.x % 32;
@@ -52,6 +52,11 @@ split_kernel(const float* __restrict__ cen, const float* __restrict__ mu, long l
     const float* m = mu + b * D;
     T* hi = terms + (b * 2 * C + c) * D;
     T* lo = hi + static_cast<long long>(C) * D;
+    if (ncent != nullptr && c >= ncent[b]) {  // not a centroid of this batch: never the best
+        for (int i = lane; i < D; i += 32) hi[i] = lo[i] = to_16<T>(0.0f);
+        if (lane == 0) bias[row] = INFINITY;
+        return;
+    }
     double ss = 0.0;
     for (int i = lane; i < D; i += 32) ss += static_cast<double>(src[i]) * src[i];
     const double nrm = fmax(sqrt(warp_sum_f64(ss)), 1e-300);
@@ -183,12 +188,13 @@ assign_kernel(const T* __restrict__ x, const T* __restrict__ terms, const float*
 }
 
 template <typename T, int D>
-cudaError_t launch(const void* x, const float* cen, const float* mu, long long B, long long L, int C, void* terms,
+cudaError_t launch(const void* x, const float* cen, const float* mu, const int* ncent, long long B, long long L, int C,
+                   void* terms,
                    float* bias, float* best, std::int64_t* arg, cudaStream_t stream) {
     const long long split_blocks = (B * C + kWarps - 1) / kWarps;
     const long long per = (L + kWarps * rows_per_warp(D) - 1) / (kWarps * rows_per_warp(D));
     if (split_blocks > 0x7fffffffLL || B * per > 0x7fffffffLL) return cudaErrorInvalidValue;
-    split_kernel<T><<<static_cast<unsigned>(split_blocks), kThreads, 0, stream>>>(cen, mu, B, C, D,
+    split_kernel<T><<<static_cast<unsigned>(split_blocks), kThreads, 0, stream>>>(cen, mu, ncent, B, C, D,
                                                                                   static_cast<T*>(terms), bias);
     constexpr size_t smem = assign_smem<D>();
     const cudaError_t e = cudaFuncSetAttribute(assign_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -200,15 +206,15 @@ cudaError_t launch(const void* x, const float* cen, const float* mu, long long B
 }
 
 template <typename T>
-cudaError_t launch_d(const void* x, const float* cen, const float* mu, long long B, long long L, int C, int D,
+cudaError_t launch_d(const void* x, const float* cen, const float* mu, const int* ncent, long long B, long long L, int C, int D,
                      void* terms, float* bias, float* best, std::int64_t* arg, cudaStream_t stream) {
     switch (D) {
         case 64:
-            return launch<T, 64>(x, cen, mu, B, L, C, terms, bias, best, arg, stream);
+            return launch<T, 64>(x, cen, mu, ncent, B, L, C, terms, bias, best, arg, stream);
         case 128:
-            return launch<T, 128>(x, cen, mu, B, L, C, terms, bias, best, arg, stream);
+            return launch<T, 128>(x, cen, mu, ncent, B, L, C, terms, bias, best, arg, stream);
         case 256:
-            return launch<T, 256>(x, cen, mu, B, L, C, terms, bias, best, arg, stream);
+            return launch<T, 256>(x, cen, mu, ncent, B, L, C, terms, bias, best, arg, stream);
         default:
             return cudaErrorInvalidValue;
     }
@@ -226,13 +232,14 @@ bool kmeans_assign_supported(DType dtype, int D) {
     return major >= 8 && attr.ptxVersion >= 80;
 }
 
-cudaError_t kmeans_assign_launch(const void* x, const float* cen, const float* mu, DType dtype, long long B,
+cudaError_t kmeans_assign_launch(const void* x, const float* cen, const float* mu, const int* ncent, DType dtype,
+                                 long long B,
                                  long long L, int C, int D, void* terms, float* bias, float* best, std::int64_t* arg,
                                  cudaStream_t stream) {
     if (B < 0 || L < 0 || C < 1 || !kmeans_assign_supported(dtype, D) || !is_aligned(x, 16)) return cudaErrorInvalidValue;
     if (B == 0 || L == 0) return cudaSuccess;
-    if (dtype == DType::BF16) return launch_d<__nv_bfloat16>(x, cen, mu, B, L, C, D, terms, bias, best, arg, stream);
-    return launch_d<__half>(x, cen, mu, B, L, C, D, terms, bias, best, arg, stream);
+    if (dtype == DType::BF16) return launch_d<__nv_bfloat16>(x, cen, mu, ncent, B, L, C, D, terms, bias, best, arg, stream);
+    return launch_d<__half>(x, cen, mu, ncent, B, L, C, D, terms, bias, best, arg, stream);
 }
 
 }  // namespace cluster

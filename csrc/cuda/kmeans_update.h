@@ -33,10 +33,11 @@ bool kmeans_assign_supported(DType dtype, int D);
 // direction of centroid c (f64, rounded to f32) split into hi + lo of `dtype` (the split keeps f32 precision of
 // u on 16-bit tensor cores), row l's score is x_l . (hi_c + lo_c) - mu . u_c (the score of the row centred by mu;
 // products summed in f32). Writes best f32 [B, L] (the largest score) and arg int64 [B, L] (its centroid, the
-// lowest id among equal scores). x contiguous and 16-byte aligned, cen and mu contiguous; C >= 1. Work space:
+// lowest id among equal scores). ncent int32 [B] or null: batch b has only centroids 0 .. ncent[b] - 1 (the
+// others are never chosen). x contiguous and 16-byte aligned, cen and mu contiguous; C >= 1. Work space:
 // terms [B, 2, C, D] of `dtype` (16-byte aligned) and bias f32 [B, C]. Two launches on `stream`.
-cudaError_t kmeans_assign_launch(const void* x, const float* cen, const float* mu, DType dtype, long long B,
-                                 long long L, int C, int D, void* terms, float* bias, float* best, std::int64_t* arg,
+cudaError_t kmeans_assign_launch(const void* x, const float* cen, const float* mu, const int* ncent, DType dtype,
+                                 long long B, long long L, int C, int D, void* terms, float* bias, float* best, std::int64_t* arg,
                                  cudaStream_t stream);
 
 }  // namespace cluster

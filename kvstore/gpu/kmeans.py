@@ -27,6 +27,7 @@ centroid), so that every head has the same number of clusters.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -37,7 +38,8 @@ __all__ = ["segmented_kmeans_gpu", "cluster_means", "kmeans_objective"]
 
 MATMULS = ("auto", "split", "fp32", "fp16", "bf16")
 _SCORE_BYTES = 1 << 28   # bytes of one f32 score chunk [batches, L, C]
-_FP16_MAX = 60000.0      # centred keys beyond this (in absolute value) use bf16 instead of fp16
+_FP16_MAX = 60000.0
+_PAD_SEGMENTS = True     # the split kernel takes all segments in one padded batch (tests compare with False)      # centred keys beyond this (in absolute value) use bf16 instead of fp16
 
 
 def cluster_means(x: torch.Tensor, assign: torch.Tensor, C: int, fallback: torch.Tensor | None = None,
@@ -168,18 +170,21 @@ def split_directions(c: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     return u, torch.stack([hi, (u - hi.float()).to(dtype)], 1)
 
 
-def _assign_split(raw: torch.Tensor, mu: torch.Tensor, c: torch.Tensor, kernel: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _assign_split(raw: torch.Tensor, mu: torch.Tensor, c: torch.Tensor, kernel: bool,
+                  ncent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_assign` of the centred keys ``raw - mu`` computed from the stored keys: raw ``[B, L, D]`` (16-bit),
     mu f32 ``[B, D]`` (the head mean of each batch), c f32 ``[B, C, D]``. A key's score is raw . u - mu . u with
-    u the direction split into two 16-bit terms; ``kernel``: on tensor cores, scores kept in registers."""
+    u the direction split into two 16-bit terms; ``kernel``: on tensor cores, scores kept in registers. ncent
+    int32 ``[B]`` or None: batch b's centroids are 0 .. ncent[b] - 1 only."""
     B, L, _ = raw.shape
     if kernel:  # the kernel derives the directions, their split and the bias itself, the same way
         from ._ext import cuda_ext
 
-        return cuda_ext().kmeans_assign(raw, c.contiguous(), mu.contiguous())
+        return cuda_ext().kmeans_assign(raw, c.contiguous(), mu.contiguous(), ncent)
     u, terms = split_directions(c, raw.dtype)
     bias = torch.bmm(u.double(), mu.double()[:, :, None]).squeeze(2).float()                # [B, C]
+    if ncent is not None:
+        bias = bias.masked_fill(torch.arange(c.shape[1], device=c.device)[None, :] >= ncent[:, None], math.inf)
     w = terms[:, 0].float() + terms[:, 1].float()                         # the two terms' sum, exact in f32
     return _chunked_best(lambda b0, b1, l0, l1: torch.bmm(raw[b0:b1, l0:l1].float(), w[b0:b1].transpose(1, 2))
                          - bias[b0:b1, None, :], B, L, c.shape[1], raw.device)
@@ -200,19 +205,73 @@ def _reseed(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, best: torch.T
     c[eb[bi], ci] = x[eb[bi], far[bi, rank[bi, ci]]]
 
 
-def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str) -> torch.Tensor:
+def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str, pad: torch.Tensor | None = None,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
     """Spherical k-means of B batches: x f32 ``[B, L, D]`` (centred), c f32 ``[B, C, D]`` (init),
-    ``assign(c) -> (best, arg)`` the assignment step. Returns the final assignment int64 ``[B, L]``."""
+    ``assign(c) -> (best, arg)`` the assignment step. Batches of different sizes padded to one: pad bool
+    ``[B, L]`` marks rows that are not tokens (they join no cluster), valid bool ``[B, C]`` the batch's clusters
+    (the others stay empty and are never re-seeded). Returns the final assignment int64 ``[B, L]`` (C on pad rows)."""
     C = c.shape[1]
     for it in range(iters + 1):
         best, a = assign(c)
+        if pad is not None:
+            a = a.masked_fill(pad, C)                      # a cluster of their own, dropped below
+            best = best.masked_fill(pad, math.inf)         # never the farthest token of a re-seed
         if it == iters:
             return a
-        c, cnt = cluster_means(x, a, C, fallback=c, backend=backend)
+        if pad is None:
+            c, cnt = cluster_means(x, a, C, fallback=c, backend=backend)
+        else:
+            c, cnt = cluster_means(x, a, C + 1, fallback=torch.nn.functional.pad(c, (0, 0, 0, 1)), backend=backend)
+            c, cnt = c[:, :C], cnt[:, :C]
         empty = cnt == 0
+        if valid is not None:
+            empty &= valid
         if bool(empty.any()):
             _reseed(x, c, empty, best)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _kmeans_padded(keys: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, bounds: list[int], cs: list[int],
+                   cbase: list[int], iters: int, seed: int, backend: str, assign: torch.Tensor,
+                   kernel: bool = True) -> None:
+    """matmul="split" with all segments of every head in one batch, the last (of another length) padded: one
+    pass of launches instead of one a run of equal segments (the tensor-core kernel's results do not depend on
+    the batch; ``kernel=False``: the torch products). Writes ``assign`` [G, n] in place."""
+    G, n, D = keys.shape
+    dev = keys.device
+    nseg = len(bounds) - 1
+    lens = [bounds[s + 1] - bounds[s] for s in range(nseg)]
+    L, C, f = max(lens), max(cs), nseg - 1            # segments before the last are all of one length
+    seg = lens[0]
+    X = x.new_zeros(G, nseg, L, D)
+    R = keys.new_zeros(G, nseg, L, D)
+    if f:
+        X[:, :f, :seg] = x[:, :bounds[f]].reshape(G, f, seg, D)
+        R[:, :f, :seg] = keys[:, :bounds[f]].reshape(G, f, seg, D)
+    X[:, f, :lens[f]] = x[:, bounds[f]:]
+    R[:, f, :lens[f]] = keys[:, bounds[f]:]
+    B = G * nseg
+    X, R = X.view(B, L, D), R.view(B, L, D)
+    rows = torch.tensor([_init_rows(lens[s], cs[s], seed + s) + [0] * (C - cs[s]) for s in range(nseg)],
+                        dtype=torch.int64, device=dev)
+    ncent = torch.tensor(cs, dtype=torch.int32, device=dev).repeat(G)                 # [B]: b = g * nseg + s
+    valid = torch.arange(C, device=dev)[None, :] < ncent[:, None]
+    c0 = X.view(G, nseg, L, D)[:, torch.arange(nseg, device=dev)[:, None], rows].reshape(B, C, D)
+    c0 = c0 * valid[..., None]
+    pad = None
+    if any(x_ != L for x_ in lens):
+        pad = torch.arange(L, device=dev)[None, :] >= torch.tensor(lens, device=dev).repeat(G)[:, None]
+    mu = mean.repeat_interleave(nseg, 0)
+
+    def assign_step(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _assign_split(R, mu, c, kernel, ncent)
+
+    a = _iterate(X, c0, iters, assign_step, backend, pad, None if min(cs) == C else valid).view(G, nseg, L)
+    base = torch.tensor(cbase[:nseg], dtype=torch.int64, device=dev)
+    if f:
+        assign[:, :bounds[f]] = (a[:, :f, :seg] + base[:f, None]).reshape(G, f * seg)
+    assign[:, bounds[f]:] = a[:, f, :lens[f]] + cbase[f]
 
 
 def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segment_len: int = 8192,
@@ -259,7 +318,7 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
     dev = keys.device
     if keys.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         keys = keys.float()
-    if not bool(torch.isfinite(keys).all()):
+    if not bool(torch.isfinite(torch.linalg.vector_norm(keys, math.inf))):  # one reduction, NaN propagates
         raise ValueError("keys contains NaN or inf")
     mm = _pick_matmul(matmul, keys, backend)
     kernel = mm == "split" and _split_kernel(keys, backend)
@@ -272,7 +331,11 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
     for cnt in cs:
         cbase.append(cbase[-1] + cnt)
     assign = torch.empty(G, n, dtype=torch.int64, device=dev)
-    s0 = 0
+    s0 = nseg
+    if kernel and _PAD_SEGMENTS:
+        _kmeans_padded(keys, x, mean, bounds, cs, cbase, iters, seed, backend, assign)
+    else:
+        s0 = 0
     while s0 < nseg:  # runs of consecutive segments of one length (at most two runs)
         L, C = bounds[s0 + 1] - bounds[s0], cs[s0]
         s1 = s0 + 1

@@ -322,7 +322,7 @@ torch::Tensor kmeans_means(const torch::Tensor& x, const torch::Tensor& order, c
 // x [B, L, D] (bf16/fp16), cen f32 [B, C, D], mu f32 [B, D] -> (best f32 [B, L], arg int64 [B, L]): each row's
 // best centroid direction and its score (the row centred by mu; see kmeans_update.h).
 std::tuple<torch::Tensor, torch::Tensor> kmeans_assign(const torch::Tensor& x, const torch::Tensor& cen,
-                                                       const torch::Tensor& mu) {
+                                                       const torch::Tensor& mu, c10::optional<torch::Tensor> ncent) {
     check_cuda(x, "x");
     check_cuda(cen, "cen");
     check_cuda(mu, "mu");
@@ -333,6 +333,14 @@ std::tuple<torch::Tensor, torch::Tensor> kmeans_assign(const torch::Tensor& x, c
     TORCH_CHECK(mu.size(0) == B && mu.size(1) == D && mu.scalar_type() == torch::kFloat32, "mu must be float32 [B, D]");
     TORCH_CHECK(C <= INT32_MAX && D <= INT32_MAX, "C and D must fit in int32");
     TORCH_CHECK(cen.device() == x.device() && mu.device() == x.device(), "tensors on different devices");
+    const int* nc = nullptr;
+    if (ncent.has_value()) {
+        check_cuda(*ncent, "ncent");
+        TORCH_CHECK(ncent->dim() == 1 && ncent->size(0) == B && ncent->scalar_type() == torch::kInt32 &&
+                        ncent->device() == x.device(),
+                    "ncent must be int32 [B] on x's device");
+        nc = ncent->data_ptr<int>();
+    }
     const DType dt = kernel_dtype(x.scalar_type(), "x");
     const c10::cuda::CUDAGuard guard(x.device());
     TORCH_CHECK(kvstore::cluster::kmeans_assign_supported(dt, static_cast<int>(D)),
@@ -341,7 +349,7 @@ std::tuple<torch::Tensor, torch::Tensor> kmeans_assign(const torch::Tensor& x, c
     torch::Tensor arg = torch::empty({B, L}, x.options().dtype(torch::kInt64));
     torch::Tensor terms = torch::empty({B, 2, C, D}, x.options());
     torch::Tensor bias = torch::empty({B, C}, x.options().dtype(torch::kFloat32));
-    check_launch(kvstore::cluster::kmeans_assign_launch(x.data_ptr(), cen.data_ptr<float>(), mu.data_ptr<float>(), dt,
+    check_launch(kvstore::cluster::kmeans_assign_launch(x.data_ptr(), cen.data_ptr<float>(), mu.data_ptr<float>(), nc, dt,
                                                         B, L, static_cast<int>(C), static_cast<int>(D),
                                                         terms.data_ptr(), bias.data_ptr<float>(),
                                                         best.data_ptr<float>(), arg.data_ptr<int64_t>(),
@@ -454,6 +462,7 @@ void register_cluster_ops(pybind11::module_& m) {
           pybind11::arg("src_v"), pybind11::arg("src_row"), pybind11::arg("dst_row"), pybind11::arg("length"),
           pybind11::arg("blocks_per_run") = 1, "Copy M runs of rows (k and optionally v) in one launch");
     m.def("kmeans_assign", &kmeans_assign, pybind11::arg("x"), pybind11::arg("cen"), pybind11::arg("mu"),
+          pybind11::arg("ncent") = pybind11::none(),
           "Best centroid of each row (k-means assignment on tensor cores): (best f32 [B, L], arg int64 [B, L])");
     m.def("kmeans_assign_supported", &kmeans_assign_supported, pybind11::arg("x"),
           "Whether kmeans_assign takes rows like x on x's device");
