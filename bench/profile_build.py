@@ -91,6 +91,33 @@ def main(argv: list[str] | None = None) -> dict:
         builds[mode] = {"seconds": secs, "over_prefill": secs / pre}
         print(f"  build ({mode}): {secs:.3f} s = {100 * secs / pre:.1f}% of the prefill")
     out["build"] = builds
+    # the k-means share of a gpu_only build, and the device-to-pinned-host copy rate the offload build moves at
+    spent = []
+    original = kmeans_mod.segmented_kmeans_gpu
+
+    def timed_kmeans(*args, **kw):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = original(*args, **kw)
+        torch.cuda.synchronize()
+        spent.append(time.perf_counter() - t0)
+        return r
+
+    kmeans_mod.segmented_kmeans_gpu = timed_kmeans
+    try:
+        total = timed_seconds(lambda: GpuWaveLayer.build(k, v, cfg, device=dev), dev)[1]
+    finally:
+        kmeans_mod.segmented_kmeans_gpu = original
+    host = torch.empty(k.numel() * 2, dtype=k.dtype, pin_memory=True)
+    flat = torch.cat([k.flatten(), v.flatten()])
+    host.copy_(flat)
+    d2h = timed_seconds(lambda: host.copy_(flat), dev)[1]
+    out["phases"] = {"build_s": total, "kmeans_s": sum(spent), "kmeans_calls": len(spent),
+                     "kv_to_pinned_s": d2h, "kv_bytes": flat.numel() * flat.element_size()}
+    print(f"  gpu_only build {1e3 * total:.1f} ms: k-means {1e3 * sum(spent):.1f} ms in {len(spent)} calls, the rest "
+          f"{1e3 * (total - sum(spent)):.1f} ms; the KV to pinned host memory: {1e3 * d2h:.1f} ms "
+          f"({flat.numel() * flat.element_size() / d2h / 1e9:.1f} GB/s)")
+    del host, flat
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 

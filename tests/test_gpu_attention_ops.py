@@ -444,3 +444,26 @@ def test_kernel_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     _check(out[0], out[1], cpu.reference(), torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+def test_binding_errors_with_numbers_devices_and_dtypes_raise():
+    """Messages that carry sizes, devices and dtypes are raised as Python errors (no crash while building them)."""
+    from kvstore.gpu import cuda_ext
+
+    ext = cuda_ext()
+    with pytest.raises(RuntimeError, match="got -5"):
+        ext.wave_team_size(-5)
+    with pytest.raises(RuntimeError, match="got 7"):
+        ext.sparse_attention_blocks_per_sm(0, 7, 128, 128, 4)
+    q = torch.zeros(2, 4, 128, device="cuda", dtype=torch.bfloat16)
+    bad_k = torch.zeros(10, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.zeros(10, 128, device="cuda", dtype=torch.bfloat16)
+    i64 = torch.zeros(2, 1, dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match="has dim 64, q has 128"):
+        ext.sparse_decode_attention(q, [bad_k], [v], i64.int(), i64, i64.int(), i64, None, None, None, None,
+                                    1.0, 1, 0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ext.sparse_decode_attention(q, [bad_k.float()], [v], i64.int(), i64, i64.int(), i64, None, None, None, None,
+                                    1.0, 1, 0)

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from kvstore.gpu.cluster_ops import (candidate_scores, cluster_order, cluster_runs, cluster_scores, copy_rows,
-                                     select_clusters, weighted_rows)
+from kvstore.gpu.cluster_ops import (candidate_scores, cluster_order, cluster_runs, cluster_scores, cluster_store,
+                                     copy_rows, select_clusters, weighted_rows)
 
 
 def _cuda_ready() -> bool:
@@ -173,6 +173,90 @@ def test_cluster_order():
         assert torch.equal(offsets[g], torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
     with pytest.raises(ValueError, match="assign"):
         cluster_order(assign, 5)
+
+
+def store_case(S=3, m=257, C=20, D=64, Dv=48, dtype=torch.float32, device="cpu", seed=0, strided=False):
+    """Keys / values of S slots (a strided view of a wider buffer when ``strided``), an assignment with an empty
+    cluster and one holding a third of the rows, centroids near the member means."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = m + 13 if strided else m
+    kbuf = (torch.randn(S, wide, D, generator=gen) + 0.5).to(dtype)
+    vbuf = torch.randn(S, wide, Dv, generator=gen).to(dtype)
+    o = 5 if strided else 0
+    k, v = kbuf[:, o:o + m], vbuf[:, o:o + m]
+    assign = torch.randint(0, C - 1, (S, m), generator=gen)        # cluster C - 1 stays empty
+    assign[:, : m // 3] = 2
+    cen = torch.randn(S, C, D, generator=gen) * 0.1 + 0.5
+    return [t.to(device) for t in (k, v, assign, cen)]
+
+
+def store_expected(k, v, assign, cen):
+    """float64 loops: rows in cluster order, value sums and radii."""
+    S, m, _ = k.shape
+    C = cen.shape[1]
+    ok, ov = torch.empty_like(k), torch.empty_like(v)
+    vs = torch.zeros(S, C, v.shape[-1], dtype=torch.float64)
+    rad = torch.zeros(S, C, dtype=torch.float64)
+    for s in range(S):
+        idx = torch.argsort(assign[s], stable=True)
+        ok[s], ov[s] = k[s, idx], v[s, idx]
+        for c in range(C):
+            mem = (assign[s] == c).nonzero().squeeze(1)
+            if mem.numel():
+                vs[s, c] = v[s, mem].double().sum(0)
+                rad[s, c] = (k[s, mem].double() - cen[s, c].double()).norm(dim=-1).max()
+    return ok, ov, vs, rad
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_cluster_store_reference(strided):
+    k, v, assign, cen = store_case(strided=strided)
+    order, offsets = cluster_order(assign, cen.shape[1])
+    out_k = torch.full((3, 300, 64), 7.0)
+    out_v = torch.full((3, 300, 48), 7.0)
+    vs, rad = cluster_store(k, v, assign, order, offsets, cen, out_k, out_v, backend="torch")
+    ek, ev, evs, erad = store_expected(k, v, assign, cen)
+    assert torch.equal(out_k[:, :257], ek) and torch.equal(out_v[:, :257], ev)
+    assert (out_k[:, 257:] == 7).all() and (out_v[:, 257:] == 7).all()      # rows past m untouched
+    assert rel_l2(vs, evs) < 1e-6 and rel_l2(rad, erad) < 1e-6
+    assert (rad[:, -1] == 0).all() and (vs[:, -1] == 0).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D,Dv,strided", [(64, 48, True), (128, 128, False), (256, 256, True), (40, 72, False)])
+def test_cluster_store_kernel_matches_reference(dtype, D, Dv, strided):
+    k, v, assign, cen = store_case(S=5, m=999, C=70, D=D, Dv=Dv, dtype=dtype, device="cuda", seed=D + Dv,
+                                   strided=strided)
+    order, offsets = cluster_order(assign, 70)
+    outs = []
+    for backend in ("torch", "cuda"):
+        out_k = torch.zeros(5, 1001, D, dtype=dtype, device="cuda")
+        out_v = torch.zeros(5, 1001, Dv, dtype=dtype, device="cuda")
+        vs, rad = cluster_store(k, v, assign, order, offsets, cen, out_k, out_v, backend=backend)
+        outs.append((out_k, out_v, vs, rad))
+    (rk, rv, rvs, rrad), (ck, cv, cvs, crad) = outs
+    assert torch.equal(ck, rk) and torch.equal(cv, rv)
+    assert rel_l2(cvs, rvs) < 1e-5
+    assert torch.allclose(crad, rrad, rtol=1e-5, atol=1e-6)
+    ek, ev, evs, erad = store_expected(k.cpu(), v.cpu(), assign.cpu(), cen.cpu())
+    assert rel_l2(cvs.cpu(), evs) < 1e-6                   # summed in double: closer to float64 than torch's f32
+    assert torch.allclose(crad.cpu().double(), erad, rtol=1e-5, atol=1e-6)
+
+
+@gpu
+def test_cluster_store_kernel_refuses_bad_layouts():
+    k, v, assign, cen = store_case(device="cuda")
+    order, offsets = cluster_order(assign, cen.shape[1])
+    ext = __import__("kvstore.gpu._ext", fromlist=["cuda_ext"]).cuda_ext()
+    out_k = torch.zeros(3, 300, 64, device="cuda")
+    out_v = torch.zeros(3, 300, 48, device="cuda")
+    with pytest.raises(RuntimeError, match="out_k"):
+        ext.cluster_store(k, v, order, offsets, cen, out_k[:, :100], out_v[:, :100])   # fewer rows than m
+    with pytest.raises(RuntimeError, match="rows"):
+        ext.cluster_store(k.transpose(1, 2).contiguous().transpose(1, 2), v, order, offsets, cen, out_k, out_v)
+    with pytest.raises(RuntimeError, match="offsets"):
+        ext.cluster_store(k, v, order, offsets[:, :-1], cen, out_k, out_v)
 
 
 # --------------------------------------------------------------------------- copies (torch reference)

@@ -25,6 +25,17 @@ cudaError_t kmeans_means_launch(const void* x, DType dtype, const std::int64_t* 
                                 const std::int64_t* offsets, long long K, int D, const float* fallback, float* means,
                                 cudaStream_t stream);
 
+// The index of clustered rows of S slots, in one pass over them: slot s has m rows k [m, D], v [m, Dv] (of
+// `dtype`, rows contiguous, slot s at k + s * k_slot and v + s * v_slot elements) and C clusters, cluster c
+// holding rows order[s, offsets[s, c] .. offsets[s, c + 1]) (int64, offsets [S, C + 1]), with centroid cen f32 [S, C, D]. Writes the rows in cluster
+// order, out_k[s * out_rows + i] = k[s, order[s, i]] (and out_v), each cluster's value sum vsum f32 [S, C, Dv]
+// (summed in double in member order) and radius f32 [S, C] (the largest f32 distance of a member key from the
+// centroid; 0 if empty). A warp a cluster; one launch.
+cudaError_t cluster_store_launch(const void* k, const void* v, long long k_slot, long long v_slot, DType dtype,
+                                 long long S, long long m, int C, int D, int Dv, const std::int64_t* order, const std::int64_t* offsets, const float* cen,
+                                 void* out_k, void* out_v, long long out_rows, float* vsum, float* radii,
+                                 cudaStream_t stream);
+
 // Whether kmeans_assign_launch takes rows of `dtype` (bf16 or fp16) and D columns (64, 128 or 256) on the current
 // device (sm_80 and later).
 bool kmeans_assign_supported(DType dtype, int D);

@@ -8,6 +8,8 @@
 * :func:`copy_rows` - copies runs of rows (clusters) between KV buffers in one
   launch, reading pinned host memory zero-copy (wave buffer admissions).
 * :func:`cluster_order` - tokens sorted by cluster and the CSR offsets.
+* :func:`cluster_store` - the clustered rows written in cluster order, with each
+  cluster's value sum and radius (the index build, one pass over the KV).
 * :func:`candidate_scores` - exact scores of the keys of each slot's candidate
   runs and each run's log-sum-exp.
 
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cluster_scores", "select_clusters", "copy_rows", "cluster_order", "candidate_scores", "weighted_rows"]
+__all__ = ["cluster_scores", "select_clusters", "copy_rows", "cluster_order", "cluster_store", "candidate_scores", "weighted_rows"]
 
 BACKENDS = ("auto", "torch", "cuda")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -256,6 +258,35 @@ def cluster_order(assign: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Ten
     offsets = torch.zeros(G, C + 1, dtype=torch.int64, device=a.device)
     offsets[:, 1:] = torch.cumsum(counts.reshape(G, C), dim=1)
     return order, offsets
+
+
+def cluster_store(k: torch.Tensor, v: torch.Tensor, assign: torch.Tensor, order: torch.Tensor,
+                  offsets: torch.Tensor, centroids: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Write clustered rows in cluster order; return each cluster's value sum and radius.
+
+    k ``[S, m, D]``, v ``[S, m, Dv]`` (one dtype; rows contiguous, slots may be strided), assign int64 ``[S, m]``
+    and ``order, offsets = cluster_order(assign, C)``, centroids f32 ``[S, C, D]``. ``out_k[:, :m]`` /
+    ``out_v[:, :m]`` (``[S, R >= m, D / Dv]``, k's dtype, on k's device) receive ``k[s, order[s]]`` /
+    ``v[s, order[s]]``. Returns value sums f32 ``[S, C, Dv]`` and radii f32 ``[S, C]`` (the largest distance of
+    a member key from its centroid, 0 for an empty cluster; :func:`kvstore.wave.cluster_radii`).
+    """
+    from ..wave import cluster_radii
+
+    S, m, D = k.shape
+    Dv = v.shape[-1]
+    C = centroids.shape[1]
+    if (use_cuda_kernel(backend, k, v, order, offsets, centroids, out_k, out_v)
+            and k.dtype in _FLOATS and v.dtype == k.dtype and out_k.dtype == k.dtype and out_v.dtype == k.dtype):
+        from ._ext import cuda_ext
+
+        return cuda_ext().cluster_store(k, v, order, offsets, centroids.float().contiguous(), out_k, out_v)
+    vs = torch.zeros(S, C, Dv, dtype=torch.float32, device=k.device)
+    vs.scatter_add_(1, assign[..., None].expand(S, m, Dv), v.float())
+    radii = cluster_radii(k, centroids, assign)
+    out_k[:, :m].copy_(torch.gather(k, 1, order[..., None].expand(S, m, D)))
+    out_v[:, :m].copy_(torch.gather(v, 1, order[..., None].expand(S, m, Dv)))
+    return vs, radii
 
 
 # --------------------------------------------------------------------------- copies

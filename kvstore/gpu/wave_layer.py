@@ -339,7 +339,7 @@ class GpuWaveLayer:
                          cen: torch.Tensor, sizes: torch.Tensor) -> None:
         """Write the clusters of the slots ``sl`` (sequences of one middle length m): kb/vb [S, m, D],
         assign [S, m], cen [S, C_b, D] f32, sizes [S, C_b]."""
-        from .cluster_ops import cluster_order
+        from .cluster_ops import cluster_order, cluster_store
 
         H, m = kb.shape[0], kb.shape[1]
         Cb = cen.shape[1]
@@ -348,21 +348,22 @@ class GpuWaveLayer:
         self.sizes[sl, :Cb] = sizes.float()
         self.offsets[sl, :Cb + 1] = offsets.to(torch.int64)
         self.offsets[sl, Cb + 1:] = m                                                  # empty clusters at the end
-        vs = torch.zeros(H, Cb, self.Dv, dtype=torch.float32, device=kb.device)
-        vs.scatter_add_(1, assign[..., None].expand(H, m, self.Dv), vb.float())
-        self.value_sums[sl, :Cb] = vs
-        self.radii[sl, :Cb] = cluster_radii(kb, cen, assign).to(self.radii.device)
         if self.cfg.estimator == "fs_iso":
             from .estimation import isotropic_variance
 
             self.key_var[sl, :Cb] = isotropic_variance(kb, assign, Cb)
-        ks = torch.gather(kb, 1, order[..., None].expand(H, m, self.D))
-        vsrt = torch.gather(vb, 1, order[..., None].expand(H, m, self.Dv))
         kv_k = self.kv_k.view(self.G, self.n, self.D)
         kv_v = self.kv_v.view(self.G, self.n, self.Dv)
-        # into pinned host memory (offload) straight from the device, as one DMA each
-        kv_k[sl, :m].copy_(ks, non_blocking=self.pinned)
-        kv_v[sl, :m].copy_(vsrt, non_blocking=self.pinned)
+        on_device = kv_k.device == kb.device
+        # sorted straight into the index (gpu_only), or on the device and then into pinned memory as one DMA each
+        out_k = kv_k[sl] if on_device else torch.empty(H, m, self.D, dtype=self.dtype, device=kb.device)
+        out_v = kv_v[sl] if on_device else torch.empty(H, m, self.Dv, dtype=self.dtype, device=kb.device)
+        vs, radii = cluster_store(kb.to(self.dtype), vb.to(self.dtype), assign, order, offsets, cen, out_k, out_v)
+        self.value_sums[sl, :Cb] = vs
+        self.radii[sl, :Cb] = radii
+        if not on_device:
+            kv_k[sl, :m].copy_(out_k, non_blocking=self.pinned)
+            kv_v[sl, :m].copy_(out_v, non_blocking=self.pinned)
         if m < self.n and self.kv_k.device.type == "cpu":  # rows no cluster holds, never read: zeros, not garbage
             kv_k[sl, m:].zero_()
             kv_v[sl, m:].zero_()

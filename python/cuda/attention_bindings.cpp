@@ -10,10 +10,13 @@
 #include <tuple>
 #include <vector>
 
+#include "message_text.h"
 #include "registry.h"
 #include "sparse_attention.h"
 
 namespace {
+
+using kvstore_bindings::text;
 
 namespace ka = kvstore::attn;
 
@@ -26,7 +29,7 @@ at::ScalarType scalar_type_of(int64_t code) {
         case 2:
             return at::kBFloat16;
         default:
-            TORCH_CHECK(false, "out_dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", code);
+            TORCH_CHECK(false, "out_dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", text(code));
     }
     return at::kFloat;  // unreachable
 }
@@ -34,9 +37,9 @@ at::ScalarType scalar_type_of(int64_t code) {
 // A contiguous tensor on `dev` of dtype `t` with `dim` dimensions.
 void check_device_tensor(const at::Tensor& x, const at::Device& dev, at::ScalarType t, int64_t dim,
                          const char* name) {
-    TORCH_CHECK(x.is_cuda() && x.device() == dev, name, " must be on ", dev, ", got ", x.device());
-    TORCH_CHECK(x.scalar_type() == t, name, " must be ", t, ", got ", x.scalar_type());
-    TORCH_CHECK(x.dim() == dim, name, " must be ", dim, "-D, got ", x.dim(), "-D");
+    TORCH_CHECK(x.is_cuda() && x.device() == dev, name, " must be on ", text(dev), ", got ", text(x.device()));
+    TORCH_CHECK(x.scalar_type() == t, name, " must be ", text(t), ", got ", text(x.scalar_type()));
+    TORCH_CHECK(x.dim() == dim, name, " must be ", text(dim), "-D, got ", text(x.dim()), "-D");
     TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
 }
 
@@ -49,11 +52,11 @@ const void* source_pointer(const at::Tensor& x, const at::Device& dev, const std
     if (x.numel() == 0) return nullptr;
     TORCH_CHECK(aligned16(x), name, " must be 16-byte aligned");
     if (x.is_cuda()) {
-        TORCH_CHECK(x.device() == dev, name, " is on ", x.device(), ", q on ", dev);
+        TORCH_CHECK(x.device() == dev, name, " is on ", text(x.device()), ", q on ", text(dev));
         return x.data_ptr();
     }
     TORCH_CHECK(x.device().is_cpu() && x.is_pinned(), name, " must be on ", dev,
-                " or in pinned host memory (pin_memory()), got ", x.device());
+                " or in pinned host memory (pin_memory()), got ", text(x.device()));
     cudaPointerAttributes attr{};
     const cudaError_t err = cudaPointerGetAttributes(&attr, x.data_ptr());
     if (err != cudaSuccess) {
@@ -70,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_attention(
     const std::optional<at::Tensor>& est_scores, const std::optional<at::Tensor>& est_sizes,
     const std::optional<at::Tensor>& est_value_sums, const std::optional<at::Tensor>& est_ids, double scale,
     int64_t num_splits, int64_t est_splits) {
-    TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
+    TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", text(q.device()));
     const at::Device dev = q.device();
     const c10::cuda::CUDAGuard guard(dev);
     ka::SparseAttentionArgs a;
@@ -82,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_attention(
     a.Hg = static_cast<int>(q.size(1));
     a.D = static_cast<int>(q.size(2));
 
-    TORCH_CHECK(ks.size() == vs.size(), "got ", ks.size(), " key tables and ", vs.size(), " value tables");
+    TORCH_CHECK(ks.size() == vs.size(), "got ", text(ks.size()), " key tables and ", text(vs.size()), " value tables");
     TORCH_CHECK(!ks.empty() && ks.size() <= static_cast<size_t>(ka::kMaxSources), "sources must number 1 to ",
                 ka::kMaxSources, ", got ", ks.size());
     a.num_sources = static_cast<int>(ks.size());
@@ -92,18 +95,18 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_attention(
         const at::Tensor& v = vs[i];
         TORCH_CHECK(k.dim() == 2 && v.dim() == 2, kn, " and ", vn, " must be 2-D");
         TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kn, " and ", vn,
-                    " must have q's dtype ", q.scalar_type());
-        TORCH_CHECK(k.size(1) == a.D, kn, " has dim ", k.size(1), ", q has ", a.D);
-        TORCH_CHECK(v.size(0) == k.size(0), vn, " has ", v.size(0), " rows, ", kn, " has ", k.size(0));
+                    " must have q's dtype ", text(q.scalar_type()));
+        TORCH_CHECK(k.size(1) == a.D, kn, " has dim ", text(k.size(1)), ", q has ", text(a.D));
+        TORCH_CHECK(v.size(0) == k.size(0), vn, " has ", text(v.size(0)), " rows, ", kn, " has ", text(k.size(0)));
         if (i == 0) a.Dv = static_cast<int>(v.size(1));
-        TORCH_CHECK(v.size(1) == a.Dv, vn, " has dim ", v.size(1), ", sources[0].v has ", a.Dv);
+        TORCH_CHECK(v.size(1) == a.Dv, vn, " has dim ", text(v.size(1)), ", sources[0].v has ", text(a.Dv));
         a.k[i] = source_pointer(k, dev, kn);
         a.v[i] = source_pointer(v, dev, vn);
         a.rows[i] = k.size(0);
     }
     TORCH_CHECK(ka::sparse_attention_supported(a.D, a.Dv, a.Hg),
-                "unsupported sizes: D and Dv must be 64 or 128 and Hg in [1, ", ka::kMaxGroup, "], got D = ", a.D,
-                ", Dv = ", a.Dv, ", Hg = ", a.Hg);
+                "unsupported sizes: D and Dv must be 64 or 128 and Hg in [1, ", text(ka::kMaxGroup), "], got D = ",
+                text(a.D), ", Dv = ", text(a.Dv), ", Hg = ", text(a.Hg));
 
     check_device_tensor(run_src, dev, at::kInt, 1, "runs.src");
     check_device_tensor(run_row, dev, at::kLong, 1, "runs.row");
@@ -149,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_attention(
         TORCH_CHECK(a.E == 0 || a.est_splits >= 1, "est_splits must be >= 1 when the estimation zone is not empty");
     }
     TORCH_CHECK(num_splits >= 1 && num_splits + a.est_splits <= ka::kMaxSplits, "num_splits must be in [1, ",
-                ka::kMaxSplits - a.est_splits, "], got ", num_splits);
+                text(ka::kMaxSplits - a.est_splits), "], got ", text(num_splits));
     a.num_splits = static_cast<int>(num_splits);
 
     const int64_t S = a.num_splits + a.est_splits;
@@ -172,10 +175,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_attention(
 
 std::tuple<at::Tensor, at::Tensor> merge_attention_partials(const at::Tensor& o, const at::Tensor& lse,
                                                             int64_t out_dtype) {
-    TORCH_CHECK(o.is_cuda(), "o must be a CUDA tensor, got ", o.device());
+    TORCH_CHECK(o.is_cuda(), "o must be a CUDA tensor, got ", text(o.device()));
     const at::Device dev = o.device();
     const c10::cuda::CUDAGuard guard(dev);
-    TORCH_CHECK(lse.is_cuda() && lse.device() == dev, "lse must be on ", dev, ", got ", lse.device());
+    TORCH_CHECK(lse.is_cuda() && lse.device() == dev, "lse must be on ", text(dev), ", got ", text(lse.device()));
     TORCH_CHECK(o.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat, "o and lse must be float32");
     TORCH_CHECK(o.dim() == 3 && lse.dim() == 2 && o.size(0) == lse.size(0) && o.size(1) == lse.size(1),
                 "o must be [P, N, Dv] and lse [P, N]");
@@ -195,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_partials(const at::Tensor& o,
 
 int64_t sparse_attention_blocks_per_sm(int64_t device, int64_t dtype, int64_t D, int64_t Dv, int64_t Hg) {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (f16) or 2 (bf16), got ", dtype);
+    TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype code must be 0 (f32), 1 (f16) or 2 (bf16), got ", text(dtype));
     return ka::sparse_attention_blocks_per_sm(static_cast<ka::DType>(dtype), static_cast<int>(D),
                                               static_cast<int>(Dv), static_cast<int>(Hg));
 }

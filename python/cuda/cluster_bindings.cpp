@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "candidate_scores.h"
@@ -19,9 +20,12 @@
 #include "copy_rows.h"
 #include "kmeans_update.h"
 #include "weighted_rows.h"
+#include "message_text.h"
 #include "registry.h"
 
 namespace {
+
+using kvstore_bindings::text;
 
 using kvstore::cluster::DType;
 
@@ -358,6 +362,56 @@ std::tuple<torch::Tensor, torch::Tensor> kmeans_assign(const torch::Tensor& x, c
     return {best, arg};
 }
 
+// k [S, m, D], v [S, m, Dv], order int64 [S, m], offsets int64 [S, C + 1], cen f32 [S, C, D]; out_k [S, R, D] and
+// out_v [S, R, Dv] (R >= m, k's dtype) get the rows in cluster order -> (value sums f32 [S, C, Dv], radii f32 [S, C]).
+std::tuple<torch::Tensor, torch::Tensor> cluster_store(const torch::Tensor& k, const torch::Tensor& v,
+                                                       const torch::Tensor& order, const torch::Tensor& offsets,
+                                                       const torch::Tensor& cen, torch::Tensor out_k,
+                                                       torch::Tensor out_v) {
+    for (const auto& [t, name] : {std::pair<const torch::Tensor&, const char*>{k, "k"}, {v, "v"}, {order, "order"},
+                                  {offsets, "offsets"}, {cen, "cen"}, {out_k, "out_k"}, {out_v, "out_v"}}) {
+        check_cuda(t, name);
+        TORCH_CHECK(t.device() == k.device(), name, " must be on k's device");
+    }
+    TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && order.dim() == 2 && offsets.dim() == 2 && cen.dim() == 3 &&
+                    out_k.dim() == 3 && out_v.dim() == 3,
+                "k, v, cen, out_k, out_v must be 3-D and order, offsets 2-D");
+    const int64_t S = k.size(0), m = k.size(1), D = k.size(2), Dv = v.size(2), C = cen.size(1);
+    TORCH_CHECK(v.size(0) == S && v.size(1) == m && v.scalar_type() == k.scalar_type(), "v must be [S, m, Dv] like k");
+    TORCH_CHECK(order.size(0) == S && order.size(1) == m && order.scalar_type() == torch::kInt64,
+                "order must be int64 [S, m]");
+    TORCH_CHECK(offsets.size(0) == S && offsets.size(1) == C + 1 && offsets.scalar_type() == torch::kInt64,
+                "offsets must be int64 [S, C + 1]");
+    TORCH_CHECK(cen.size(0) == S && cen.size(2) == D && cen.scalar_type() == torch::kFloat32, "cen must be f32 [S, C, D]");
+    TORCH_CHECK(out_k.size(0) == S && out_k.size(1) >= m && out_k.size(2) == D && out_v.size(0) == S &&
+                    out_v.size(1) == out_k.size(1) && out_v.size(2) == Dv && out_k.scalar_type() == k.scalar_type() &&
+                    out_v.scalar_type() == k.scalar_type(),
+                "out_k, out_v must be [S, R >= m, D / Dv] of k's dtype");
+    TORCH_CHECK(C <= INT32_MAX && D <= INT32_MAX && Dv <= INT32_MAX, "C, D and Dv must fit in int32");
+    // slots may be strided (the middle tokens of a prefilled [B, H, N, D] layer); rows must be contiguous
+    TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == D && v.stride(2) == 1 && v.stride(1) == Dv,
+                "k and v must have contiguous rows");
+    const int64_t R = out_k.size(1);
+    TORCH_CHECK(out_k.stride(2) == 1 && out_k.stride(1) == D && (S == 1 || out_k.stride(0) == R * D) &&
+                    out_v.stride(2) == 1 && out_v.stride(1) == Dv && (S == 1 || out_v.stride(0) == R * Dv),
+                "out_k and out_v must be contiguous");
+    TORCH_CHECK(order.is_contiguous() && offsets.is_contiguous() && cen.is_contiguous(),
+                "order, offsets and cen must be contiguous");
+    const int64_t k_slot = S > 1 ? k.stride(0) : m * D, v_slot = S > 1 ? v.stride(0) : m * Dv;
+    TORCH_CHECK(k_slot >= m * D && v_slot >= m * Dv, "k and v slots must not overlap");
+    const DType dt = kernel_dtype(k.scalar_type(), "k");
+    const c10::cuda::CUDAGuard guard(k.device());
+    torch::Tensor vsum = torch::empty({S, C, Dv}, k.options().dtype(torch::kFloat32));
+    torch::Tensor radii = torch::empty({S, C}, k.options().dtype(torch::kFloat32));
+    check_launch(kvstore::cluster::cluster_store_launch(
+                     k.data_ptr(), v.data_ptr(), k_slot, v_slot, dt, S, m, static_cast<int>(C), static_cast<int>(D),
+                     static_cast<int>(Dv), order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                     cen.data_ptr<float>(), out_k.data_ptr(), out_v.data_ptr(), R,
+                     vsum.data_ptr<float>(), radii.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                 "cluster_store");
+    return {vsum, radii};
+}
+
 // Whether kmeans_assign takes rows like x on x's device.
 bool kmeans_assign_supported(const torch::Tensor& x) {
     if (!x.is_cuda() || x.dim() < 1) return false;
@@ -392,11 +446,11 @@ std::vector<torch::Tensor> weighted_rows_jobs(const std::vector<torch::Tensor>& 
     const size_t n = w.size();
     TORCH_CHECK(n >= 1 && n <= static_cast<size_t>(kvstore::cluster::kWeightedMaxJobs) && rows.size() == n &&
                     values.size() == n,
-                "1 to ", kvstore::cluster::kWeightedMaxJobs, " jobs of (w, rows, values)");
+                "1 to ", text(kvstore::cluster::kWeightedMaxJobs), " jobs of (w, rows, values)");
     TORCH_CHECK(w[0].dim() == 3 && values[0].dim() == 2, "w must be [G, Hg, t] and values [R, Dv]");
     const int64_t G = w[0].size(0), Hg = w[0].size(1), Dv = values[0].size(1);
     TORCH_CHECK(Dv >= 1 && Dv <= kvstore::cluster::kWeightedMaxDv, "values must be [R, Dv] with 1 <= Dv <= ",
-                kvstore::cluster::kWeightedMaxDv);
+                text(kvstore::cluster::kWeightedMaxDv));
     TORCH_CHECK(G < 65536 && Hg <= INT32_MAX, "unsupported sizes G=", G, " Hg=", Hg);
     const DType dt = kernel_dtype(values[0].scalar_type(), "values");
     int64_t t_all = 0;
@@ -464,6 +518,9 @@ void register_cluster_ops(pybind11::module_& m) {
     m.def("kmeans_assign", &kmeans_assign, pybind11::arg("x"), pybind11::arg("cen"), pybind11::arg("mu"),
           pybind11::arg("ncent") = pybind11::none(),
           "Best centroid of each row (k-means assignment on tensor cores): (best f32 [B, L], arg int64 [B, L])");
+    m.def("cluster_store", &cluster_store, pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("order"),
+          pybind11::arg("offsets"), pybind11::arg("cen"), pybind11::arg("out_k"), pybind11::arg("out_v"),
+          "Rows in cluster order into out_k / out_v, with each cluster's value sum and radius: (vsum, radii)");
     m.def("kmeans_assign_supported", &kmeans_assign_supported, pybind11::arg("x"),
           "Whether kmeans_assign takes rows like x on x's device");
     m.def("kmeans_means", &kmeans_means, pybind11::arg("x"), pybind11::arg("order"), pybind11::arg("offsets"),

@@ -11,28 +11,24 @@
 #include <string>
 #include <vector>
 
+#include "message_text.h"
 #include "registry.h"
 #include "wave_step.h"
 
 namespace {
 
-void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim, const torch::Device& dev) {
-    TORCH_CHECK(t.is_cuda() && t.device() == dev, name, " must be a CUDA tensor on ", dev);
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-    TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(), "-D");
-}
+using kvstore_bindings::text;
 
-// "[a, b, ...]" built here: streaming an IntArrayRef into the message crashed with some torch builds.
-std::string shape_text(const std::vector<int64_t>& shape) {
-    std::string s = "[";
-    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-    return s + "]";
+void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim, const torch::Device& dev) {
+    TORCH_CHECK(t.is_cuda() && t.device() == dev, name, " must be a CUDA tensor on ", text(dev));
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+    TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", text(dtype), ", got ", text(t.scalar_type()));
+    TORCH_CHECK(t.dim() == dim, name, " must be ", text(dim), "-D, got ", text(t.dim()), "-D");
 }
 
 void check_shape(const torch::Tensor& t, const char* name, std::vector<int64_t> shape) {
     const std::vector<int64_t> got = t.sizes().vec();
-    TORCH_CHECK(got == shape, name, " has shape ", shape_text(got), ", expected ", shape_text(shape));
+    TORCH_CHECK(got == shape, name, " has shape ", text(got), ", expected ", text(shape));
 }
 
 void check_launch(cudaError_t err, const char* what) {
@@ -41,16 +37,16 @@ void check_launch(cudaError_t err, const char* what) {
 
 // The blocks a slot of the zone and mix kernels: 0 (the launcher's choice) or a team size this device launches.
 int checked_team(int64_t G, int64_t team) {
-    TORCH_CHECK(team >= 0 && team <= 16, "team must be 0 (automatic) or a team size up to 16, got ", team);
+    TORCH_CHECK(team >= 0 && team <= 16, "team must be 0 (automatic) or a team size up to 16, got ", text(team));
     if (team > 0)
         TORCH_CHECK(kvstore::cluster::wave_team_size(static_cast<int>(G), static_cast<int>(team)) == team,
-                    "this device cannot launch teams of ", team, " blocks");
+                    "this device cannot launch teams of ", text(team), " blocks");
     return static_cast<int>(team);
 }
 
 // wave_team_size: the team size the zone and mix kernels take for G slots (requested 0) on the current device.
 int64_t wave_team_size(int64_t G) {
-    TORCH_CHECK(G >= 1 && G <= INT32_MAX, "G must be a positive slot count, got ", G);
+    TORCH_CHECK(G >= 1 && G <= INT32_MAX, "G must be a positive slot count, got ", text(G));
     return kvstore::cluster::wave_team_size(static_cast<int>(G), 0);
 }
 
@@ -240,7 +236,7 @@ std::tuple<torch::Tensor, torch::Tensor> wave_combine(const torch::Tensor& pick_
     check_shape(steady_len, "steady_len", {G});
     TORCH_CHECK(Dv >= 1 && Dv <= kvstore::cluster::kStepMaxDv && D >= 1 && D <= kvstore::cluster::kStepMaxD &&
                     Hg >= 1 && G * Hg <= INT32_MAX,
-                "unsupported sizes G=", G, " Hg=", Hg, " D=", D, " Dv=", Dv);
+                "unsupported sizes G=", text(G), " Hg=", text(Hg), " D=", text(D), " Dv=", text(Dv));
     TORCH_CHECK(pick_part.size(1) >= 1 && mix_part.size(1) >= 1, "pick_part and mix_part need a chunk");
     TORCH_CHECK(std::isfinite(scale), "scale must be finite");
     const c10::cuda::CUDAGuard guard(dev);
