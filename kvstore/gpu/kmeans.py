@@ -38,8 +38,8 @@ __all__ = ["segmented_kmeans_gpu", "cluster_means", "kmeans_objective"]
 
 MATMULS = ("auto", "split", "fp32", "fp16", "bf16")
 _SCORE_BYTES = 1 << 28   # bytes of one f32 score chunk [batches, L, C]
-_FP16_MAX = 60000.0
-_PAD_SEGMENTS = True     # the split kernel takes all segments in one padded batch (tests compare with False)      # centred keys beyond this (in absolute value) use bf16 instead of fp16
+_FP16_MAX = 60000.0      # centred keys beyond this (in absolute value) use bf16 instead of fp16
+_PAD_SEGMENTS = True     # the split kernel takes all segments in one padded batch (tests compare with False)
 
 
 def cluster_means(x: torch.Tensor, assign: torch.Tensor, C: int, fallback: torch.Tensor | None = None,
