@@ -137,6 +137,19 @@ def test_split_directions_keep_float32_quality(dtype):
     assert float((a == a32).double().mean()) >= 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_late_clusters_as_well_as_split(dtype):
+    """matmul='split_late' (16-bit directions before the last passes) keeps the objective of 'split'."""
+    keys = keys_like(2, 3000, 64, seed=6).to(dtype)
+    a, c, s = segmented_kmeans_gpu(keys, 16, 1500, 10, 0, backend="torch", matmul="split")
+    al, cl, sl = segmented_kmeans_gpu(keys, 16, 1500, 10, 0, backend="torch", matmul="split_late")
+    check_invariants(keys.float(), al, cl, sl)
+    obj, objl = kmeans_objective(keys.float(), a, c), kmeans_objective(keys.float(), al, cl)
+    assert bool((objl <= obj * 1.002).all()), (objl, obj)
+    with pytest.raises(ValueError, match="split_late"):
+        segmented_kmeans_gpu(torch.randn(1, 100, 16), matmul="split_late")
+
+
 @pytest.mark.parametrize("n,seg", [(3000, 1024), (2048, 1024), (1000, 1024), (2070, 1024)])
 def test_padded_segments_equal_runs_of_equal_segments(n, seg):
     """All segments in one padded batch (the path of the tensor-core kernel) give the clustering of the runs of
@@ -300,6 +313,30 @@ def test_assign_kernel_matches_torch(dtype, B, L, C, D):
     top2 = s.topk(min(2, C), dim=2).values
     clear = (top2[..., 0] - top2[..., -1]) > 1e-4 * scale if C > 1 else torch.ones_like(bk, dtype=torch.bool)
     assert torch.equal(ak[clear], at[clear])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,L,C,D", [(3, 1000, 37, 128), (2, 300, 129, 256), (2, 777, 100, 64)])
+def test_assign_kernel_high_term_only_matches_torch(dtype, B, L, C, D):
+    """precise=False: the kernel scores against the 16-bit directions, as the torch products of the high term."""
+    from kvstore.gpu.kmeans import _assign_split, split_directions
+
+    gen = torch.Generator(device="cuda").manual_seed(B * 7 + C)
+    raw = (torch.randn(B, L, D, device="cuda", generator=gen) + 3).to(dtype)
+    mu = raw.float().mean(1)
+    c = torch.randn(B, C, D, device="cuda", generator=gen)
+    bk, ak = _assign_split(raw, mu, c, kernel=True, precise=False)
+    bt, at = _assign_split(raw, mu, c, kernel=False, precise=False)
+    scale = raw.float().norm(dim=-1)
+    assert float(((bk - bt).abs() / scale).max()) < 1e-5
+    s = torch.bmm(raw.float(), split_directions(c, dtype)[1][:, 0].float().transpose(1, 2))
+    top2 = s.topk(2, dim=2).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-4 * scale
+    assert torch.equal(ak[clear], at[clear])
+    bp, _ = _assign_split(raw, mu, c, kernel=True, precise=True)
+    assert float(((bk - bp).abs() / scale).max()) > 0        # the low term is left out
 
 
 @pytest.mark.gpu

@@ -72,7 +72,8 @@ split_kernel(const float* __restrict__ cen, const float* __restrict__ mu, const 
     if (lane == 0) bias[row] = static_cast<float>(bs);
 }
 
-template <typename T, int D>
+// NT: the terms of the directions used, 2 (hi + lo: f32 precision) or 1 (hi only: the 16-bit direction).
+template <typename T, int D, int NT>
 __global__ void __launch_bounds__(kThreads, 2)
 assign_kernel(const T* __restrict__ x, const T* __restrict__ terms, const float* __restrict__ bias, long long L,
               int C, long long blocks_per_batch, float* __restrict__ best, std::int64_t* __restrict__ arg) {
@@ -116,7 +117,7 @@ assign_kernel(const T* __restrict__ x, const T* __restrict__ terms, const float*
         const int nc = min(kTile, C - c0);
         __syncthreads();  // the previous tile is no longer read
         constexpr int kChunksRow = D / 8;
-        for (int i = threadIdx.x; i < 2 * kTile * kChunksRow; i += kThreads) {
+        for (int i = threadIdx.x; i < NT * kTile * kChunksRow; i += kThreads) {
             const int term = i / (kTile * kChunksRow), r = (i / kChunksRow) % kTile, ch = i % kChunksRow;
             uint4 v = make_uint4(0u, 0u, 0u, 0u);
             if (r < nc)
@@ -130,7 +131,7 @@ assign_kernel(const T* __restrict__ x, const T* __restrict__ terms, const float*
 #pragma unroll
             for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.0f;
 #pragma unroll
-            for (int term = 0; term < 2; ++term) {
+            for (int term = 0; term < NT; ++term) {
                 const unsigned char* crow = tile + (term * kTile + n0 + gr) * RB;
 #pragma unroll
                 for (int j = 0; j < NJ; ++j) {
@@ -187,34 +188,41 @@ assign_kernel(const T* __restrict__ x, const T* __restrict__ terms, const float*
     }
 }
 
+template <typename T, int D, int NT>
+cudaError_t launch_assign(const void* x, const void* terms, const float* bias, long long B, long long L, int C,
+                          long long per, float* best, std::int64_t* arg, cudaStream_t stream) {
+    constexpr size_t smem = assign_smem<D>();
+    const cudaError_t e = cudaFuncSetAttribute(assign_kernel<T, D, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));  // per device: set at every launch
+    if (e != cudaSuccess) return e;
+    assign_kernel<T, D, NT><<<static_cast<unsigned>(B * per), kThreads, smem, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(terms), bias, L, C, per, best, arg);
+    return cudaGetLastError();
+}
+
 template <typename T, int D>
 cudaError_t launch(const void* x, const float* cen, const float* mu, const int* ncent, long long B, long long L, int C,
-                   void* terms,
-                   float* bias, float* best, std::int64_t* arg, cudaStream_t stream) {
+                   int nterms, void* terms, float* bias, float* best, std::int64_t* arg, cudaStream_t stream) {
     const long long split_blocks = (B * C + kWarps - 1) / kWarps;
     const long long per = (L + kWarps * rows_per_warp(D) - 1) / (kWarps * rows_per_warp(D));
     if (split_blocks > 0x7fffffffLL || B * per > 0x7fffffffLL) return cudaErrorInvalidValue;
     split_kernel<T><<<static_cast<unsigned>(split_blocks), kThreads, 0, stream>>>(cen, mu, ncent, B, C, D,
                                                                                   static_cast<T*>(terms), bias);
-    constexpr size_t smem = assign_smem<D>();
-    const cudaError_t e = cudaFuncSetAttribute(assign_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));  // per device: set at every launch
-    if (e != cudaSuccess) return e;
-    assign_kernel<T, D><<<static_cast<unsigned>(B * per), kThreads, smem, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(terms), bias, L, C, per, best, arg);
-    return cudaGetLastError();
+    return nterms == 1 ? launch_assign<T, D, 1>(x, terms, bias, B, L, C, per, best, arg, stream)
+                       : launch_assign<T, D, 2>(x, terms, bias, B, L, C, per, best, arg, stream);
 }
 
 template <typename T>
-cudaError_t launch_d(const void* x, const float* cen, const float* mu, const int* ncent, long long B, long long L, int C, int D,
-                     void* terms, float* bias, float* best, std::int64_t* arg, cudaStream_t stream) {
+cudaError_t launch_d(const void* x, const float* cen, const float* mu, const int* ncent, long long B, long long L,
+                     int C, int D, int nterms, void* terms, float* bias, float* best, std::int64_t* arg,
+                     cudaStream_t stream) {
     switch (D) {
         case 64:
-            return launch<T, 64>(x, cen, mu, ncent, B, L, C, terms, bias, best, arg, stream);
+            return launch<T, 64>(x, cen, mu, ncent, B, L, C, nterms, terms, bias, best, arg, stream);
         case 128:
-            return launch<T, 128>(x, cen, mu, ncent, B, L, C, terms, bias, best, arg, stream);
+            return launch<T, 128>(x, cen, mu, ncent, B, L, C, nterms, terms, bias, best, arg, stream);
         case 256:
-            return launch<T, 256>(x, cen, mu, ncent, B, L, C, terms, bias, best, arg, stream);
+            return launch<T, 256>(x, cen, mu, ncent, B, L, C, nterms, terms, bias, best, arg, stream);
         default:
             return cudaErrorInvalidValue;
     }
@@ -228,18 +236,20 @@ bool kmeans_assign_supported(DType dtype, int D) {
     if (cudaGetDevice(&dev) != cudaSuccess) return false;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, assign_kernel<__nv_bfloat16, 128>) != cudaSuccess) return false;
+    if (cudaFuncGetAttributes(&attr, assign_kernel<__nv_bfloat16, 128, 2>) != cudaSuccess) return false;
     return major >= 8 && attr.ptxVersion >= 80;
 }
 
 cudaError_t kmeans_assign_launch(const void* x, const float* cen, const float* mu, const int* ncent, DType dtype,
-                                 long long B,
-                                 long long L, int C, int D, void* terms, float* bias, float* best, std::int64_t* arg,
-                                 cudaStream_t stream) {
-    if (B < 0 || L < 0 || C < 1 || !kmeans_assign_supported(dtype, D) || !is_aligned(x, 16)) return cudaErrorInvalidValue;
+                                 long long B, long long L, int C, int D, int nterms, void* terms, float* bias,
+                                 float* best, std::int64_t* arg, cudaStream_t stream) {
+    if (B < 0 || L < 0 || C < 1 || (nterms != 1 && nterms != 2) || !kmeans_assign_supported(dtype, D) ||
+        !is_aligned(x, 16))
+        return cudaErrorInvalidValue;
     if (B == 0 || L == 0) return cudaSuccess;
-    if (dtype == DType::BF16) return launch_d<__nv_bfloat16>(x, cen, mu, ncent, B, L, C, D, terms, bias, best, arg, stream);
-    return launch_d<__half>(x, cen, mu, ncent, B, L, C, D, terms, bias, best, arg, stream);
+    if (dtype == DType::BF16)
+        return launch_d<__nv_bfloat16>(x, cen, mu, ncent, B, L, C, D, nterms, terms, bias, best, arg, stream);
+    return launch_d<__half>(x, cen, mu, ncent, B, L, C, D, nterms, terms, bias, best, arg, stream);
 }
 
 }  // namespace cluster

@@ -27,13 +27,14 @@ cudaError_t kmeans_means_launch(const void* x, DType dtype, const std::int64_t* 
 
 // The index of clustered rows of S slots, in one pass over them: slot s has m rows k [m, D], v [m, Dv] (of
 // `dtype`, rows contiguous, slot s at k + s * k_slot and v + s * v_slot elements) and C clusters, cluster c
-// holding rows order[s, offsets[s, c] .. offsets[s, c + 1]) (int64, offsets [S, C + 1]), with centroid cen f32 [S, C, D]. Writes the rows in cluster
-// order, out_k[s * out_rows + i] = k[s, order[s, i]] (and out_v), each cluster's value sum vsum f32 [S, C, Dv]
+// holding rows order[s, offsets[s, c] .. offsets[s, c + 1]) (int64, offsets [S, C + 1]), with centroid cen f32
+// [S, C, D]. Writes the rows in cluster order, out_k[s * out_rows + i] = k[s, order[s, i]] (and out_v), each
+// cluster's value sum vsum f32 [S, C, Dv]
 // (summed in double in member order) and radius f32 [S, C] (the largest f32 distance of a member key from the
 // centroid; 0 if empty). A warp a cluster; one launch.
 cudaError_t cluster_store_launch(const void* k, const void* v, long long k_slot, long long v_slot, DType dtype,
-                                 long long S, long long m, int C, int D, int Dv, const std::int64_t* order, const std::int64_t* offsets, const float* cen,
-                                 void* out_k, void* out_v, long long out_rows, float* vsum, float* radii,
+                                 long long S, long long m, int C, int D, int Dv, const std::int64_t* order,
+                                 const std::int64_t* offsets, const float* cen, void* out_k, void* out_v, long long out_rows, float* vsum, float* radii,
                                  cudaStream_t stream);
 
 // Whether kmeans_assign_launch takes rows of `dtype` (bf16 or fp16) and D columns (64, 128 or 256) on the current
@@ -45,11 +46,12 @@ bool kmeans_assign_supported(DType dtype, int D);
 // u on 16-bit tensor cores), row l's score is x_l . (hi_c + lo_c) - mu . u_c (the score of the row centred by mu;
 // products summed in f32). Writes best f32 [B, L] (the largest score) and arg int64 [B, L] (its centroid, the
 // lowest id among equal scores). ncent int32 [B] or null: batch b has only centroids 0 .. ncent[b] - 1 (the
-// others are never chosen). x contiguous and 16-byte aligned, cen and mu contiguous; C >= 1. Work space:
+// others are never chosen). nterms 1: the score takes hi_c only (the direction rounded to `dtype`, half the
+// tensor-core work). x contiguous and 16-byte aligned, cen and mu contiguous; C >= 1. Work space:
 // terms [B, 2, C, D] of `dtype` (16-byte aligned) and bias f32 [B, C]. Two launches on `stream`.
 cudaError_t kmeans_assign_launch(const void* x, const float* cen, const float* mu, const int* ncent, DType dtype,
-                                 long long B, long long L, int C, int D, void* terms, float* bias, float* best, std::int64_t* arg,
-                                 cudaStream_t stream);
+                                 long long B, long long L, int C, int D, int nterms, void* terms, float* bias,
+                                 float* best, std::int64_t* arg, cudaStream_t stream);
 
 }  // namespace cluster
 }  // namespace kvstore

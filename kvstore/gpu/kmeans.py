@@ -36,7 +36,8 @@ from .cluster_ops import check_count, check_tensor, use_cuda_kernel
 
 __all__ = ["segmented_kmeans_gpu", "cluster_means", "kmeans_objective"]
 
-MATMULS = ("auto", "split", "fp32", "fp16", "bf16")
+MATMULS = ("auto", "split", "split_late", "fp32", "fp16", "bf16")
+_PRECISE_PASSES = 2      # split_late: the last assignment passes that take both terms of the directions
 _SCORE_BYTES = 1 << 28   # bytes of one f32 score chunk [batches, L, C]
 _FP16_MAX = 60000.0      # centred keys beyond this (in absolute value) use bf16 instead of fp16
 _PAD_SEGMENTS = True     # the split kernel takes all segments in one padded batch (tests compare with False)
@@ -108,17 +109,17 @@ def _split_kernel(keys: torch.Tensor, backend: str) -> bool:
 
 
 def _pick_matmul(matmul: str, keys: torch.Tensor, backend: str) -> torch.dtype | str:
-    """How the assignment scores are computed: ``"split"`` or the input dtype of a matmul (products accumulate
+    """How the assignment scores are computed: ``"split"``, ``"split_late"`` or the input dtype of a matmul (products accumulate
     in f32 whatever it is). keys: the (uncentred) keys as given."""
     if matmul == "auto":
         # fp32 where the kernel does not run: on an H200 fp16 inputs left the k-means objective 5.5% worse than
         # the CPU reference on clustered keys with duplicates
         return "split" if keys.dtype in (torch.float16, torch.bfloat16) and _split_kernel(keys, backend) \
             else torch.float32
-    if matmul == "split":
+    if matmul in ("split", "split_late"):
         if keys.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"matmul='split' needs bf16 or fp16 keys, got {keys.dtype}")
-        return "split"
+            raise ValueError(f"matmul={matmul!r} needs bf16 or fp16 keys, got {keys.dtype}")
+        return matmul
     if matmul == "fp16" and keys.is_cuda and not _bmm_out_dtype_works(str(keys.device)):
         return torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[matmul]
@@ -171,21 +172,22 @@ def split_directions(c: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
 
 
 def _assign_split(raw: torch.Tensor, mu: torch.Tensor, c: torch.Tensor, kernel: bool,
-                  ncent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  ncent: torch.Tensor | None = None, precise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_assign` of the centred keys ``raw - mu`` computed from the stored keys: raw ``[B, L, D]`` (16-bit),
     mu f32 ``[B, D]`` (the head mean of each batch), c f32 ``[B, C, D]``. A key's score is raw . u - mu . u with
     u the direction split into two 16-bit terms; ``kernel``: on tensor cores, scores kept in registers. ncent
-    int32 ``[B]`` or None: batch b's centroids are 0 .. ncent[b] - 1 only."""
+    int32 ``[B]`` or None: batch b's centroids are 0 .. ncent[b] - 1 only. ``precise=False``: the high term
+    alone (the direction rounded to 16 bits; half the tensor-core work)."""
     B, L, _ = raw.shape
     if kernel:  # the kernel derives the directions, their split and the bias itself, the same way
         from ._ext import cuda_ext
 
-        return cuda_ext().kmeans_assign(raw, c.contiguous(), mu.contiguous(), ncent)
+        return cuda_ext().kmeans_assign(raw, c.contiguous(), mu.contiguous(), ncent, precise)
     u, terms = split_directions(c, raw.dtype)
     bias = torch.bmm(u.double(), mu.double()[:, :, None]).squeeze(2).float()                # [B, C]
     if ncent is not None:
         bias = bias.masked_fill(torch.arange(c.shape[1], device=c.device)[None, :] >= ncent[:, None], math.inf)
-    w = terms[:, 0].float() + terms[:, 1].float()                         # the two terms' sum, exact in f32
+    w = terms[:, 0].float() + terms[:, 1].float() if precise else terms[:, 0].float()  # the sum is exact in f32
     return _chunked_best(lambda b0, b1, l0, l1: torch.bmm(raw[b0:b1, l0:l1].float(), w[b0:b1].transpose(1, 2))
                          - bias[b0:b1, None, :], B, L, c.shape[1], raw.device)
 
@@ -206,14 +208,15 @@ def _reseed(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, best: torch.T
 
 
 def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str, pad: torch.Tensor | None = None,
-             valid: torch.Tensor | None = None) -> torch.Tensor:
+             valid: torch.Tensor | None = None, precise_from: int = 0) -> torch.Tensor:
     """Spherical k-means of B batches: x f32 ``[B, L, D]`` (centred), c f32 ``[B, C, D]`` (init),
-    ``assign(c) -> (best, arg)`` the assignment step. Batches of different sizes padded to one: pad bool
+    ``assign(c, precise) -> (best, arg)`` the assignment step (``precise``: from pass ``precise_from`` on, of the
+    ``iters + 1``). Batches of different sizes padded to one: pad bool
     ``[B, L]`` marks rows that are not tokens (they join no cluster), valid bool ``[B, C]`` the batch's clusters
     (the others stay empty and are never re-seeded). Returns the final assignment int64 ``[B, L]`` (C on pad rows)."""
     C = c.shape[1]
     for it in range(iters + 1):
-        best, a = assign(c)
+        best, a = assign(c, it >= precise_from)
         if pad is not None:
             a = a.masked_fill(pad, C)                      # a cluster of their own, dropped below
             best = best.masked_fill(pad, math.inf)         # never the farthest token of a re-seed
@@ -234,7 +237,7 @@ def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str,
 
 def _kmeans_padded(keys: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, bounds: list[int], cs: list[int],
                    cbase: list[int], iters: int, seed: int, backend: str, assign: torch.Tensor,
-                   kernel: bool = True) -> None:
+                   kernel: bool = True, precise_from: int = 0) -> None:
     """matmul="split" with all segments of every head in one batch, the last (of another length) padded: one
     pass of launches instead of one a run of equal segments (the tensor-core kernel's results do not depend on
     the batch; ``kernel=False``: the torch products). Writes ``assign`` [G, n] in place."""
@@ -264,10 +267,11 @@ def _kmeans_padded(keys: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, boun
         pad = torch.arange(L, device=dev)[None, :] >= torch.tensor(lens, device=dev).repeat(G)[:, None]
     mu = mean.repeat_interleave(nseg, 0)
 
-    def assign_step(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _assign_split(R, mu, c, kernel, ncent)
+    def assign_step(c: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _assign_split(R, mu, c, kernel, ncent, precise)
 
-    a = _iterate(X, c0, iters, assign_step, backend, pad, None if min(cs) == C else valid).view(G, nseg, L)
+    a = _iterate(X, c0, iters, assign_step, backend, pad, None if min(cs) == C else valid,
+                 precise_from).view(G, nseg, L)
     base = torch.tensor(cbase[:nseg], dtype=torch.int64, device=dev)
     if f:
         assign[:, :bounds[f]] = (a[:, :f, :seg] + base[:f, None]).reshape(G, f * seg)
@@ -288,7 +292,9 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
     matmul: how the assignment scores are computed, products summed in f32:
     ``"split"`` (16-bit keys only: the stored keys against the centroid
     directions as two 16-bit terms, on tensor cores where the kernel runs,
-    else the same products in f32 torch), ``"fp32"`` (torch's f32 matmul of
+    else the same products in f32 torch), ``"split_late"`` (the same, but
+    passes before the last ``_PRECISE_PASSES`` take the high term alone:
+    the directions rounded to 16 bits, half the tensor-core work), ``"fp32"`` (torch's f32 matmul of
     the centred keys: TF32 on CUDA only if the user enabled it), ``"fp16"``,
     ``"bf16"`` (the centred keys and directions rounded), or ``"auto"``
     (split where the kernel takes the keys, else fp32: fp16 inputs cost 5.5%
@@ -321,7 +327,9 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
     if not bool(torch.isfinite(torch.linalg.vector_norm(keys, math.inf))):  # one reduction, NaN propagates
         raise ValueError("keys contains NaN or inf")
     mm = _pick_matmul(matmul, keys, backend)
-    kernel = mm == "split" and _split_kernel(keys, backend)
+    split = mm in ("split", "split_late")
+    kernel = split and _split_kernel(keys, backend)
+    precise_from = max(0, iters + 1 - _PRECISE_PASSES) if mm == "split_late" else 0
     mean = (torch.sum(keys, dim=1, dtype=torch.float64) / n).float()    # [G, D]
     x = keys.float() - mean[:, None, :]
     bounds = segment_bounds(n, tpc, seg)
@@ -333,7 +341,7 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
     assign = torch.empty(G, n, dtype=torch.int64, device=dev)
     s0 = nseg
     if kernel and _PAD_SEGMENTS:
-        _kmeans_padded(keys, x, mean, bounds, cs, cbase, iters, seed, backend, assign)
+        _kmeans_padded(keys, x, mean, bounds, cs, cbase, iters, seed, backend, assign, precise_from=precise_from)
     else:
         s0 = 0
     while s0 < nseg:  # runs of consecutive segments of one length (at most two runs)
@@ -345,18 +353,18 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
         xs = x[:, bounds[s0]:bounds[s1]].reshape(G * S, L, D)
         rows = torch.tensor([_init_rows(L, C, seed + s) for s in range(s0, s1)], dtype=torch.int64, device=dev)
         c0 = xs.view(G, S, L, D)[:, torch.arange(S, device=dev)[:, None], rows].reshape(G * S, C, D)
-        if mm == "split":
+        if split:
             raw = keys[:, bounds[s0]:bounds[s1]].reshape(G * S, L, D).contiguous()
             mu = mean.repeat_interleave(S, 0)                                   # [G*S, D]
 
-            def assign_step(c, raw=raw, mu=mu):
-                return _assign_split(raw, mu, c, kernel)
+            def assign_step(c, precise, raw=raw, mu=mu):
+                return _assign_split(raw, mu, c, kernel, precise=precise)
         else:
             xm = xs if mm == torch.float32 else xs.to(mm)
 
-            def assign_step(c, xm=xm):
+            def assign_step(c, precise, xm=xm):
                 return _assign(xm, c)
-        a = _iterate(xs, c0, iters, assign_step, backend)                            # [G*S, L]
+        a = _iterate(xs, c0, iters, assign_step, backend, precise_from=precise_from)                            # [G*S, L]
         base = torch.tensor(cbase[s0:s1], dtype=torch.int64, device=dev)
         assign[:, bounds[s0]:bounds[s1]] = (a.view(G, S, L) + base[None, :, None]).reshape(G, S * L)
         s0 = s1

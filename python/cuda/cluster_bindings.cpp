@@ -326,7 +326,8 @@ torch::Tensor kmeans_means(const torch::Tensor& x, const torch::Tensor& order, c
 // x [B, L, D] (bf16/fp16), cen f32 [B, C, D], mu f32 [B, D] -> (best f32 [B, L], arg int64 [B, L]): each row's
 // best centroid direction and its score (the row centred by mu; see kmeans_update.h).
 std::tuple<torch::Tensor, torch::Tensor> kmeans_assign(const torch::Tensor& x, const torch::Tensor& cen,
-                                                       const torch::Tensor& mu, c10::optional<torch::Tensor> ncent) {
+                                                       const torch::Tensor& mu, c10::optional<torch::Tensor> ncent,
+                                                       bool precise) {
     check_cuda(x, "x");
     check_cuda(cen, "cen");
     check_cuda(mu, "mu");
@@ -355,7 +356,7 @@ std::tuple<torch::Tensor, torch::Tensor> kmeans_assign(const torch::Tensor& x, c
     torch::Tensor bias = torch::empty({B, C}, x.options().dtype(torch::kFloat32));
     check_launch(kvstore::cluster::kmeans_assign_launch(x.data_ptr(), cen.data_ptr<float>(), mu.data_ptr<float>(), nc, dt,
                                                         B, L, static_cast<int>(C), static_cast<int>(D),
-                                                        terms.data_ptr(), bias.data_ptr<float>(),
+                                                        precise ? 2 : 1, terms.data_ptr(), bias.data_ptr<float>(),
                                                         best.data_ptr<float>(), arg.data_ptr<int64_t>(),
                                                         c10::cuda::getCurrentCUDAStream()),
                  "kmeans_assign");
@@ -516,8 +517,9 @@ void register_cluster_ops(pybind11::module_& m) {
           pybind11::arg("src_v"), pybind11::arg("src_row"), pybind11::arg("dst_row"), pybind11::arg("length"),
           pybind11::arg("blocks_per_run") = 1, "Copy M runs of rows (k and optionally v) in one launch");
     m.def("kmeans_assign", &kmeans_assign, pybind11::arg("x"), pybind11::arg("cen"), pybind11::arg("mu"),
-          pybind11::arg("ncent") = pybind11::none(),
-          "Best centroid of each row (k-means assignment on tensor cores): (best f32 [B, L], arg int64 [B, L])");
+          pybind11::arg("ncent") = pybind11::none(), pybind11::arg("precise") = true,
+          "Best centroid of each row (k-means assignment on tensor cores): (best f32 [B, L], arg int64 [B, L]); "
+          "precise=False scores against the 16-bit directions only");
     m.def("cluster_store", &cluster_store, pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("order"),
           pybind11::arg("offsets"), pybind11::arg("cen"), pybind11::arg("out_k"), pybind11::arg("out_v"),
           "Rows in cluster order into out_k / out_v, with each cluster's value sum and radius: (vsum, radii)");
