@@ -222,6 +222,23 @@ def test_cuda_kernels_match_torch_backend(mode, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("B, H", [(1, 8), (3, 2), (2, 3)])
+def test_offload_build_in_chunks_gives_the_gpu_only_index(B, H):
+    """The offload build clusters chunks of heads while the previous chunk is copied to pinned memory: its index
+    is the one the gpu_only build makes in one call."""
+    if not _cuda_ready():
+        pytest.skip("kvstore._cuda not built")
+    k, v = _kv(B, H, 9000, 128, torch.bfloat16, "cuda", seed=8)
+    a = GpuWaveLayer.build(k, v, WaveGpuConfig(mode="gpu_only", segment_len=4096))
+    b = GpuWaveLayer.build(k, v, WaveGpuConfig(mode="offload", segment_len=4096))
+    assert b.kv_k.device.type == "cpu"
+    assert torch.equal(b.kv_k, a.kv_k.cpu()) and torch.equal(b.kv_v, a.kv_v.cpu())
+    for name in ("centroids", "sizes", "offsets", "value_sums", "radii"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_full_budget_is_exact():
     if not _cuda_ready():
         pytest.skip("kvstore._cuda not built")
