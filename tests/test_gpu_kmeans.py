@@ -159,7 +159,6 @@ def test_padded_segments_equal_runs_of_equal_segments(n, seg):
 
     keys = keys_like(2, n, 64, seed=9).bfloat16()
     ref = segmented_kmeans_gpu(keys, 16, seg, 6, 3, backend="torch", matmul="split")
-    x = keys.float()
     mean = (torch.sum(keys, dim=1, dtype=torch.float64) / n).float()
     b = segment_bounds(n, 16, seg)
     cs = [clusters_for(b[i + 1] - b[i], 16) for i in range(len(b) - 1)]
@@ -167,7 +166,7 @@ def test_padded_segments_equal_runs_of_equal_segments(n, seg):
     for c in cs:
         cbase.append(cbase[-1] + c)
     a = torch.empty(2, n, dtype=torch.int64)
-    km._kmeans_padded(keys, x - mean[:, None], mean, b, cs, cbase, 6, 3, "torch", a, kernel=False)
+    km._kmeans_padded(keys, mean, b, cs, cbase, 6, 3, "torch", a, kernel=False)
     assert float((a == ref[0]).double().mean()) >= 0.999
 
 
@@ -194,13 +193,15 @@ def test_cluster_means_torch_matches_float64(dtype):
     assign = torch.randint(0, 17, (5, 200), generator=gen)
     assign[1] = torch.randint(0, 3, (200,), generator=gen)          # clusters 3..16 of batch 1 are empty
     fallback = torch.randn(5, 17, 24, generator=gen)
-    for fb in (None, fallback):
-        means, counts = cluster_means(x, assign, 17, fb, backend="torch")
+    shift = torch.randn(5, 24, generator=gen) * 2
+    for fb, sh in ((None, None), (fallback, None), (None, shift), (fallback, shift)):
+        means, counts = cluster_means(x, assign, 17, fb, backend="torch", shift=sh)
         for b in range(5):
             cnt = torch.bincount(assign[b], minlength=17)
             assert torch.equal(counts[b], cnt)
             ref = torch.zeros(17, 24, dtype=torch.float64).index_add_(0, assign[b], x[b].double())
-            ref = (ref / cnt.clamp_min(1)[:, None]).float()
+            ref = ref / cnt.clamp_min(1)[:, None]
+            ref = (ref if sh is None else ref - sh[b].double()).float()  # the mean of the centred rows
             ref[cnt == 0] = 0 if fb is None else fb[b][cnt == 0]
             assert torch.equal(means[b], ref)
 
@@ -231,6 +232,10 @@ def test_rejects_bad_input():
         cluster_means(keys, torch.zeros(2, 99, dtype=torch.int64), 4)
     with pytest.raises(ValueError, match="fallback"):
         cluster_means(keys, torch.zeros(2, 100, dtype=torch.int64), 4, torch.zeros(2, 3, 8))
+    with pytest.raises(ValueError, match="shift"):
+        cluster_means(keys, torch.zeros(2, 100, dtype=torch.int64), 4, shift=torch.zeros(2, 7))
+    with pytest.raises(TypeError, match="shift"):
+        cluster_means(keys, torch.zeros(2, 100, dtype=torch.int64), 4, shift=torch.zeros(2, 8, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------- GPU
@@ -246,11 +251,12 @@ def test_cluster_means_kernel_matches_torch(dtype, B, L, D, C):
     assign[0, : L // 2] = 0                                          # a big cluster and likely empty ones
     assign = assign.cuda()
     fallback = torch.randn(B, C, D, generator=gen).cuda()
-    for fb in (None, fallback):
-        mt, ct = cluster_means(x, assign, C, fb, backend="torch")
+    shift = torch.randn(B, D, generator=gen).cuda()
+    for fb, sh in ((None, None), (fallback, None), (fallback, shift), (None, shift)):
+        mt, ct = cluster_means(x, assign, C, fb, backend="torch", shift=sh)
         junk = torch.full((B * C * D,), float("nan"), device="cuda")   # poison the allocator's cache
         del junk
-        mk, ck = cluster_means(x, assign, C, fb, backend="cuda")
+        mk, ck = cluster_means(x, assign, C, fb, backend="cuda", shift=sh)
         assert torch.equal(ck, ct)
         assert not bool(mk.isnan().any())
         torch.testing.assert_close(mk, mt, rtol=1e-6, atol=1e-6)

@@ -17,7 +17,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 means_kernel(const T* __restrict__ x, const std::int64_t* __restrict__ order,
              const std::int64_t* __restrict__ offsets, long long K, int D, const float* __restrict__ fallback,
-             float* __restrict__ means) {
+             const float* __restrict__ shift, long long shift_every, float* __restrict__ means) {
     const long long k = static_cast<long long>(blockIdx.x) * kWarps + threadIdx.x / 32;
     if (k >= K) return;
     const int lane = threadIdx.x % 32;
@@ -29,6 +29,7 @@ means_kernel(const T* __restrict__ x, const std::int64_t* __restrict__ order,
         return;
     }
     const double cnt = static_cast<double>(m1 - m0);
+    const float* sh = shift != nullptr ? shift + (k / shift_every) * D : nullptr;
     for (int t0 = 0; t0 < D; t0 += 32 * kDimsPerLane) {
         double acc[kDimsPerLane];
 #pragma unroll
@@ -44,7 +45,10 @@ means_kernel(const T* __restrict__ x, const std::int64_t* __restrict__ order,
 #pragma unroll
         for (int j = 0; j < kDimsPerLane; ++j) {
             const int t = t0 + lane + 32 * j;
-            if (t < D) out[t] = static_cast<float>(acc[j] / cnt);  // a division, as the reference
+            if (t < D) {  // a division, as the reference; the shift subtracted in double too
+                const double mean = acc[j] / cnt;
+                out[t] = static_cast<float>(sh != nullptr ? mean - static_cast<double>(sh[t]) : mean);
+            }
         }
     }
 }
@@ -104,9 +108,9 @@ store_kernel(const T* __restrict__ k, const T* __restrict__ v, long long k_slot,
 }  // namespace
 
 cudaError_t kmeans_means_launch(const void* x, DType dtype, const std::int64_t* order,
-                                const std::int64_t* offsets, long long K, int D, const float* fallback, float* means,
-                                cudaStream_t stream) {
-    if (K < 0 || D <= 0) return cudaErrorInvalidValue;
+                                const std::int64_t* offsets, long long K, int D, const float* fallback,
+                                const float* shift, long long shift_every, float* means, cudaStream_t stream) {
+    if (K < 0 || D <= 0 || (shift != nullptr && shift_every <= 0)) return cudaErrorInvalidValue;
     if (K == 0) return cudaSuccess;
     const long long blocks = (K + kWarps - 1) / kWarps;
     if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
@@ -114,15 +118,15 @@ cudaError_t kmeans_means_launch(const void* x, DType dtype, const std::int64_t* 
     switch (dtype) {
         case DType::F32:
             means_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<const float*>(x), order, offsets, K, D,
-                                                               fallback, means);
+                                                               fallback, shift, shift_every, means);
             break;
         case DType::F16:
             means_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), order, offsets, K, D,
-                                                                fallback, means);
+                                                                fallback, shift, shift_every, means);
             break;
         case DType::BF16:
             means_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), order,
-                                                                       offsets, K, D, fallback, means);
+                                                                       offsets, K, D, fallback, shift, shift_every, means);
             break;
         default:
             return cudaErrorInvalidValue;

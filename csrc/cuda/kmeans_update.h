@@ -20,10 +20,13 @@ namespace cluster {
 // order int64 [offsets[K]], offsets int64 [K + 1] non-decreasing (device arrays).
 // Writes means f32 [K, D]: float(sum_members double(x) / count); an empty
 // cluster gets row k of `fallback` f32 [K, D] when it is not null, else zeros.
+// shift f32 [K / shift_every, D] or null: a non-empty cluster's mean is
+// float(sum / count - double(shift[k / shift_every])) (the mean of rows
+// centred by their batch's shift, from the rows as stored).
 // One launch on `stream` (a warp per cluster).
 cudaError_t kmeans_means_launch(const void* x, DType dtype, const std::int64_t* order,
-                                const std::int64_t* offsets, long long K, int D, const float* fallback, float* means,
-                                cudaStream_t stream);
+                                const std::int64_t* offsets, long long K, int D, const float* fallback,
+                                const float* shift, long long shift_every, float* means, cudaStream_t stream);
 
 // The index of clustered rows of S slots, in one pass over them: slot s has m rows k [m, D], v [m, Dv] (of
 // `dtype`, rows contiguous, slot s at k + s * k_slot and v + s * v_slot elements) and C clusters, cluster c

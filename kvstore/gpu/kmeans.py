@@ -44,15 +44,17 @@ _PAD_SEGMENTS = True     # the split kernel takes all segments in one padded bat
 
 
 def cluster_means(x: torch.Tensor, assign: torch.Tensor, C: int, fallback: torch.Tensor | None = None,
-                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                  backend: str = "auto", shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of each cluster's members, for ``B`` independent batches.
 
     x ``[B, L, D]`` (f32, fp16 or bf16), assign int64 ``[B, L]`` (cluster of
-    each row, in ``[0, C)``), fallback f32 ``[B, C, D]`` or None. Returns
-    means f32 ``[B, C, D]`` (sums in float64, divided by the count, rounded to
-    f32) and counts int64 ``[B, C]``; an empty cluster's mean is its fallback
-    row, or zeros. The kernel (CUDA) lists the members by a stable sort and
-    sums them in that order without atomics, so it is deterministic.
+    each row, in ``[0, C)``), fallback f32 ``[B, C, D]`` or None, shift f32
+    ``[B, D]`` or None. Returns means f32 ``[B, C, D]`` (sums in float64,
+    divided by the count, minus the batch's shift in float64, rounded to f32:
+    the means of the rows centred by ``shift``, read as stored) and counts
+    int64 ``[B, C]``; an empty cluster's mean is its fallback row, or zeros.
+    The kernel (CUDA) lists the members by a stable sort and sums them in
+    that order without atomics, so it is deterministic.
     """
     check_tensor(x, "x", 3, (torch.float32, torch.float16, torch.bfloat16))
     check_tensor(assign, "assign", 2, (torch.int64,))
@@ -64,13 +66,17 @@ def cluster_means(x: torch.Tensor, assign: torch.Tensor, C: int, fallback: torch
         check_tensor(fallback, "fallback", 3, (torch.float32,))
         if tuple(fallback.shape) != (B, C, D):
             raise ValueError(f"fallback must be [B={B}, C={C}, D={D}], got {tuple(fallback.shape)}")
-    if assign.device != x.device or (fallback is not None and fallback.device != x.device):
-        raise ValueError("x, assign and fallback must be on one device")
+    if shift is not None:
+        check_tensor(shift, "shift", 2, (torch.float32,))
+        if tuple(shift.shape) != (B, D):
+            raise ValueError(f"shift must be [B={B}, D={D}], got {tuple(shift.shape)}")
+    if any(t is not None and t.device != x.device for t in (assign, fallback, shift)):
+        raise ValueError("x, assign, fallback and shift must be on one device")
     dev = x.device
     flat = (torch.arange(B, device=dev)[:, None] * C + assign).reshape(-1)
     counts = torch.zeros(B * C, dtype=torch.int64, device=dev)
     counts.index_add_(0, flat, torch.ones_like(flat))
-    tensors = (x, assign) if fallback is None else (x, assign, fallback)
+    tensors = tuple(t for t in (x, assign, fallback, shift) if t is not None)
     if use_cuda_kernel(backend, *tensors):
         from ._ext import cuda_ext
 
@@ -79,11 +85,15 @@ def cluster_means(x: torch.Tensor, assign: torch.Tensor, C: int, fallback: torch
         offsets = torch.zeros(B * C + 1, dtype=torch.int64, device=dev)
         offsets[1:] = torch.cumsum(counts, 0)
         fb = None if fallback is None else fallback.reshape(B * C, D).contiguous()
-        means = cuda_ext().kmeans_means(x.reshape(B * L, D).contiguous(), order, offsets, fb)
+        sh = None if shift is None else shift.contiguous()
+        means = cuda_ext().kmeans_means(x.reshape(B * L, D).contiguous(), order, offsets, fb, sh)
         return means.reshape(B, C, D), counts.reshape(B, C)
     sums = torch.zeros(B * C, D, dtype=torch.float64, device=dev)
     sums.index_add_(0, flat, x.reshape(B * L, D).double())
-    means = (sums / counts.clamp_min(1)[:, None]).float()
+    means = sums / counts.clamp_min(1)[:, None]
+    if shift is not None:
+        means = torch.where((counts == 0)[:, None], 0.0, means - shift.double().repeat_interleave(C, 0))
+    means = means.float()
     if fallback is not None:
         means = torch.where((counts == 0)[:, None], fallback.reshape(B * C, D), means)
     return means.reshape(B, C, D), counts.reshape(B, C)
@@ -192,24 +202,34 @@ def _assign_split(raw: torch.Tensor, mu: torch.Tensor, c: torch.Tensor, kernel: 
                          - bias[b0:b1, None, :], B, L, c.shape[1], raw.device)
 
 
-def _reseed(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, best: torch.Tensor) -> None:
+def _reseed(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, best: torch.Tensor,
+            shift: torch.Tensor | None = None) -> None:
     """Re-seed the empty clusters in place, as the reference: in each batch the j-th empty
     cluster (by id) takes the j-th token farthest from its centroid's ray (ties: lower index).
-    x f32 ``[B, L, D]``, c f32 ``[B, C, D]``, empty bool ``[B, C]``, best f32 ``[B, L]``."""
+    x ``[B, L, D]`` (the rows x - shift are the centred tokens; shift f32 ``[B, D]`` or None), c f32 ``[B, C, D]``,
+    empty bool ``[B, C]``, best f32 ``[B, L]``."""
     eb = torch.nonzero(empty.any(1)).flatten()
-    norm2 = torch.cat([x[eb[i:i + 8]].double().pow(2).sum(2) for i in range(0, eb.numel(), 8)])
+
+    def centred(b: torch.Tensor) -> torch.Tensor:  # double [len(b), L, D]
+        xb = x[b].double()
+        return xb if shift is None else xb - shift[b].double()[:, None]
+
+    norm2 = torch.cat([centred(eb[i:i + 8]).pow(2).sum(2) for i in range(0, eb.numel(), 8)])
     b = best[eb].double().clamp_min(0)
     resid = norm2 - b * b                                              # [E, L]
     far = torch.sort(-resid, dim=1, stable=True).indices             # [E, L]
     em = empty[eb]
     rank = torch.cumsum(em.to(torch.int64), 1) - 1                   # rank among the batch's empties
     bi, ci = torch.nonzero(em, as_tuple=True)
-    c[eb[bi], ci] = x[eb[bi], far[bi, rank[bi, ci]]]
+    rows = x[eb[bi], far[bi, rank[bi, ci]]].float()
+    c[eb[bi], ci] = rows if shift is None else rows - shift[eb[bi]]
 
 
 def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str, pad: torch.Tensor | None = None,
-             valid: torch.Tensor | None = None, precise_from: int = 0) -> torch.Tensor:
-    """Spherical k-means of B batches: x f32 ``[B, L, D]`` (centred), c f32 ``[B, C, D]`` (init),
+             valid: torch.Tensor | None = None, precise_from: int = 0, shift: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Spherical k-means of B batches: x ``[B, L, D]`` (the tokens, centred: ``x - shift`` with shift f32
+    ``[B, D]`` where given, so 16-bit keys are read as stored), c f32 ``[B, C, D]`` (init),
     ``assign(c, precise) -> (best, arg)`` the assignment step (``precise``: from pass ``precise_from`` on, of the
     ``iters + 1``). Batches of different sizes padded to one: pad bool
     ``[B, L]`` marks rows that are not tokens (they join no cluster), valid bool ``[B, C]`` the batch's clusters
@@ -223,55 +243,56 @@ def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str,
         if it == iters:
             return a
         if pad is None:
-            c, cnt = cluster_means(x, a, C, fallback=c, backend=backend)
+            c, cnt = cluster_means(x, a, C, fallback=c, backend=backend, shift=shift)
         else:
-            c, cnt = cluster_means(x, a, C + 1, fallback=torch.nn.functional.pad(c, (0, 0, 0, 1)), backend=backend)
+            c, cnt = cluster_means(x, a, C + 1, fallback=torch.nn.functional.pad(c, (0, 0, 0, 1)), backend=backend,
+                                   shift=shift)
             c, cnt = c[:, :C], cnt[:, :C]
         empty = cnt == 0
         if valid is not None:
             empty &= valid
         if bool(empty.any()):
-            _reseed(x, c, empty, best)
+            _reseed(x, c, empty, best, shift)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _kmeans_padded(keys: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, bounds: list[int], cs: list[int],
+def _kmeans_padded(keys: torch.Tensor, mean: torch.Tensor, bounds: list[int], cs: list[int],
                    cbase: list[int], iters: int, seed: int, backend: str, assign: torch.Tensor,
                    kernel: bool = True, precise_from: int = 0) -> None:
     """matmul="split" with all segments of every head in one batch, the last (of another length) padded: one
     pass of launches instead of one a run of equal segments (the tensor-core kernel's results do not depend on
-    the batch; ``kernel=False``: the torch products). Writes ``assign`` [G, n] in place."""
+    the batch; ``kernel=False``: the torch products). The 16-bit keys are the only copy of the tokens (centred
+    by ``mean`` f32 [G, D] where used). Writes ``assign`` [G, n] in place."""
     G, n, D = keys.shape
     dev = keys.device
     nseg = len(bounds) - 1
     lens = [bounds[s + 1] - bounds[s] for s in range(nseg)]
     L, C, f = max(lens), max(cs), nseg - 1            # segments before the last are all of one length
     seg = lens[0]
-    X = x.new_zeros(G, nseg, L, D)
-    R = keys.new_zeros(G, nseg, L, D)
+    R = keys.new_empty(G, nseg, L, D)
     if f:
-        X[:, :f, :seg] = x[:, :bounds[f]].reshape(G, f, seg, D)
         R[:, :f, :seg] = keys[:, :bounds[f]].reshape(G, f, seg, D)
-    X[:, f, :lens[f]] = x[:, bounds[f]:]
     R[:, f, :lens[f]] = keys[:, bounds[f]:]
+    if lens[f] < L:
+        R[:, f, lens[f]:] = 0
     B = G * nseg
-    X, R = X.view(B, L, D), R.view(B, L, D)
+    R = R.view(B, L, D)
     rows = torch.tensor([_init_rows(lens[s], cs[s], seed + s) + [0] * (C - cs[s]) for s in range(nseg)],
                         dtype=torch.int64, device=dev)
     ncent = torch.tensor(cs, dtype=torch.int32, device=dev).repeat(G)                 # [B]: b = g * nseg + s
     valid = torch.arange(C, device=dev)[None, :] < ncent[:, None]
-    c0 = X.view(G, nseg, L, D)[:, torch.arange(nseg, device=dev)[:, None], rows].reshape(B, C, D)
-    c0 = c0 * valid[..., None]
+    mu = mean.repeat_interleave(nseg, 0)                                              # [B, D]
+    c0 = R.view(G, nseg, L, D)[:, torch.arange(nseg, device=dev)[:, None], rows].reshape(B, C, D)
+    c0 = (c0.float() - mu[:, None]) * valid[..., None]
     pad = None
     if any(x_ != L for x_ in lens):
         pad = torch.arange(L, device=dev)[None, :] >= torch.tensor(lens, device=dev).repeat(G)[:, None]
-    mu = mean.repeat_interleave(nseg, 0)
 
     def assign_step(c: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return _assign_split(R, mu, c, kernel, ncent, precise)
 
-    a = _iterate(X, c0, iters, assign_step, backend, pad, None if min(cs) == C else valid,
-                 precise_from).view(G, nseg, L)
+    a = _iterate(R, c0, iters, assign_step, backend, pad, None if min(cs) == C else valid,
+                 precise_from, shift=mu).view(G, nseg, L)
     base = torch.tensor(cbase[:nseg], dtype=torch.int64, device=dev)
     if f:
         assign[:, :bounds[f]] = (a[:, :f, :seg] + base[:f, None]).reshape(G, f * seg)
@@ -331,7 +352,7 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
     kernel = split and _split_kernel(keys, backend)
     precise_from = max(0, iters + 1 - _PRECISE_PASSES) if mm == "split_late" else 0
     mean = (torch.sum(keys, dim=1, dtype=torch.float64) / n).float()    # [G, D]
-    x = keys.float() - mean[:, None, :]
+    x = None if split else keys.float() - mean[:, None, :]  # split: the stored keys are read, centred on the fly
     bounds = segment_bounds(n, tpc, seg)
     nseg = len(bounds) - 1
     cs = [clusters_for(bounds[s + 1] - bounds[s], tpc) for s in range(nseg)]
@@ -341,7 +362,7 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
     assign = torch.empty(G, n, dtype=torch.int64, device=dev)
     s0 = nseg
     if kernel and _PAD_SEGMENTS:
-        _kmeans_padded(keys, x, mean, bounds, cs, cbase, iters, seed, backend, assign, precise_from=precise_from)
+        _kmeans_padded(keys, mean, bounds, cs, cbase, iters, seed, backend, assign, precise_from=precise_from)
     else:
         s0 = 0
     while s0 < nseg:  # runs of consecutive segments of one length (at most two runs)
@@ -350,21 +371,23 @@ def segmented_kmeans_gpu(keys: torch.Tensor, tokens_per_cluster: int = 16, segme
         while s1 < nseg and bounds[s1 + 1] - bounds[s1] == L:
             s1 += 1
         S = s1 - s0
-        xs = x[:, bounds[s0]:bounds[s1]].reshape(G * S, L, D)
         rows = torch.tensor([_init_rows(L, C, seed + s) for s in range(s0, s1)], dtype=torch.int64, device=dev)
-        c0 = xs.view(G, S, L, D)[:, torch.arange(S, device=dev)[:, None], rows].reshape(G * S, C, D)
+        pick = (slice(None), torch.arange(S, device=dev)[:, None], rows)
         if split:
-            raw = keys[:, bounds[s0]:bounds[s1]].reshape(G * S, L, D).contiguous()
-            mu = mean.repeat_interleave(S, 0)                                   # [G*S, D]
+            xs = keys[:, bounds[s0]:bounds[s1]].reshape(G * S, L, D).contiguous()  # the stored keys
+            shift = mean.repeat_interleave(S, 0)                                    # [G*S, D]
+            c0 = (xs.view(G, S, L, D)[pick].reshape(G * S, C, D).float() - shift[:, None])
 
-            def assign_step(c, precise, raw=raw, mu=mu):
+            def assign_step(c, precise, raw=xs, mu=shift):
                 return _assign_split(raw, mu, c, kernel, precise=precise)
         else:
+            xs, shift = x[:, bounds[s0]:bounds[s1]].reshape(G * S, L, D), None
+            c0 = xs.view(G, S, L, D)[pick].reshape(G * S, C, D)
             xm = xs if mm == torch.float32 else xs.to(mm)
 
             def assign_step(c, precise, xm=xm):
                 return _assign(xm, c)
-        a = _iterate(xs, c0, iters, assign_step, backend, precise_from=precise_from)                            # [G*S, L]
+        a = _iterate(xs, c0, iters, assign_step, backend, precise_from=precise_from, shift=shift)   # [G*S, L]
         base = torch.tensor(cbase[s0:s1], dtype=torch.int64, device=dev)
         assign[:, bounds[s0]:bounds[s1]] = (a.view(G, S, L) + base[None, :, None]).reshape(G, S * L)
         s0 = s1

@@ -294,7 +294,7 @@ void copy_rows(torch::Tensor dst_k, c10::optional<torch::Tensor> dst_v, const to
 
 // x [R, D], order int64 [n], offsets int64 [K + 1], fallback f32 [K, D] or None -> means f32 [K, D].
 torch::Tensor kmeans_means(const torch::Tensor& x, const torch::Tensor& order, const torch::Tensor& offsets,
-                           c10::optional<torch::Tensor> fallback) {
+                           c10::optional<torch::Tensor> fallback, c10::optional<torch::Tensor> shift) {
     check_cuda(x, "x");
     check_cuda(order, "order");
     check_cuda(offsets, "offsets");
@@ -313,12 +313,24 @@ torch::Tensor kmeans_means(const torch::Tensor& x, const torch::Tensor& order, c
                     "fallback must be float32 [K, D] on x's device");
         fb = fallback->data_ptr<float>();
     }
+    const float* sh = nullptr;
+    int64_t shift_every = 1;
+    if (shift.has_value()) {
+        check_cuda(*shift, "shift");
+        TORCH_CHECK(shift->scalar_type() == torch::kFloat32 && shift->dim() == 2 && shift->size(0) >= 1 &&
+                        shift->size(1) == D && K % shift->size(0) == 0 && shift->is_contiguous() &&
+                        shift->device() == x.device(),
+                    "shift must be contiguous float32 [B, D] on x's device, with B dividing the cluster count");
+        sh = shift->data_ptr<float>();
+        shift_every = K / shift->size(0);
+    }
     const DType dt = kernel_dtype(x.scalar_type(), "x");
     const c10::cuda::CUDAGuard guard(x.device());
     torch::Tensor means = torch::empty({K, D}, x.options().dtype(torch::kFloat32));
     check_launch(kvstore::cluster::kmeans_means_launch(x.data_ptr(), dt, order.data_ptr<int64_t>(),
-                                                       offsets.data_ptr<int64_t>(), K, static_cast<int>(D), fb,
-                                                       means.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                                                       offsets.data_ptr<int64_t>(), K, static_cast<int>(D), fb, sh,
+                                                       shift_every, means.data_ptr<float>(),
+                                                       c10::cuda::getCurrentCUDAStream()),
                  "kmeans_means");
     return means;
 }
@@ -526,8 +538,9 @@ void register_cluster_ops(pybind11::module_& m) {
     m.def("kmeans_assign_supported", &kmeans_assign_supported, pybind11::arg("x"),
           "Whether kmeans_assign takes rows like x on x's device");
     m.def("kmeans_means", &kmeans_means, pybind11::arg("x"), pybind11::arg("order"), pybind11::arg("offsets"),
-          pybind11::arg("fallback") = pybind11::none(),
-          "x [R, D], order int64, offsets int64 [K + 1], fallback f32 [K, D] or None -> means f32 [K, D]");
+          pybind11::arg("fallback") = pybind11::none(), pybind11::arg("shift") = pybind11::none(),
+          "x [R, D], order int64, offsets int64 [K + 1], fallback f32 [K, D] or None, shift f32 [B, D] or None "
+          "-> means f32 [K, D] (minus the shift of cluster k's batch k // (K / B))");
     m.def("weighted_rows", &weighted_rows, pybind11::arg("w"), pybind11::arg("rows"), pybind11::arg("values"),
           "w f32 [G, Hg, t], rows int64 [G, t], values [R, Dv] -> f32 [G, Hg, Dv]: sum_i w[g, h, i] values[rows[g, i]]");
     m.def("weighted_rows_partial", &weighted_rows_partial, pybind11::arg("w"), pybind11::arg("rows"),
