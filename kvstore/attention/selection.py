@@ -149,14 +149,18 @@ class ClusterBounds:
     changes, never per step)."""
 
     def __init__(self, sizes: torch.Tensor) -> None:
-        sz = sizes.detach().float().cpu().round().long()
+        sz = sizes.detach().float().round().long()   # sorted where the sizes are (the GPU for a GPU layer)
         self.C = int(sz.shape[1])
-        asc = torch.cumsum(torch.sort(sz, dim=1).values, 1)
-        desc = torch.cumsum(torch.sort(sz, dim=1, descending=True).values, 1)
-        # fewest tokens any r clusters of a slot hold, and the most
-        self._least = asc.amin(0).tolist() if sz.numel() else []
-        self._most = desc.amax(0).tolist() if sz.numel() else []
-        self.max_size = int(sz.max()) if sz.numel() else 0
+        if not sz.numel():
+            self._least, self._most, self.max_size = [], [], 0
+            return
+        srt = torch.sort(sz, dim=1).values
+        asc = torch.cumsum(srt, 1)
+        desc = torch.cumsum(srt.flip(1), 1)
+        # fewest tokens any r clusters of a slot hold, and the most; one copy to the host
+        both = torch.stack([asc.amin(0), desc.amax(0)]).cpu()
+        self._least, self._most = both[0].tolist(), both[1].tolist()
+        self.max_size = int(both[1, 0]) if self.C else 0
 
     def clusters_for(self, tokens: int) -> int:
         """An upper bound of the clusters a cut at ``tokens`` takes in any slot (taking clusters until their sizes
