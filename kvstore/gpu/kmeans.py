@@ -203,18 +203,24 @@ def _assign_split(raw: torch.Tensor, mu: torch.Tensor, c: torch.Tensor, kernel: 
 
 
 def _reseed(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, best: torch.Tensor,
-            shift: torch.Tensor | None = None) -> None:
+            shift: torch.Tensor | None = None, cache: dict | None = None) -> None:
     """Re-seed the empty clusters in place, as the reference: in each batch the j-th empty
     cluster (by id) takes the j-th token farthest from its centroid's ray (ties: lower index).
     x ``[B, L, D]`` (the rows x - shift are the centred tokens; shift f32 ``[B, D]`` or None), c f32 ``[B, C, D]``,
-    empty bool ``[B, C]``, best f32 ``[B, L]``."""
+    empty bool ``[B, C]``, best f32 ``[B, L]``; cache: a dict kept across the passes of one k-means (the rows'
+    squared norms are computed once)."""
     eb = torch.nonzero(empty.any(1)).flatten()
+    cache = {} if cache is None else cache
+    if "norm2" not in cache:
+        B, L, D = x.shape
+        step = max(1, (1 << 25) // max(1, L * D))          # batches a chunk (at most 2^25 doubles)
 
-    def centred(b: torch.Tensor) -> torch.Tensor:  # double [len(b), L, D]
-        xb = x[b].double()
-        return xb if shift is None else xb - shift[b].double()[:, None]
+        def centred(b0: int, b1: int) -> torch.Tensor:     # double [b1 - b0, L, D]
+            xb = x[b0:b1].double()
+            return xb if shift is None else xb - shift[b0:b1].double()[:, None]
 
-    norm2 = torch.cat([centred(eb[i:i + 8]).pow(2).sum(2) for i in range(0, eb.numel(), 8)])
+        cache["norm2"] = torch.cat([centred(i, min(B, i + step)).pow(2).sum(2) for i in range(0, B, step)])
+    norm2 = cache["norm2"][eb]
     b = best[eb].double().clamp_min(0)
     resid = norm2 - b * b                                              # [E, L]
     far = torch.sort(-resid, dim=1, stable=True).indices             # [E, L]
@@ -235,6 +241,7 @@ def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str,
     ``[B, L]`` marks rows that are not tokens (they join no cluster), valid bool ``[B, C]`` the batch's clusters
     (the others stay empty and are never re-seeded). Returns the final assignment int64 ``[B, L]`` (C on pad rows)."""
     C = c.shape[1]
+    cache: dict = {}
     for it in range(iters + 1):
         best, a = assign(c, it >= precise_from)
         if pad is not None:
@@ -252,7 +259,7 @@ def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str,
         if valid is not None:
             empty &= valid
         if bool(empty.any()):
-            _reseed(x, c, empty, best, shift)
+            _reseed(x, c, empty, best, shift, cache)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
