@@ -383,7 +383,7 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_store(const torch::Tensor& k, c
                                                        torch::Tensor out_v) {
     for (const auto& [t, name] : {std::pair<const torch::Tensor&, const char*>{k, "k"}, {v, "v"}, {order, "order"},
                                   {offsets, "offsets"}, {cen, "cen"}, {out_k, "out_k"}, {out_v, "out_v"}}) {
-        check_cuda(t, name);
+        TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");  // layouts are checked below
         TORCH_CHECK(t.device() == k.device(), name, " must be on k's device");
     }
     TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && order.dim() == 2 && offsets.dim() == 2 && cen.dim() == 3 &&
@@ -402,7 +402,7 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_store(const torch::Tensor& k, c
                 "out_k, out_v must be [S, R >= m, D / Dv] of k's dtype");
     TORCH_CHECK(C <= INT32_MAX && D <= INT32_MAX && Dv <= INT32_MAX, "C, D and Dv must fit in int32");
     // slots may be strided (the middle tokens of a prefilled [B, H, N, D] layer); rows must be contiguous
-    TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == D && v.stride(2) == 1 && v.stride(1) == Dv,
+    TORCH_CHECK(k.stride(2) == 1 && (m == 1 || (k.stride(1) == D && v.stride(1) == Dv)) && v.stride(2) == 1,
                 "k and v must have contiguous rows");
     const int64_t R = out_k.size(1);
     TORCH_CHECK(out_k.stride(2) == 1 && out_k.stride(1) == D && (S == 1 || out_k.stride(0) == R * D) &&
