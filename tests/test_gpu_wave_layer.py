@@ -223,9 +223,8 @@ def test_cuda_kernels_match_torch_backend(mode, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("B, H", [(1, 8), (3, 2), (2, 3)])
-def test_offload_build_in_chunks_gives_the_gpu_only_index(B, H):
-    """The offload build clusters chunks of heads while the previous chunk is copied to pinned memory: its index
-    is the one the gpu_only build makes in one call."""
+def test_offload_build_gives_the_gpu_only_index(B, H):
+    """The offload build's index in pinned memory is the one the gpu_only build keeps on the device."""
     if not _cuda_ready():
         pytest.skip("kvstore._cuda not built")
     k, v = _kv(B, H, 9000, 128, torch.bfloat16, "cuda", seed=8)

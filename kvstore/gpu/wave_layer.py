@@ -142,7 +142,6 @@ def _stage_host_runs(kv_k: torch.Tensor, kv_v: torch.Tensor, src: torch.Tensor, 
 
 # Middle tokens (per KV head) clustered in one k-means call: sequences of one length are grouped up to this many
 # tokens, so that the work space (f32 keys) stays near that of one 512K-token sequence.
-_OFFLOAD_CHUNKS = 4       # offload build: chunks of heads clustered while the previous chunk is copied to the host
 _GROUP_TOKENS = 1 << 19
 
 
@@ -277,24 +276,12 @@ class GpuWaveLayer:
             self.steady_k[sl, :st.numel()] = k[b][:, st].to(dev)
             self.steady_v[sl, :st.numel()] = v[b][:, st].to(dev)
         self._alloc_index(max(_clusters_of(m, cfg) for m in mid), k.dtype)
-        # offload: the copy of each chunk of heads into pinned memory runs on a side stream while the next chunk
-        # is clustered (heads are clustered independently, so chunks give the same index)
-        overlap = cfg.mode == "offload" and dev.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(dev) if overlap else None
         for b0, b1 in _build_groups(rows, sink, mid, H):
             kb, vb = _middle(k, rows, sink, mid, b0, b1, dev), _middle(v, rows, sink, mid, b0, b1, dev)
-            S = kb.shape[0]
-            step = -(-S // _OFFLOAD_CHUNKS) if overlap else S
-            for s0 in range(0, S, step):
-                s1 = min(S, s0 + step)
-                a, cen, sizes = segmented_kmeans_gpu(kb[s0:s1], cfg.tokens_per_cluster, cfg.segment_len,
-                                                     cfg.kmeans_iters, cfg.seed, backend=cfg.backend)
-                self._store_sequences(slice(b0 * H + s0, b0 * H + s1), kb[s0:s1], vb[s0:s1], a, cen, sizes)
-                del a, cen, sizes
-            del kb, vb
-        if self._copy_stream is not None:
-            torch.cuda.current_stream(dev).wait_stream(self._copy_stream)
-            self._copy_stream = None
+            a, cen, sizes = segmented_kmeans_gpu(kb, cfg.tokens_per_cluster, cfg.segment_len, cfg.kmeans_iters,
+                                                 cfg.seed, backend=cfg.backend)
+            self._store_sequences(slice(b0 * H, b1 * H), kb, vb, a, cen, sizes)
+            del kb, vb, a, cen, sizes
         self._finish_build()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -375,17 +362,8 @@ class GpuWaveLayer:
         self.value_sums[sl, :Cb] = vs
         self.radii[sl, :Cb] = radii
         if not on_device:
-            side = getattr(self, "_copy_stream", None)
-            if side is None:
-                kv_k[sl, :m].copy_(out_k, non_blocking=self.pinned)
-                kv_v[sl, :m].copy_(out_v, non_blocking=self.pinned)
-            else:
-                side.wait_stream(torch.cuda.current_stream(kb.device))
-                with torch.cuda.stream(side):
-                    kv_k[sl, :m].copy_(out_k, non_blocking=self.pinned)
-                    kv_v[sl, :m].copy_(out_v, non_blocking=self.pinned)
-                out_k.record_stream(side)  # not reused by the allocator before the copy has read it
-                out_v.record_stream(side)
+            kv_k[sl, :m].copy_(out_k, non_blocking=self.pinned)
+            kv_v[sl, :m].copy_(out_v, non_blocking=self.pinned)
         if m < self.n and self.kv_k.device.type == "cpu":  # rows no cluster holds, never read: zeros, not garbage
             kv_k[sl, m:].zero_()
             kv_v[sl, m:].zero_()
