@@ -125,14 +125,22 @@ def test_half_precision_matmul_keeps_quality():
         assert bool((obj <= obj32 * 1.01).all()), (mm, obj, obj32)
 
 
+def _two_clusterings(dtype, seed: int, first: str, second: str):
+    """The torch-backend k-means of one set of 16-bit keys with two assignment matmuls: (assign, centroids,
+    objective) of each."""
+    keys = keys_like(2, 3000, 64, seed=seed).to(dtype)
+    out = []
+    for mm in (first, second):
+        a, c, s = segmented_kmeans_gpu(keys, 16, 1500, 10, 0, backend="torch", matmul=mm)
+        check_invariants(keys.float(), a, c, s)
+        out.append((a, c, kmeans_objective(keys.float(), a, c)))
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split_directions_keep_float32_quality(dtype):
     """matmul='split' (the stored 16-bit keys against directions as two 16-bit terms) clusters as well as fp32."""
-    keys = keys_like(2, 3000, 64, seed=5).to(dtype)
-    a32, c32, _ = segmented_kmeans_gpu(keys, 16, 1500, 10, 0, backend="torch", matmul="fp32")
-    a, c, s = segmented_kmeans_gpu(keys, 16, 1500, 10, 0, backend="torch", matmul="split")
-    check_invariants(keys.float(), a, c, s)
-    obj, obj32 = kmeans_objective(keys.float(), a, c), kmeans_objective(keys.float(), a32, c32)
+    (a32, _, obj32), (a, _, obj) = _two_clusterings(dtype, 5, "fp32", "split")
     torch.testing.assert_close(obj, obj32, rtol=1e-3, atol=0)
     assert float((a == a32).double().mean()) >= 0.99
 
@@ -140,11 +148,7 @@ def test_split_directions_keep_float32_quality(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split_late_clusters_as_well_as_split(dtype):
     """matmul='split_late' (16-bit directions before the last passes) keeps the objective of 'split'."""
-    keys = keys_like(2, 3000, 64, seed=6).to(dtype)
-    a, c, s = segmented_kmeans_gpu(keys, 16, 1500, 10, 0, backend="torch", matmul="split")
-    al, cl, sl = segmented_kmeans_gpu(keys, 16, 1500, 10, 0, backend="torch", matmul="split_late")
-    check_invariants(keys.float(), al, cl, sl)
-    obj, objl = kmeans_objective(keys.float(), a, c), kmeans_objective(keys.float(), al, cl)
+    (_, _, obj), (_, _, objl) = _two_clusterings(dtype, 6, "split", "split_late")
     assert bool((objl <= obj * 1.002).all()), (objl, obj)
     with pytest.raises(ValueError, match="split_late"):
         segmented_kmeans_gpu(torch.randn(1, 100, 16), matmul="split_late")

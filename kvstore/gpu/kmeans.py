@@ -92,10 +92,10 @@ def cluster_means(x: torch.Tensor, assign: torch.Tensor, C: int, fallback: torch
     sums.index_add_(0, flat, x.reshape(B * L, D).double())
     means = sums / counts.clamp_min(1)[:, None]
     if shift is not None:
-        means = torch.where((counts == 0)[:, None], 0.0, means - shift.double().repeat_interleave(C, 0))
+        means = means - shift.double().repeat_interleave(C, 0)
     means = means.float()
-    if fallback is not None:
-        means = torch.where((counts == 0)[:, None], fallback.reshape(B * C, D), means)
+    if fallback is not None or shift is not None:  # an empty cluster: its fallback row, or zeros
+        means = torch.where((counts == 0)[:, None], 0.0 if fallback is None else fallback.reshape(B * C, D), means)
     return means.reshape(B, C, D), counts.reshape(B, C)
 
 
@@ -202,25 +202,26 @@ def _assign_split(raw: torch.Tensor, mu: torch.Tensor, c: torch.Tensor, kernel: 
                          - bias[b0:b1, None, :], B, L, c.shape[1], raw.device)
 
 
-def _reseed(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, best: torch.Tensor,
-            shift: torch.Tensor | None = None, cache: dict | None = None) -> None:
+def _centred_norm2(x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """Squared norms (float64 ``[B, L]``) of the centred rows ``x - shift`` (x ``[B, L, D]``, shift f32 ``[B, D]``
+    or None), at most 2^25 doubles a chunk."""
+    B, L, D = x.shape
+    step = max(1, (1 << 25) // max(1, L * D))
+    parts = []
+    for b0 in range(0, B, step):
+        xb = x[b0:b0 + step].double()
+        parts.append((xb if shift is None else xb - shift[b0:b0 + step].double()[:, None]).pow(2).sum(2))
+    return torch.cat(parts)
+
+
+def _reseed(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, best: torch.Tensor, norm2: torch.Tensor,
+            shift: torch.Tensor | None = None) -> None:
     """Re-seed the empty clusters in place, as the reference: in each batch the j-th empty
     cluster (by id) takes the j-th token farthest from its centroid's ray (ties: lower index).
     x ``[B, L, D]`` (the rows x - shift are the centred tokens; shift f32 ``[B, D]`` or None), c f32 ``[B, C, D]``,
-    empty bool ``[B, C]``, best f32 ``[B, L]``; cache: a dict kept across the passes of one k-means (the rows'
-    squared norms are computed once)."""
+    empty bool ``[B, C]``, best f32 ``[B, L]``, norm2 = :func:`_centred_norm2` ``(x, shift)``."""
     eb = torch.nonzero(empty.any(1)).flatten()
-    cache = {} if cache is None else cache
-    if "norm2" not in cache:
-        B, L, D = x.shape
-        step = max(1, (1 << 25) // max(1, L * D))          # batches a chunk (at most 2^25 doubles)
-
-        def centred(b0: int, b1: int) -> torch.Tensor:     # double [b1 - b0, L, D]
-            xb = x[b0:b1].double()
-            return xb if shift is None else xb - shift[b0:b1].double()[:, None]
-
-        cache["norm2"] = torch.cat([centred(i, min(B, i + step)).pow(2).sum(2) for i in range(0, B, step)])
-    norm2 = cache["norm2"][eb]
+    norm2 = norm2[eb]
     b = best[eb].double().clamp_min(0)
     resid = norm2 - b * b                                              # [E, L]
     far = torch.sort(-resid, dim=1, stable=True).indices             # [E, L]
@@ -241,7 +242,7 @@ def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str,
     ``[B, L]`` marks rows that are not tokens (they join no cluster), valid bool ``[B, C]`` the batch's clusters
     (the others stay empty and are never re-seeded). Returns the final assignment int64 ``[B, L]`` (C on pad rows)."""
     C = c.shape[1]
-    cache: dict = {}
+    norm2 = None  # the centred rows' squared norms, computed at the first re-seed
     for it in range(iters + 1):
         best, a = assign(c, it >= precise_from)
         if pad is not None:
@@ -259,7 +260,9 @@ def _iterate(x: torch.Tensor, c: torch.Tensor, iters: int, assign, backend: str,
         if valid is not None:
             empty &= valid
         if bool(empty.any()):
-            _reseed(x, c, empty, best, shift, cache)
+            if norm2 is None:
+                norm2 = _centred_norm2(x, shift)
+            _reseed(x, c, empty, best, norm2, shift)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
