@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from kvstore.config import StoreConfig
+
 
 def rankings(q, cent, sizes, keys_sorted, cid, scale):
     """q [G, D], cent [C, D], sizes [C], keys_sorted [n, D] (cluster order), cid [n] -> name: weight [C]."""
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--haystack", default="text", choices=["text", "filler"])
     p.add_argument("--depth", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--candidates", type=float, default=0.06, help="candidate budget, a fraction of the tokens")
+    p.add_argument("--candidates", type=float, default=StoreConfig.candidates, help="candidate budget, a fraction of the tokens")
     p.add_argument("--candidates-floor", type=int, default=256)
     p.add_argument("--tokens-per-cluster", type=int, default=16)
     p.add_argument("--sink", type=int, default=4)

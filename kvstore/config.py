@@ -15,6 +15,7 @@ from ._validate import INT32_MAX, MAX_COUNT, check_num_threads, check_positive_i
 
 GPU_MODES = ("gpu_only", "offload")
 GPU_ESTIMATORS = ("centroid", "fs_iso")  # kvstore.gpu.estimation
+CENTROID_DTYPES = ("int8", "kv")
 
 METHODS = ("full", "wave", "graph", "streaming", "quest", "oracle")
 
@@ -57,6 +58,11 @@ class StoreConfig:
             distance of a member key from the centroid ``c``: a cluster that
             holds one far key (the one a copying head needs) ranks higher than
             its mean alone would put it. 0 ranks by the centroid only.
+        centroid_dtype: wave: how the step reads the centroids it ranks
+            every cluster by: ``"int8"`` (one byte a dimension and a float32
+            scale a cluster, half the bytes of 16-bit centroids: the largest
+            read of a step after the candidates' keys) or ``"kv"`` (the KV
+            dtype, as published).
         tokens_per_cluster, segment_len, kmeans_iters: wave index build.
         update_interval: tokens decoded before the oldest ones leave the
             window and join the index.
@@ -90,14 +96,15 @@ class StoreConfig:
     method: str = "wave"
     sink: int = 4
     window: int = 64
-    candidates: float | int = 0.06
+    candidates: float | int = 0.07
     retrieval: float | int = 0.02
-    estimation: float | int = 0.1
+    estimation: float | int = 0.2
     candidates_floor: int = 256
     retrieval_floor: int = 32
     calibrate: bool = True
     estimate_rest: bool = True
     rank_radius: float = 0.25
+    centroid_dtype: str = "int8"
     tokens_per_cluster: int = 16
     segment_len: int = 8192
     kmeans_iters: int = 10
@@ -136,6 +143,8 @@ class StoreConfig:
         if isinstance(self.cache_ratio, bool) or not (isinstance(self.cache_ratio, (int, float))
                                                       and 0 < self.cache_ratio <= 1):
             raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
+        if self.centroid_dtype not in CENTROID_DTYPES:
+            raise ValueError(f"centroid_dtype must be 'int8' or 'kv', got {self.centroid_dtype!r}")
         if self.gpu_estimator not in GPU_ESTIMATORS:
             raise ValueError(f"gpu_estimator must be 'centroid' or 'fs_iso', got {self.gpu_estimator!r}")
         for name in ("check_finite", "calibrate", "estimate_rest"):
@@ -158,10 +167,11 @@ class StoreConfig:
     def retroinfer(cls, **overrides: Any) -> "StoreConfig":
         """The wave method as published (RetroInfer): 16-token clusters, the best clusters covering 1.8% of the
         context attended exactly (all their tokens), the next 23.2% estimated from their centroids, the rest
-        dropped, no calibration, no floors, clusters ranked by their centroids. For comparisons; ``overrides``
-        replace fields."""
+        dropped, no calibration, no floors, clusters ranked by their centroids, read in the KV dtype. For
+        comparisons; ``overrides`` replace fields."""
         base = cls(method="wave", tokens_per_cluster=16, candidates=0.018, retrieval=1.0, estimation=0.232,
-                   candidates_floor=0, retrieval_floor=0, calibrate=False, estimate_rest=False, rank_radius=0.0)
+                   candidates_floor=0, retrieval_floor=0, calibrate=False, estimate_rest=False, rank_radius=0.0,
+                   centroid_dtype="kv")
         return replace(base, **overrides)
 
     def wave_budget(self, context: int, indexed: int):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kvstore.gpu.cluster_ops import (candidate_scores, cluster_order, cluster_runs, cluster_scores, cluster_store,
+                                     dequantize_centroids, quantize_centroids,
                                      copy_rows, select_clusters, weighted_rows)
 
 
@@ -91,6 +92,40 @@ def test_cluster_scores_torch_radius_matches_float64(rank_radius):
     assert rel_l2(p, plain) > 1e-3                  # the radius changes the ranking weights
     same = cluster_scores(q, c, sizes, backend="torch", radii=radii, rank_radius=0.0)[1]
     assert torch.equal(same, plain)
+
+
+def test_quantize_centroids_round_trip():
+    gen = torch.Generator().manual_seed(3)
+    c = torch.randn(3, 50, 64, generator=gen) * torch.rand(3, 50, 1, generator=gen) * 20
+    c[0, 7] = 0                                                    # a zero row: scale 0, no NaN
+    c[1, 3, 5] = 400.0                                             # one outlier channel sets the row's step
+    qc, sc = quantize_centroids(c)
+    assert qc.dtype == torch.int8 and sc.dtype == torch.float32 and sc.shape == (3, 50)
+    assert int(qc.abs().max()) <= 127 and bool((sc[0, 7] == 0) & (qc[0, 7] == 0).all())
+    back = dequantize_centroids(qc, sc)
+    # within half a step per element, and the largest element of every row exact up to float rounding
+    assert bool(((back - c).abs() <= 0.5 * sc[..., None] * (1 + 1e-5) + 1e-6).all())
+    assert torch.allclose(back.abs().amax(-1), c.abs().amax(-1), rtol=1e-6)
+    assert torch.equal(dequantize_centroids(c, None), c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cluster_scores_torch_int8_matches_float64(dtype):
+    G, Hg, C, D = 3, 4, 257, 64
+    q, c, sizes = ranking_inputs(G, Hg, C, D, dtype)
+    radii = ranking_radii(G, C)
+    qc, sc = quantize_centroids(c)
+    s, p = cluster_scores(q, qc, sizes, backend="torch", radii=radii, rank_radius=0.25, centroid_scale=sc)
+    s64, p64 = ranking_float64(q, dequantize_centroids(qc, sc), sizes, 1 / math.sqrt(D), radii, 0.25)
+    fin = torch.isfinite(s64)
+    assert torch.equal(torch.isfinite(s), fin)
+    assert rel_l2(s[fin], s64[fin]) < 1e-5 and rel_l2(p, p64) < 1e-4
+    with pytest.raises(TypeError, match="int8"):
+        cluster_scores(q, c, sizes, backend="torch", centroid_scale=sc)
+    with pytest.raises(ValueError, match="centroid_scale"):
+        cluster_scores(q, qc, sizes, backend="torch", centroid_scale=sc[:, :5])
+    with pytest.raises(TypeError, match="centroids"):
+        cluster_scores(q, qc, sizes, backend="torch")                # int8 without its scale
 
 
 def test_cluster_scores_scale_and_empty_groups():
@@ -515,6 +550,46 @@ def test_cluster_scores_kernel_radius_matches_reference(dtype, G, Hg, C, D):
     assert rel_l2(s.cpu()[fin], s64[fin]) < 1e-5 and rel_l2(p.cpu(), p64) < 1e-4
     pt = cluster_scores(q, c, sizes, backend="torch", radii=radii, rank_radius=0.25)[1]
     assert rel_l2(p, pt) < 1e-4
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("G,Hg,C,D", [(64, 4, 8192, 128), (3, 12, 1000, 128), (5, 3, 777, 64), (2, 4, 300, 72),
+                                      (1, 32, 50, 128)])
+def test_cluster_scores_kernel_int8_matches_reference(dtype, G, Hg, C, D):
+    # bf16 / fp16, D 64 or 128, Hg <= 16: the tensor-core kernel reads the int8 rows; other shapes and float32
+    # score dequantized copies
+    q, c, sizes = ranking_inputs(G, Hg, C, D, dtype, "cuda")
+    radii = ranking_radii(G, C, device="cuda")
+    qc, sc = quantize_centroids(c)
+    poison_cuda_cache(4 * G * Hg * C + 4 * G * C)
+    s, p = cluster_scores(q, qc, sizes, backend="cuda", radii=radii, rank_radius=0.25, centroid_scale=sc)
+    s64, p64 = ranking_float64(q.cpu(), dequantize_centroids(qc, sc).cpu(), sizes.cpu(), 1 / math.sqrt(D),
+                               radii.cpu(), 0.25)
+    fin = torch.isfinite(s64)
+    assert torch.equal(torch.isfinite(s.cpu()), fin)
+    tol = 1e-5 if dtype == torch.float32 or (D in (64, 128) and Hg <= 16) else 1e-2   # dequantized to 16 bits
+    assert rel_l2(s.cpu()[fin], s64[fin]) < tol and rel_l2(p.cpu(), p64) < 10 * tol
+    pt = cluster_scores(q, qc, sizes, backend="torch", radii=radii, rank_radius=0.25, centroid_scale=sc)[1]
+    assert rel_l2(p, pt) < 10 * tol
+
+
+@pytest.mark.gpu
+@gpu
+def test_fs_cluster_scores_kernel_int8_matches_torch():
+    from kvstore.gpu.estimation import fs_cluster_scores, fs_table
+
+    G, Hg, C, D = 8, 4, 2000, 128
+    q, c, sizes = ranking_inputs(G, Hg, C, D, torch.bfloat16, "cuda")
+    key_sd = torch.rand(G, C, device="cuda")
+    tab, slope = fs_table(64, "cuda")
+    qc, sc = quantize_centroids(c)
+    got = fs_cluster_scores(q, qc, sizes, key_sd, tab, slope, 1 / math.sqrt(D), backend="cuda", centroid_scale=sc)
+    ref = fs_cluster_scores(q, qc, sizes, key_sd, tab, slope, 1 / math.sqrt(D), backend="torch", centroid_scale=sc)
+    fin = torch.isfinite(ref[0])
+    assert torch.equal(torch.isfinite(got[0]), fin)
+    assert rel_l2(got[0][fin], ref[0][fin]) < 1e-5 and rel_l2(got[1], ref[1]) < 1e-4 and rel_l2(got[2], ref[2]) < 1e-5
 
 
 @pytest.mark.gpu

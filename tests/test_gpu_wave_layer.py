@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from kvstore import KVStore, StoreConfig
@@ -269,6 +270,28 @@ def test_state_round_trip_decodes_the_same(mode, estimator):
     assert bool(torch.isfinite(again.decode(q)).all())
 
 
+@pytest.mark.parametrize("saved,loaded", [("kv", "int8"), ("int8", "kv"), ("int8", "int8")])
+def test_state_centroids_convert_between_dtypes(saved, loaded):
+    B, H, Hg, N, D = 1, 2, 3, 800, 32
+    k, v = _kv(B, H, N, D, seed=21)
+    base = dict(segment_len=256, update_interval=16, window=8, backend="torch", cuda_graph=False)
+    layer = GpuWaveLayer.build(k, v, WaveGpuConfig(centroid_dtype=saved, **base), device="cpu")
+    meta, arrays = layer.state()
+    assert arrays["centroids"].dtype == (np.int8 if saved == "int8" else np.float32)
+    again = GpuWaveLayer.from_state(dict(meta, config=dict(meta["config"], centroid_dtype=loaded)), arrays, "cpu")
+    want = GpuWaveLayer.build(k, v, WaveGpuConfig(centroid_dtype=loaded, **base), device="cpu")
+    assert again.centroids.dtype == want.centroids.dtype
+    if saved == loaded or loaded == "int8":                       # quantizing is a function of the float centroids
+        assert torch.equal(again.centroids, want.centroids)
+        q = torch.randn(B, H * Hg, D, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(again.decode(q), want.decode(q))
+    else:                                                          # int8 widened: within half a quantization step
+        step = layer.centroid_scale[..., None] * 0.5 * (1 + 1e-5)
+        assert bool(((again.centroids.float() - want.centroids.float()).abs() <= step + 1e-6).all())
+    with pytest.raises(ValueError, match="centroid_scale"):
+        GpuWaveLayer.from_state(meta, dict(arrays, centroid_scale=arrays["centroid_scale"][:, :3]), "cpu")
+
+
 def _radii_brute(layer: GpuWaveLayer) -> torch.Tensor:
     """[G, C] float64: each cluster's largest member distance from its f32-rounded stored centroid."""
     out = torch.zeros(layer.G, layer.C, dtype=torch.float64)
@@ -284,7 +307,8 @@ def _radii_brute(layer: GpuWaveLayer) -> torch.Tensor:
 def test_radii_after_appends_and_a_state_without_them():
     B, H, N, D = 2, 2, 700, 16
     k, v = _kv(B, H, N, D, seed=13)
-    cfg = WaveGpuConfig(segment_len=256, update_interval=16, window=8, backend="torch", cuda_graph=False)
+    cfg = WaveGpuConfig(segment_len=256, update_interval=16, window=8, backend="torch", cuda_graph=False,
+                        centroid_dtype="kv")                       # radii against the centroids as stored
     layer = GpuWaveLayer.build(k, v, cfg, device="cpu")
     for t in range(40):                                            # two re-indexings
         layer.append(k[:, :, t], v[:, :, t])

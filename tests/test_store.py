@@ -164,7 +164,7 @@ def test_budgets_follow_context_in_real_tokens():
     assert StoreConfig(candidates=160, candidates_floor=0).wave_budget(10_000, 3200).candidates == 160
     assert StoreConfig().wave_budget(600, 532).candidates == 256
     full = StoreConfig(candidates=1.0, retrieval=1.0).wave_budget(5000, 4900)
-    assert (full.candidates, full.tokens, full.estimation) == (4900, 4900, math.ceil(0.1 * 5120))
+    assert (full.candidates, full.tokens, full.estimation) == (4900, 4900, math.ceil(StoreConfig.estimation * 5120))
     ri = StoreConfig.retroinfer()
     assert (ri.tokens_per_cluster, ri.candidates, ri.estimation, ri.calibrate, ri.estimate_rest) == \
         (16, 0.018, 0.232, False, False)

@@ -218,11 +218,34 @@ inline size_t fs_smem_bytes(const FsArgs& fs) {
     return fs.key_sd == nullptr ? 0 : sizeof(float) * static_cast<size_t>(fs.nmax + 1) * (fs.J + 1);
 }
 
-template <typename T, int D, bool kTwoRows>
+// Eight int8 centroid elements (one 8-byte chunk, element 0 in the low byte) as the four words of 16-bit
+// pairs the MMA takes (integers up to 127 are exact in bf16 and fp16).
+template <typename T>
+__device__ __forceinline__ uint4 i8x8_to_pairs(uint2 w) {
+    unsigned out[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const unsigned word = p < 2 ? w.x : w.y;
+        const int sh = 16 * (p % 2);
+        const float a = static_cast<float>(static_cast<signed char>((word >> sh) & 0xffu));
+        const float b = static_cast<float>(static_cast<signed char>((word >> (sh + 8)) & 0xffu));
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+            const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+            out[p] = *reinterpret_cast<const unsigned*>(&h);
+        } else {
+            const __half2 h = __floats2half2_rn(a, b);
+            out[p] = *reinterpret_cast<const unsigned*>(&h);
+        }
+    }
+    return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// cen: centroids of T, or with kI8 int8 centroids whose row c scores (q . c_int8) * cscale[c].
+template <typename T, int D, bool kTwoRows, bool kI8>
 __global__ void __launch_bounds__(kThreads, 2)  // two blocks an SM: 16 warps of centroid loads in flight
-scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const float* __restrict__ sizes, int Hg,
+scores_mma_kernel(const T* __restrict__ q, const void* __restrict__ cen, const float* __restrict__ sizes, int Hg,
                   int C, float scale, int tile, float* __restrict__ scores, float2* __restrict__ tile_stats,
-                  const FsArgs fs, const RadiusArgs rad) {
+                  const FsArgs fs, const RadiusArgs rad, const float* __restrict__ cscale) {
     constexpr int NJ = D / 32;  // chunk steps: 4 lanes x 8 elements each
     __shared__ MaxSum st[kThreads / 32][16];
     extern __shared__ float fs_tab[];  // fs only: table [nmax + 1, J], slope [nmax + 1]
@@ -271,7 +294,9 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
     const float* rg = rad.radii == nullptr ? nullptr : rad.radii + static_cast<long long>(g) * C;
     const float bq_a = (rg != nullptr && gr < Hg) ? rad.bonus_scale * rad.q_bonus[static_cast<long long>(g) * Hg + gr] : 0.0f;
     const float bq_b = (rg != nullptr && gr + 8 < Hg) ? rad.bonus_scale * rad.q_bonus[static_cast<long long>(g) * Hg + gr + 8] : 0.0f;
-    const T* cg = cen + static_cast<long long>(g) * C * D;
+    const T* cg = static_cast<const T*>(cen) + static_cast<long long>(g) * C * D;
+    const signed char* cg8 = static_cast<const signed char*>(cen) + static_cast<long long>(g) * C * D;
+    const float* csg = kI8 ? cscale + static_cast<long long>(g) * C : nullptr;
     const float* sg = sizes + static_cast<long long>(g) * C;
     float* out_a = scores + (static_cast<long long>(g) * Hg + gr) * C;
     float* out_b = scores + (static_cast<long long>(g) * Hg + gr + 8) * C;
@@ -284,20 +309,27 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
         for (int u = 0; u < kMmaU; ++u) {
             const int c = cw + 8 * u + gr;
 #pragma unroll
-            for (int j = 0; j < NJ; ++j)
-                x[u][j] = c < c1 ? __ldg(reinterpret_cast<const uint4*>(cg + static_cast<long long>(c) * D +
-                                                                       (4 * j + t) * 8))
-                                 : make_uint4(0u, 0u, 0u, 0u);
+            for (int j = 0; j < NJ; ++j) {
+                if constexpr (kI8)
+                    x[u][j] = c < c1 ? i8x8_to_pairs<T>(__ldg(reinterpret_cast<const uint2*>(
+                                           cg8 + static_cast<long long>(c) * D + (4 * j + t) * 8)))
+                                     : make_uint4(0u, 0u, 0u, 0u);
+                else
+                    x[u][j] = c < c1 ? __ldg(reinterpret_cast<const uint4*>(cg + static_cast<long long>(c) * D +
+                                                                           (4 * j + t) * 8))
+                                     : make_uint4(0u, 0u, 0u, 0u);
+            }
         }
         // Sizes (and fs key spreads) of this lane's output clusters, loaded beside the centroids so that the
         // epilogue does not wait for a second round trip.
-        float szv[kMmaU][2], sdv[kMmaU][2], rdv[kMmaU][2];
+        float szv[kMmaU][2], sdv[kMmaU][2], rdv[kMmaU][2], csv[kMmaU][2];
 #pragma unroll
         for (int u = 0; u < kMmaU; ++u) {
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 const int c = cw + 8 * u + 2 * t + i;
                 szv[u][i] = c < c1 ? sg[c] : 0.0f;
+                csv[u][i] = (kI8 && c < c1) ? csg[c] : 1.0f;
                 sdv[u][i] = (sd != nullptr && c < c1) ? sd[c] : 0.0f;
                 rdv[u][i] = (rg != nullptr && c < c1) ? rg[c] : 0.0f;
             }
@@ -321,14 +353,15 @@ scores_mma_kernel(const T* __restrict__ q, const T* __restrict__ cen, const floa
                 // fs: the score gets the finite-sample correction, the statistics rank by log of the mass
                 const float s_d = live ? sdv[u][i] : 0.0f;
                 const float logsz = (sd != nullptr && live) ? __logf(sz) : 0.0f;
+                const float sc = kI8 ? scale * csv[u][i] : scale;
                 if (gr < Hg) {
-                    float v = live ? acc[i] * scale : -INFINITY;
+                    float v = live ? acc[i] * sc : -INFINITY;
                     if (sd != nullptr && live) v += fs_g(fs, fs_tab, sz, qn_a * s_d);
                     out_a[c + i] = v;
                     maxsum_push(sa, v + logsz + bq_a * rdv[u][i]);
                 }
                 if (kTwoRows && gr + 8 < Hg) {
-                    float v = live ? acc[2 + i] * scale : -INFINITY;
+                    float v = live ? acc[2 + i] * sc : -INFINITY;
                     if (sd != nullptr && live) v += fs_g(fs, fs_tab, sz, qn_b * s_d);
                     out_b[c + i] = v;
                     maxsum_push(sb, v + logsz + bq_b * rdv[u][i]);
@@ -388,7 +421,7 @@ int ptx_version(Kernel kernel, std::atomic<int>* cache) {
 bool device_has_mma() {
     static std::atomic<int> cache[64] = {};
     return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8 &&
-           ptx_version(scores_mma_kernel<__nv_bfloat16, 128, false>, cache) >= 80;
+           ptx_version(scores_mma_kernel<__nv_bfloat16, 128, false, false>, cache) >= 80;
 }
 
 // Clusters per block of the tensor-core kernel: about two waves of two resident blocks an SM, whole block steps
@@ -404,12 +437,28 @@ int mma_tile(int G, int C, int tile) {
     return static_cast<int>(t > tile ? t : tile);
 }
 
-// Launches the tensor-core kernel when it fits (true), with its own tile, written to *tile.
+// Launches the tensor-core kernel when it fits (true), with its own tile, written to *tile. cscale: int8
+// centroids with one scale a cluster (null: centroids of T).
+template <typename T, bool kI8>
+void launch_scores_mma(dim3 grid, size_t smem, cudaStream_t stream, const T* qt, const void* cen, const float* sizes,
+                       int Hg, int D, int C, float scale, int tile, float* scores, float2* stats, const FsArgs& fs,
+                       const RadiusArgs& rad, const float* cscale) {
+    if (D == 128 && Hg > 8)
+        scores_mma_kernel<T, 128, true, kI8><<<grid, kThreads, smem, stream>>>(qt, cen, sizes, Hg, C, scale, tile, scores, stats, fs, rad, cscale);
+    else if (D == 128)
+        scores_mma_kernel<T, 128, false, kI8><<<grid, kThreads, smem, stream>>>(qt, cen, sizes, Hg, C, scale, tile, scores, stats, fs, rad, cscale);
+    else if (Hg > 8)
+        scores_mma_kernel<T, 64, true, kI8><<<grid, kThreads, smem, stream>>>(qt, cen, sizes, Hg, C, scale, tile, scores, stats, fs, rad, cscale);
+    else
+        scores_mma_kernel<T, 64, false, kI8><<<grid, kThreads, smem, stream>>>(qt, cen, sizes, Hg, C, scale, tile, scores, stats, fs, rad, cscale);
+}
+
 template <typename T>
 bool try_scores_mma(const void* q, const void* cen, const float* sizes, int G, int Hg, int C, int D, float scale,
                     int* tile_io, float* scores, float2* stats, cudaStream_t stream, cudaError_t* err,
-                    const FsArgs& fs, const RadiusArgs& rad) {
-    if ((D != 64 && D != 128) || Hg > 16 || !is_aligned(q, 16) || !is_aligned(cen, 16) || !device_has_mma())
+                    const FsArgs& fs, const RadiusArgs& rad, const float* cscale) {
+    if ((D != 64 && D != 128) || Hg > 16 || !is_aligned(q, 16) || !is_aligned(cen, cscale != nullptr ? 8 : 16) ||
+        !device_has_mma())
         return false;
     const size_t smem = fs_smem_bytes(fs);
     if (smem > 48 * 1024) return false;  // the caller reports an fs request it cannot serve
@@ -417,15 +466,10 @@ bool try_scores_mma(const void* q, const void* cen, const float* sizes, int G, i
     *tile_io = tile;
     const dim3 grid((C + tile - 1) / tile, G);
     const T* qt = static_cast<const T*>(q);
-    const T* ct = static_cast<const T*>(cen);
-    if (D == 128 && Hg > 8)
-        scores_mma_kernel<T, 128, true><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs, rad);
-    else if (D == 128)
-        scores_mma_kernel<T, 128, false><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs, rad);
-    else if (Hg > 8)
-        scores_mma_kernel<T, 64, true><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs, rad);
+    if (cscale != nullptr)
+        launch_scores_mma<T, true>(grid, smem, stream, qt, cen, sizes, Hg, D, C, scale, tile, scores, stats, fs, rad, cscale);
     else
-        scores_mma_kernel<T, 64, false><<<grid, kThreads, smem, stream>>>(qt, ct, sizes, Hg, C, scale, tile, scores, stats, fs, rad);
+        launch_scores_mma<T, false>(grid, smem, stream, qt, cen, sizes, Hg, D, C, scale, tile, scores, stats, fs, rad, cscale);
     *err = cudaGetLastError();
     return true;
 }
@@ -441,7 +485,7 @@ long long cluster_scores_workspace_floats(int G, int Hg, int C) {
 cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, DType dtype,
                                   int G, int Hg, int C, int D, float scale, float* scores, float* probs,
                                   float* workspace, cudaStream_t stream, const FsArgs* fs, float* lse,
-                                  const RadiusArgs* radius) {
+                                  const RadiusArgs* radius, const float* centroid_scale) {
     const FsArgs no_fs{};
     const FsArgs& f = fs == nullptr ? no_fs : *fs;
     const RadiusArgs no_radius{};
@@ -452,6 +496,7 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
         return cudaErrorInvalidValue;
     if (G < 0 || Hg <= 0 || C < 0 || D <= 0 || Hg > kRankMaxHg || Hg * D > kRankMaxHgTimesD || G > 65535)
         return cudaErrorInvalidValue;
+    if (centroid_scale != nullptr && dtype == DType::F32) return cudaErrorInvalidValue;
     if (G == 0 || C == 0) return cudaSuccess;
     if (!is_aligned(workspace, 8)) return cudaErrorInvalidValue;
     int tile = tile_clusters(G, C);
@@ -463,16 +508,17 @@ cudaError_t cluster_scores_launch(const void* q, const void* centroids, const fl
             break;
         case DType::F16:
             if (!try_scores_mma<__half>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream, &err,
-                                        f, rad)) {
-                if (f.key_sd != nullptr) return cudaErrorInvalidValue;  // the estimator rides the tensor-core kernel
+                                        f, rad, centroid_scale)) {
+                // the estimator and int8 centroids ride the tensor-core kernel
+                if (f.key_sd != nullptr || centroid_scale != nullptr) return cudaErrorInvalidValue;
                 err = dispatch_layout<__half>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats, stream,
                                               rad);
             }
             break;
         case DType::BF16:
             if (!try_scores_mma<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, &tile, scores, stats, stream,
-                                               &err, f, rad)) {
-                if (f.key_sd != nullptr) return cudaErrorInvalidValue;
+                                               &err, f, rad, centroid_scale)) {
+                if (f.key_sd != nullptr || centroid_scale != nullptr) return cudaErrorInvalidValue;
                 err = dispatch_layout<__nv_bfloat16>(q, centroids, sizes, G, Hg, C, D, scale, tile, scores, stats,
                                                      stream, rad);
             }

@@ -54,10 +54,13 @@ long long cluster_scores_workspace_floats(int G, int Hg, int C);
 // The centroids are read once (16-byte loads when D * sizeof(dtype) % 16 == 0 and
 // the pointers are 16-byte aligned; on sm_80+ bf16/fp16 with D in {64, 128}
 // and Hg <= 16 multiply on the tensor cores). Two launches on `stream`.
+// With centroid_scale f32 [G, C] the centroids are int8 and cluster c scores (q . c_int8) * centroid_scale[g, c]
+// * scale; only the tensor-core path takes them (as fs above), otherwise cudaErrorInvalidValue.
 cudaError_t cluster_scores_launch(const void* q, const void* centroids, const float* sizes, DType dtype,
                                   int G, int Hg, int C, int D, float scale, float* scores, float* probs,
                                   float* workspace, cudaStream_t stream, const FsArgs* fs = nullptr,
-                                  float* lse = nullptr, const RadiusArgs* radius = nullptr);
+                                  float* lse = nullptr, const RadiusArgs* radius = nullptr,
+                                  const float* centroid_scale = nullptr);
 
 // probs f32 [G, C] -> ret int64 [G, r], est int64 [G, e]: the r + e largest
 // probs of each row under the order "prob descending, lower id first on ties"

@@ -28,7 +28,9 @@ class Access:
 
     key_vectors / value_vectors: stored key / value rows read; meta_elems:
     scalars of index metadata read (centroids, value sums, sizes, page
-    bounds); exact_positions: sequence positions attended exactly.
+    bounds; an int8 centroid element counts as half a scalar, see
+    :func:`centroid_elems`); exact_positions: sequence positions attended
+    exactly.
     """
 
     key_vectors: int = 0
@@ -38,6 +40,12 @@ class Access:
 
     def elems(self, d: int, dv: int) -> int:
         return self.key_vectors * d + self.value_vectors * dv + self.meta_elems
+
+
+def centroid_elems(d: int, centroid_dtype: str) -> int:
+    """What reading one centroid of ``d`` dimensions costs, in 16-bit elements (the unit of ``Access``): ``d``, or
+    for int8 centroids ``d / 2`` and two for the float32 scale."""
+    return -(-d // 2) + 2 if centroid_dtype == "int8" else d
 
 
 class HeadCache:
@@ -181,14 +189,19 @@ class WaveHead(HeadCache):
         if self._slots is None:
             from .selection import ClusterBounds, WaveSlots
 
+            from ..gpu.cluster_ops import quantize_centroids
+
             ix = self.index
             sizes = ix.sizes.float()
             mean_values = ix.value_sums / sizes.clamp_min(1)[:, None]
             value_mean = ix.value_sums.double().sum(0) / max(ix.ntotal, 1)
-            slots = WaveSlots(ix.centroids[None], sizes[None], mean_values[None].float(), value_mean[None].float(),
+            cen, cen_scale = ix.centroids[None], None
+            if self.cfg.centroid_dtype == "int8":
+                cen, cen_scale = quantize_centroids(cen)
+            slots = WaveSlots(cen, sizes[None], mean_values[None].float(), value_mean[None].float(),
                               ix.offsets[None], ix.keys_sorted, ix.values_sorted,
                               torch.zeros(1, dtype=torch.long, device=ix.offsets.device),
-                              ix.radii[None] if self.cfg.rank_radius else None)
+                              ix.radii[None] if self.cfg.rank_radius else None, cen_scale)
             self._slots = (slots, ClusterBounds(slots.sizes))
         return self._slots
 
@@ -212,7 +225,8 @@ class WaveHead(HeadCache):
         C = ix.num_clusters
         zone = int((step.candidates >= 0).sum() + (step.estimation >= 0).sum())
         acc = Access(key_vectors=k.shape[0] + n_cand, value_vectors=k.shape[0] + int(rows.numel()),
-                     meta_elems=C * (self.d + (2 if self.cfg.rank_radius else 1)) + zone * self.dv + self.dv,
+                     meta_elems=C * (centroid_elems(self.d, self.cfg.centroid_dtype)
+                                     + (2 if self.cfg.rank_radius else 1)) + zone * self.dv + self.dv,
                      exact_positions=torch.cat([pos, self.positions[ix.order[rows].cpu()]]))
         return o[0].to(q.device), lse[0].to(q.device), acc
 

@@ -33,7 +33,8 @@ All parts merge by log-sum-exp (:func:`kvstore.attention.core.merge_partials`). 
 context reads every token whatever the cluster sizes. Shapes stay fixed from step to step (for CUDA graphs): the
 step pads to bounds that :class:`ClusterBounds` computes from the sizes when the index changes.
 
-Reads per step (what ``Read`` reports): the centroids, sizes (and radii) of every cluster, the keys of the
+Reads per step (what ``Read`` reports): the centroids (int8 with a scale each by default), sizes (and radii) of
+every cluster, the keys of the
 candidates, the values of the exact tokens, the mean values of the candidate and estimation clusters, the steady
 zone's keys and values.
 """
@@ -101,7 +102,9 @@ class WaveSlots(NamedTuple):
     of the slot);
     keys ``[rows, D]`` / values ``[rows, Dv]`` (the sorted KV of every slot, slot ``g`` from row
     ``slot_base[g]``); slot_base int64 ``[G]``; radii float32 ``[G, C]`` (each cluster's largest member distance
-    from its centroid, :func:`kvstore.wave.cluster_radii`; None: not ranked by radius)."""
+    from its centroid, :func:`kvstore.wave.cluster_radii`; None: not ranked by radius); centroid_scale float32
+    ``[G, C]`` when the centroids are int8 (:func:`kvstore.gpu.cluster_ops.quantize_centroids`; None: centroids in
+    a float dtype)."""
 
     centroids: torch.Tensor
     sizes: torch.Tensor
@@ -112,6 +115,7 @@ class WaveSlots(NamedTuple):
     values: torch.Tensor
     slot_base: torch.Tensor
     radii: torch.Tensor | None = None
+    centroid_scale: torch.Tensor | None = None
 
 
 class SteadyZone(NamedTuple):
@@ -315,8 +319,10 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     per_slot = isinstance(budget, SlotBudgets)
     bound = budget.bound if per_slot else budget
     if scores is None:
-        scores = cluster_scores(q, slots.centroids.to(q.dtype), slots.sizes, scale, backend=backend,
-                                radii=slots.radii if bound.rank_radius else None, rank_radius=bound.rank_radius)
+        int8 = slots.centroid_scale is not None
+        scores = cluster_scores(q, slots.centroids if int8 else slots.centroids.to(q.dtype), slots.sizes, scale,
+                                backend=backend, radii=slots.radii if bound.rank_radius else None,
+                                rank_radius=bound.rank_radius, centroid_scale=slots.centroid_scale)
     s_cl, probs = scores
     s_cl = s_cl.to(dt)
     if _kernel_path(backend, q) and _fused_ready(q, slots, steady):

@@ -43,6 +43,10 @@ def default_configs() -> list[tuple[str, StoreConfig]]:
     """(label, StoreConfig): the defaults of each method, the published RetroInfer budgets, and sweeps."""
     d = StoreConfig()
     out: list[tuple[str, StoreConfig]] = [("wave (defaults)", StoreConfig(method="wave")),
+                                          ("wave centroid_dtype=kv", StoreConfig(method="wave", centroid_dtype="kv")),
+                                          ("wave candidates=0.06 estimation=0.1 centroid_dtype=kv",
+                                           StoreConfig(method="wave", candidates=0.06, estimation=0.1,
+                                                       centroid_dtype="kv")),
                                           ("wave RetroInfer budgets", StoreConfig.retroinfer())]
     for rr in (0.0, 0.1, 0.5):
         out.append((f"wave rank_radius={rr}", StoreConfig(method="wave", rank_radius=rr)))

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cluster_scores", "select_clusters", "copy_rows", "cluster_order", "cluster_store", "candidate_scores", "weighted_rows"]
+__all__ = ["cluster_scores", "quantize_centroids", "dequantize_centroids", "select_clusters", "copy_rows", "cluster_order", "cluster_store", "candidate_scores", "weighted_rows"]
 
 BACKENDS = ("auto", "torch", "cuda")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,17 +83,43 @@ def check_count(v: Any, name: str, minimum: int = 0) -> int:
 
 # --------------------------------------------------------------------------- ranking
 
+def quantize_centroids(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids ``[..., C, D]`` (any float dtype) as int8 ``[..., C, D]`` and a float32 scale ``[..., C]``: each
+    row divided by its largest magnitude over 127 and rounded, so that ``int8 * scale`` is the centroid to within
+    half a step (a row of zeros gets scale 0)."""
+    c = centroids.float()
+    scale = c.abs().amax(-1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(c / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_centroids(centroids: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """float32 centroids ``[..., C, D]`` from :func:`quantize_centroids` (``scale`` None: already floats)."""
+    return centroids.float() if scale is None else centroids.float() * scale[..., None]
+
+
+def _int8_kernel_fits(q: torch.Tensor, centroids: torch.Tensor) -> bool:
+    """Whether the tensor-core scores kernel takes int8 centroids for this q (csrc/cuda/cluster_rank.h)."""
+    G, Hg, D = q.shape
+    return (q.dtype in (torch.bfloat16, torch.float16) and D in (64, 128) and Hg <= 16
+            and torch.cuda.get_device_capability(q.device)[0] >= 8 and q.is_contiguous()
+            and centroids.is_contiguous() and q.data_ptr() % 16 == 0 and centroids.data_ptr() % 8 == 0)
+
+
 def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor, scale: float | None = None,
-                   backend: str = "auto", radii: torch.Tensor | None = None, rank_radius: float = 0.0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   backend: str = "auto", radii: torch.Tensor | None = None, rank_radius: float = 0.0,
+                   centroid_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score every cluster with every query head and rank the clusters of each group.
 
     q ``[G, Hg, D]`` (bf16, fp16 or f32): the ``Hg`` query heads of each of the
-    ``G`` KV-head slots; centroids ``[G, C, D]`` (q's dtype); sizes f32
+    ``G`` KV-head slots; centroids ``[G, C, D]`` (q's dtype, or int8 with
+    ``centroid_scale`` f32 ``[G, C]``: :func:`quantize_centroids`); sizes f32
     ``[G, C]`` (``<= 0``: empty or padding cluster); scale: defaults to
     ``1 / sqrt(D)``. Returns
 
-    * scores f32 ``[G, Hg, C]`` = ``(q . c) * scale``, ``-inf`` where the size is ``<= 0``;
+    * scores f32 ``[G, Hg, C]`` = ``(q . c) * scale`` (int8: ``(q . c_int8) * centroid_scale * scale``),
+      ``-inf`` where the size is ``<= 0``;
     * probs f32 ``[G, C]`` = ``sum_j softmax_c(rank[g, j, :])``, the
       group-summed cluster weight (a group whose clusters are all empty gets 0),
       with ``rank = scores + rank_radius * |q_j| * radii[g, c] * scale`` when
@@ -107,11 +133,18 @@ def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
     check_tensor(centroids, "centroids", 3)
     check_tensor(sizes, "sizes", 2, (torch.float32,))
     G, Hg, D = q.shape
-    if centroids.dtype != q.dtype:
+    if centroid_scale is None and centroids.dtype != q.dtype:
         raise TypeError(f"centroids must have q's dtype {q.dtype}, got {centroids.dtype}")
     if centroids.shape[0] != G or centroids.shape[2] != D:
         raise ValueError(f"centroids must be [G={G}, C, D={D}], got {tuple(centroids.shape)}")
     C = centroids.shape[1]
+    if centroid_scale is not None:
+        if centroids.dtype != torch.int8:
+            raise TypeError(f"centroids with a centroid_scale must be int8, got {centroids.dtype}")
+        check_tensor(centroid_scale, "centroid_scale", 2, (torch.float32,))
+        if tuple(centroid_scale.shape) != (G, C) or centroid_scale.device != q.device:
+            raise ValueError(f"centroid_scale must be [G={G}, C={C}] on q's device, got "
+                             f"{tuple(centroid_scale.shape)} on {centroid_scale.device}")
     if tuple(sizes.shape) != (G, C):
         raise ValueError(f"sizes must be [G={G}, C={C}], got {tuple(sizes.shape)}")
     if D == 0 or Hg == 0:
@@ -135,16 +168,22 @@ def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
         bonus_scale = float(rank_radius) * scale
         bonus = (q.float().norm(dim=2) if q.dtype == torch.float64                   # |q_h| (f32)
                  else torch.linalg.vector_norm(q, dim=2, dtype=torch.float32))       # one kernel
-    if use_cuda_kernel(backend, q, centroids, sizes):
+    kernel = use_cuda_kernel(backend, q, centroids, sizes)
+    if kernel and centroid_scale is not None and not _int8_kernel_fits(q, centroids):
+        # the kernel reads int8 centroids on its tensor-core path only: other shapes score dequantized copies
+        centroids, centroid_scale = dequantize_centroids(centroids, centroid_scale).to(q.dtype), None
+    if kernel:
         if Hg > _MAX_HG or Hg * D > _MAX_HG_TIMES_D or G > 65535 or C >= 2 ** 31:
             raise ValueError(f"q [G={G}, Hg={Hg}, D={D}] with C={C} exceeds the kernel's limits "
                              f"(Hg <= {_MAX_HG}, Hg * D <= {_MAX_HG_TIMES_D}, G <= 65535); use backend='torch'")
         from ._ext import cuda_ext
 
         return cuda_ext().cluster_scores(q.contiguous(), centroids.contiguous(), sizes.contiguous(), scale,
-                                         *(() if bonus is None else (bonus.contiguous(), radii.contiguous(),
-                                                                     bonus_scale)))
-    s = torch.bmm(q.float(), centroids.float().transpose(1, 2)) * scale          # [G, Hg, C]
+                                         None if bonus is None else bonus.contiguous(),
+                                         None if bonus is None else radii.contiguous(),
+                                         1.0 if bonus is None else bonus_scale, centroid_scale)
+    s = torch.bmm(q.float(), centroids.float().transpose(1, 2))                   # [G, Hg, C]
+    s = (s if centroid_scale is None else s * centroid_scale[:, None, :]) * scale
     s = s.masked_fill((sizes <= 0)[:, None, :], -math.inf)
     rank = s if bonus is None else s + (bonus * bonus_scale)[..., None] * radii[:, None, :]
     m = rank.amax(dim=2, keepdim=True) if C else s.new_zeros(G, Hg, 1)

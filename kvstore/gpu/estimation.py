@@ -96,11 +96,12 @@ def isotropic_variance(k: torch.Tensor, assign: torch.Tensor, C: int) -> torch.T
 
 
 def fs_cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor, key_sd: torch.Tensor,
-                      table: torch.Tensor, slope: torch.Tensor, scale: float, backend: str = "auto"
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      table: torch.Tensor, slope: torch.Tensor, scale: float, backend: str = "auto",
+                      centroid_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cluster scores with the finite-sample estimator, and the ranking by estimated mass.
 
-    q ``[G, Hg, D]``, centroids ``[G, C, D]`` (q's dtype), sizes / key_sd float32 ``[G, C]`` (cluster sizes and
+    q ``[G, Hg, D]``, centroids ``[G, C, D]`` (q's dtype, or int8 with ``centroid_scale``, as in
+    :func:`kvstore.gpu.cluster_ops.cluster_scores`), sizes / key_sd float32 ``[G, C]`` (cluster sizes and
     isotropic key standard deviations), table / slope from :func:`fs_table`. Returns
 
     * scores float32 ``[G, Hg, C]`` = ``q.c * scale + g_n(scale * |q| * key_sd)`` (``-inf`` for empty clusters):
@@ -117,13 +118,14 @@ def fs_cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Ten
     kernel = (use_cuda_kernel(backend, q, centroids, sizes, key_sd) and q.dtype in (torch.bfloat16, torch.float16)
               and D in (64, 128) and Hg <= 16 and torch.cuda.get_device_capability(q.device)[0] >= 8
               and q.is_contiguous() and centroids.is_contiguous() and q.data_ptr() % 16 == 0
-              and centroids.data_ptr() % 16 == 0)
+              and centroids.data_ptr() % (16 if centroid_scale is None else 8) == 0)
     if kernel:
         from ._ext import cuda_ext
 
         return cuda_ext().cluster_scores_fs(q, centroids, sizes.contiguous(), key_sd.contiguous(),
-                                            table.contiguous(), slope.contiguous(), scale, SIGMA_STEP)
-    scores, _ = cluster_scores(q, centroids, sizes, scale, backend=backend)
+                                            table.contiguous(), slope.contiguous(), scale, SIGMA_STEP,
+                                            None if centroid_scale is None else centroid_scale.contiguous())
+    scores, _ = cluster_scores(q, centroids, sizes, scale, backend=backend, centroid_scale=centroid_scale)
     sigma = (scale * q.float().norm(dim=-1))[..., None] * key_sd[:, None, :]
     scores = scores + fs_correction(table, slope, sizes[:, None, :], sigma)
     logits = scores + torch.log(sizes)[:, None, :]                  # log of each cluster's estimated mass

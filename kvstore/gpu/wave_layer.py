@@ -45,7 +45,8 @@ class WaveGpuConfig:
 
     candidates / retrieval / estimation / candidates_floor / retrieval_floor / calibrate / estimate_rest /
     rank_radius: the wave step's budgets and ranking (:mod:`kvstore.attention.selection`,
-    :meth:`StoreConfig.wave_budget`); estimator: the cluster
+    :meth:`StoreConfig.wave_budget`); centroid_dtype: ``"int8"`` (centroids stored and read as int8 with a float32
+    scale a cluster) or ``"kv"`` (the KV dtype); estimator: the cluster
     scores the step ranks and estimates with, ``"centroid"`` (``q.c``) or ``"fs_iso"`` (:mod:`kvstore.gpu.estimation`:
     the finite-sample correction ``q.c + g_n(sigma)`` from each cluster's isotropic key variance, ranked by estimated
     mass); cache_ratio: offload mode, share of the indexed tokens the GPU cache holds; page_tokens: cache page
@@ -67,6 +68,7 @@ class WaveGpuConfig:
     calibrate: bool = StoreConfig.calibrate
     estimate_rest: bool = StoreConfig.estimate_rest
     rank_radius: float = StoreConfig.rank_radius
+    centroid_dtype: str = StoreConfig.centroid_dtype
     estimator: str = StoreConfig.gpu_estimator
     tokens_per_cluster: int = StoreConfig.tokens_per_cluster
     segment_len: int = StoreConfig.segment_len
@@ -96,7 +98,7 @@ class WaveGpuConfig:
         kw = dict(mode=c.gpu_mode, cache_ratio=c.cache_ratio, sink=c.sink, window=c.window, candidates=c.candidates,
                   retrieval=c.retrieval, estimation=c.estimation, candidates_floor=c.candidates_floor,
                   retrieval_floor=c.retrieval_floor, calibrate=c.calibrate, estimate_rest=c.estimate_rest,
-                  rank_radius=c.rank_radius, estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster,
+                  rank_radius=c.rank_radius, centroid_dtype=c.centroid_dtype, estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster,
                   segment_len=c.segment_len,
                   kmeans_iters=c.kmeans_iters, update_interval=c.update_interval,
                   num_threads=c.num_threads or None, seed=c.seed)
@@ -105,7 +107,7 @@ class WaveGpuConfig:
     def store_config(self) -> StoreConfig:
         """The equivalent :class:`StoreConfig` (method wave)."""
         names = ("sink", "window", "candidates", "retrieval", "estimation", "candidates_floor", "retrieval_floor",
-                 "calibrate", "estimate_rest", "rank_radius", "tokens_per_cluster", "segment_len", "kmeans_iters",
+                 "calibrate", "estimate_rest", "rank_radius", "centroid_dtype", "tokens_per_cluster", "segment_len", "kmeans_iters",
                  "update_interval", "seed", "cache_ratio")
         return StoreConfig(method="wave", gpu_mode=self.mode, gpu_estimator=self.estimator,
                            num_threads=self.num_threads or 0, **{n: getattr(self, n) for n in names})
@@ -303,7 +305,9 @@ class GpuWaveLayer:
         """Empty clusters (size 0, never read) and ``n`` rows a slot; every slot's CSR ends at its own rows."""
         G, dev, n = self.G, self.device, self.n
         self.C = C
-        self.centroids = torch.zeros(G, C, self.D, dtype=dtype, device=dev)          # ranking copy, KV dtype
+        int8 = self.cfg.centroid_dtype == "int8"
+        self.centroids = torch.zeros(G, C, self.D, dtype=torch.int8 if int8 else dtype, device=dev)  # ranking copy
+        self.centroid_scale = torch.zeros(G, C, dtype=torch.float32, device=dev)      # int8 centroids only
         self.sizes = torch.zeros(G, C, dtype=torch.float32, device=dev)
         self.value_sums = torch.zeros(G, C, self.Dv, dtype=torch.float32, device=dev)
         self.key_var = torch.zeros(G, C, dtype=torch.float32, device=dev)            # isotropic, fs_iso only
@@ -315,6 +319,50 @@ class GpuWaveLayer:
             self.pinned = False
         else:
             self._alloc_pinned_kv(G * n)  # every slot's rows are written by _store_sequences
+
+    def _int8_centroids(self) -> bool:
+        return self.centroids.dtype == torch.int8
+
+    def _centroid_scale(self) -> torch.Tensor | None:
+        """The int8 centroids' scales [G, C] (None: centroids in the KV dtype)."""
+        return self.centroid_scale if self._int8_centroids() else None
+
+    def _centroids_f32(self) -> torch.Tensor:
+        from .cluster_ops import dequantize_centroids
+
+        return dequantize_centroids(self.centroids, self._centroid_scale())
+
+    def _put_centroids(self, centroids: torch.Tensor, scales: torch.Tensor, rows: Any, cols: slice,
+                       cen: torch.Tensor) -> None:
+        """Write float centroids ``cen`` [S, Cb, D] into ``centroids[rows, cols]`` in the stored form."""
+        if centroids.dtype == torch.int8:
+            from .cluster_ops import quantize_centroids
+
+            centroids[rows, cols], scales[rows, cols] = quantize_centroids(cen)
+        else:
+            centroids[rows, cols] = cen.to(centroids.dtype)
+
+    def _load_centroids(self, arrays: dict[str, Any], tensor: Any) -> None:
+        """Centroids of a saved layer in this config's form (a file of the other form is converted)."""
+        G, C = self.G, self.C
+        import numpy as np
+
+        saved_int8 = "centroid_scale" in arrays and np.asarray(arrays["centroids"]).dtype == np.int8
+        if saved_int8:
+            cen = tensor("centroids", torch.int8)
+            scale = tensor("centroid_scale", torch.float32)
+            if not torch.isfinite(scale).all() or (scale < 0).any():
+                raise ValueError("centroid_scale must be finite and >= 0")
+            cen_f = cen.float() * scale[..., None]
+        else:
+            cen_f = tensor("centroids", torch.float32)
+        self.centroids = torch.zeros(G, C, self.D, dtype=torch.int8 if self.cfg.centroid_dtype == "int8"
+                                     else self.dtype, device=self.device)
+        self.centroid_scale = torch.zeros(G, C, dtype=torch.float32, device=self.device)
+        if saved_int8 and self.cfg.centroid_dtype == "int8":
+            self.centroids, self.centroid_scale = cen, scale
+        else:
+            self._put_centroids(self.centroids, self.centroid_scale, slice(None), slice(None), cen_f)
 
     def _alloc_pinned_kv(self, rows: int) -> None:
         """Offload: kv_k / kv_v of ``rows`` rows in pinned host memory (pageable, with a warning, if pinning
@@ -344,7 +392,7 @@ class GpuWaveLayer:
         H, m = kb.shape[0], kb.shape[1]
         Cb = cen.shape[1]
         order, offsets = cluster_order(assign, Cb)                                       # [S, m], [S, Cb+1]
-        self.centroids[sl, :Cb] = cen.to(self.dtype)
+        self._put_centroids(self.centroids, self.centroid_scale, sl, slice(0, Cb), cen)
         self.sizes[sl, :Cb] = sizes.float()
         self.offsets[sl, :Cb + 1] = offsets.to(torch.int64)
         self.offsets[sl, Cb + 1:] = m                                                  # empty clusters at the end
@@ -437,14 +485,15 @@ class GpuWaveLayer:
         if self.cfg.estimator == "centroid":
             scores, probs = cluster_scores(qg, self.centroids, self.sizes, self.scale, backend=self.cfg.backend,
                                            radii=self.radii if self.cfg.rank_radius else None,
-                                           rank_radius=self.cfg.rank_radius)
+                                           rank_radius=self.cfg.rank_radius, centroid_scale=self._centroid_scale())
             ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
             return scores, ret, est, None
         from .estimation import fs_cluster_scores
 
         G, Hg = qg.shape[0], qg.shape[1]
         scores, probs, lse_all = fs_cluster_scores(qg, self.centroids, self.sizes, self._key_sd, self._fs_table,
-                                                   self._fs_slope, self.scale, backend=self.cfg.backend)
+                                                   self._fs_slope, self.scale, backend=self.cfg.backend,
+                                                   centroid_scale=self._centroid_scale())
         ret, est = select_clusters(probs, r, e, backend=self.cfg.backend)
         live = torch.isfinite(lse_all)                                   # [G, Hg]; False: no live cluster
         top = torch.where(live, lse_all, torch.zeros_like(lse_all))
@@ -508,7 +557,8 @@ class GpuWaveLayer:
         from ..attention.selection import SteadyZone, WaveSlots
 
         slots = WaveSlots(self.centroids, self.sizes, self.mean_values, self.value_mean, self.offsets, self.kv_k,
-                          self.kv_v, self.slot_base, self.radii if self.cfg.rank_radius else None)
+                          self.kv_v, self.slot_base, self.radii if self.cfg.rank_radius else None,
+                          self._centroid_scale())
         return slots, SteadyZone(self.steady_k, self.steady_v, self._steady_len_dev)
 
     def _budget(self):
@@ -539,7 +589,7 @@ class GpuWaveLayer:
             from .estimation import fs_cluster_scores
 
             scores = fs_cluster_scores(qg, self.centroids, self.sizes, self._key_sd, self._fs_table, self._fs_slope,
-                                       self.scale, backend=self.cfg.backend)[:2]
+                                       self.scale, backend=self.cfg.backend, centroid_scale=self._centroid_scale())[:2]
         o, lse, step = wave_attend(qg, slots, steady, budget, self.bounds, self.scale, scores=scores,
                                    backend=self.cfg.backend)
         self._last = {"step": step, "budget": budget, "Hg": Hg}
@@ -664,6 +714,7 @@ class GpuWaveLayer:
 
         centroids, sizes_all, vsums, kvar = grow(self.centroids), grow(self.sizes), grow(self.value_sums), \
             grow(self.key_var)
+        cen_scale = grow(self.centroid_scale)
         radii = grow(self.radii)
         mid = torch.tensor(self.mid_len, device=dev)
         offsets = torch.cat([self.offsets, mid[:, None].expand(G, C1)], 1)           # new clusters empty ...
@@ -675,7 +726,7 @@ class GpuWaveLayer:
             m, Cn = kn.shape[1], cen.shape[1]
             order, offs = cluster_order(a, Cn)
             base = mid[idx]
-            centroids[idx, C0:C0 + Cn] = cen.to(self.dtype)
+            self._put_centroids(centroids, cen_scale, idx, slice(C0, C0 + Cn), cen)
             sizes_all[idx, C0:C0 + Cn] = sz.float()
             vs = torch.zeros(len(slots), Cn, Dv, dtype=torch.float32, device=dev)
             vs.scatter_add_(1, a[..., None].expand(-1, m, Dv), vn.float())
@@ -703,13 +754,13 @@ class GpuWaveLayer:
         self.mid_len = [md + m for md, m in zip(self.mid_len, move)]
         self.n, self.C = n1, C
         self.centroids, self.sizes, self.value_sums, self.offsets = centroids, sizes_all, vsums, offsets
-        self.key_var, self.radii = kvar, radii
+        self.key_var, self.radii, self.centroid_scale = kvar, radii, cen_scale
         self._set_kv(kv_k.reshape(G * n1, D), kv_v.reshape(G * n1, Dv))
         self._finish_build()
 
     # ------------------------------------------------------------------ persistence
     _STATE_TENSORS = ("steady_k", "steady_v", "kv_k", "kv_v", "centroids", "sizes", "value_sums", "key_var",
-                      "offsets", "radii")
+                      "offsets", "radii", "centroid_scale")
     _STATE_INTS = ("B", "Hkv", "D", "Dv", "n", "C", "s_cap")
     _STATE_LISTS = ("seq_len", "sink_len", "steady_len", "mid_len")
 
@@ -760,8 +811,9 @@ class GpuWaveLayer:
         shapes = {"steady_k": (G, s_cap, D), "steady_v": (G, s_cap, Dv), "kv_k": (G * n, D), "kv_v": (G * n, Dv),
                   "centroids": (G, C, D), "sizes": (G, C), "value_sums": (G, C, Dv), "key_var": (G, C),
                   "offsets": (G, C + 1)}
-        if "radii" in arrays:                 # a layer saved before radii were kept has them recomputed below
-            shapes["radii"] = (G, C)
+        for name in ("radii", "centroid_scale"):  # layers saved before these were kept: derived below
+            if name in arrays:
+                shapes[name] = (G, C)
         for name, shape in shapes.items():
             if name not in arrays:
                 raise ValueError(f"missing array {name}")
@@ -786,7 +838,7 @@ class GpuWaveLayer:
             return torch.from_numpy(np.array(arrays[name])).to(self.device, dt)
 
         self.steady_k, self.steady_v = tensor("steady_k", dtype), tensor("steady_v", dtype)
-        self.centroids = tensor("centroids", dtype)
+        self._load_centroids(arrays, tensor)
         self.sizes, self.value_sums = tensor("sizes", torch.float32), tensor("value_sums", torch.float32)
         self.key_var, self.offsets = tensor("key_var", torch.float32), tensor("offsets", torch.int64)
         self._set_kv(*(torch.from_numpy(np.array(arrays[name])).to(dtype) for name in ("kv_k", "kv_v")))
@@ -811,7 +863,7 @@ class GpuWaveLayer:
                    .clamp(max=max(C - 1, 0)))                                  # rows past mid_len: masked below
         live = rows[None, :] < self.offsets[:, -1:]
         keys = self.kv_k.view(G, n, self.D).to(self.offsets.device).float()
-        cen = self.centroids.float()
+        cen = self._centroids_f32()
         if C == 0:
             return torch.zeros(G, 0, dtype=torch.float32, device=self.device)
         r = cluster_radii(torch.where(live[..., None], keys, torch.gather(cen, 1, cluster[..., None].expand(
@@ -832,7 +884,8 @@ class GpuWaveLayer:
         """
         el = self.steady_k.element_size()
         fs = self.cfg.estimator == "fs_iso"
-        meta = (self.centroids.numel() * self.centroids.element_size() + self.sizes.numel() * 4
+        meta = (self.centroids.numel() * self.centroids.element_size() + self._int8_centroids() * self.sizes.numel() * 4
+                + self.sizes.numel() * 4
                 + self.value_sums.numel() * 4 + self.offsets.numel() * 8 + (self.key_var.numel() * 4 if fs else 0)
                 + (self.radii.numel() * 4 if self.cfg.rank_radius else 0))
         steady = (self.steady_k.numel() + self.steady_v.numel()) * el
@@ -847,7 +900,8 @@ class GpuWaveLayer:
                                "build_seconds": self.build_seconds, "clusters_per_slot": self.C,
                                "pinned": bool(getattr(self, "pinned", False)) if self.cfg.mode == "offload" else None}
         # centroids, sizes (and sigmas, radii)
-        index_read = self.G * self.C * (self.D * el + 4 + (4 if fs else 0) + (4 if self.cfg.rank_radius else 0))
+        index_read = self.G * self.C * (self.D * self.centroids.element_size() + self._int8_centroids() * 4 + 4
+                                        + (4 if fs else 0) + (4 if self.cfg.rank_radius else 0))
         if self._last.get("step") is not None:
             # gpu_only: candidates' keys, the exact tokens' keys and values (the attention kernel reads both) and
             # the steady zone, the mean values of the candidate and estimation clusters and the slot's mean value

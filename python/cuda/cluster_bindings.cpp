@@ -38,6 +38,26 @@ void check_launch(cudaError_t err, const char* what) {
     TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
+// The centroids' dtype is q's, or int8 with centroid_scale f32 [G, C] (contiguous, on q's device): the scale
+// pointer, or null for centroids of q's dtype.
+const float* centroid_scale_ptr(const torch::Tensor& q, const torch::Tensor& centroids,
+                                const c10::optional<torch::Tensor>& centroid_scale) {
+    if (!centroid_scale.has_value()) {
+        TORCH_CHECK(centroids.scalar_type() == q.scalar_type(), "centroids must have q's dtype");
+        return nullptr;
+    }
+    const torch::Tensor& cs = *centroid_scale;
+    check_cuda(cs, "centroid_scale");
+    TORCH_CHECK(centroids.scalar_type() == torch::kInt8, "centroids with a centroid_scale must be int8");
+    TORCH_CHECK(q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf,
+                "int8 centroids need q in bfloat16 or float16");
+    TORCH_CHECK(cs.scalar_type() == torch::kFloat32 && cs.dim() == 2 && cs.size(0) == centroids.size(0) &&
+                    cs.size(1) == centroids.size(1),
+                "centroid_scale must be float32 [G, C]");
+    TORCH_CHECK(cs.device() == q.device(), "centroid_scale must be on q's device");
+    return cs.data_ptr<float>();
+}
+
 // q [G, Hg, D], centroids [G, C, D] (same dtype), sizes f32 [G, C] -> (scores f32 [G, Hg, C], probs f32 [G, C]);
 // with q_bonus f32 [G, Hg] and radii f32 [G, C], probs rank by scores + bonus_scale * q_bonus * radii
 // (cluster_rank.h).
@@ -45,7 +65,8 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
                                                         const torch::Tensor& sizes, double scale,
                                                         const c10::optional<torch::Tensor>& q_bonus,
                                                         const c10::optional<torch::Tensor>& radii,
-                                                        double bonus_scale) {
+                                                        double bonus_scale,
+                                                        const c10::optional<torch::Tensor>& centroid_scale) {
     check_cuda(q, "q");
     check_cuda(centroids, "centroids");
     check_cuda(sizes, "sizes");
@@ -54,7 +75,7 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
     const int64_t G = q.size(0), Hg = q.size(1), D = q.size(2), C = centroids.size(1);
     TORCH_CHECK(centroids.size(0) == G && centroids.size(2) == D, "centroids must be [G, C, D] with q's G and D");
     TORCH_CHECK(sizes.size(0) == G && sizes.size(1) == C, "sizes must be [G, C]");
-    TORCH_CHECK(centroids.scalar_type() == q.scalar_type(), "centroids must have q's dtype");
+    const float* cscale = centroid_scale_ptr(q, centroids, centroid_scale);
     TORCH_CHECK(sizes.scalar_type() == torch::kFloat32, "sizes must be float32");
     TORCH_CHECK(q.device() == centroids.device() && q.device() == sizes.device(), "tensors on different devices");
     TORCH_CHECK(G <= 65535 && Hg >= 1 && Hg <= kvstore::cluster::kRankMaxHg && D >= 1 &&
@@ -89,7 +110,7 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
                      q.data_ptr(), centroids.data_ptr(), sizes.data_ptr<float>(), dt, static_cast<int>(G),
                      static_cast<int>(Hg), static_cast<int>(C), static_cast<int>(D), static_cast<float>(scale),
                      scores.data_ptr<float>(), probs.data_ptr<float>(), work.data_ptr<float>(),
-                     c10::cuda::getCurrentCUDAStream(), nullptr, nullptr, &rad),
+                     c10::cuda::getCurrentCUDAStream(), nullptr, nullptr, &rad, cscale),
                  "cluster_scores");
     return {scores, probs};
 }
@@ -98,7 +119,8 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_scores(const torch::Tensor& q, 
 // [nmax + 1, J], slope f32 [nmax + 1] -> (scores f32 [G, Hg, C], probs f32 [G, C], lse f32 [G, Hg]).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> cluster_scores_fs(
     const torch::Tensor& q, const torch::Tensor& centroids, const torch::Tensor& sizes, const torch::Tensor& key_sd,
-    const torch::Tensor& table, const torch::Tensor& slope, double scale, double step) {
+    const torch::Tensor& table, const torch::Tensor& slope, double scale, double step,
+    const c10::optional<torch::Tensor>& centroid_scale) {
     check_cuda(q, "q");
     check_cuda(centroids, "centroids");
     check_cuda(sizes, "sizes");
@@ -108,8 +130,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> cluster_scores_fs(
     TORCH_CHECK(q.dim() == 3 && centroids.dim() == 3 && sizes.dim() == 2,
                 "q must be [G, Hg, D], centroids [G, C, D], sizes [G, C]");
     const int64_t G = q.size(0), Hg = q.size(1), D = q.size(2), C = centroids.size(1);
-    TORCH_CHECK(centroids.size(0) == G && centroids.size(2) == D && centroids.scalar_type() == q.scalar_type(),
-                "centroids must be [G, C, D] of q's G, D and dtype");
+    TORCH_CHECK(centroids.size(0) == G && centroids.size(2) == D, "centroids must be [G, C, D] of q's G and D");
+    const float* cscale = centroid_scale_ptr(q, centroids, centroid_scale);
     TORCH_CHECK(sizes.size(0) == G && sizes.size(1) == C && sizes.scalar_type() == torch::kFloat32,
                 "sizes must be float32 [G, C]");
     TORCH_CHECK(key_sd.dim() == 2 && key_sd.size(0) == G && key_sd.size(1) == C &&
@@ -144,7 +166,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> cluster_scores_fs(
                      q.data_ptr(), centroids.data_ptr(), sizes.data_ptr<float>(), dt, static_cast<int>(G),
                      static_cast<int>(Hg), static_cast<int>(C), static_cast<int>(D), static_cast<float>(scale),
                      scores.data_ptr<float>(), probs.data_ptr<float>(), work.data_ptr<float>(),
-                     c10::cuda::getCurrentCUDAStream(), &fs, lse.data_ptr<float>()),
+                     c10::cuda::getCurrentCUDAStream(), &fs, lse.data_ptr<float>(), nullptr, cscale),
                  "cluster_scores_fs");
     return {scores, probs, lse};
 }
@@ -509,14 +531,15 @@ torch::Tensor weighted_rows(const torch::Tensor& w, const torch::Tensor& rows, c
 void register_cluster_ops(pybind11::module_& m) {
     m.def("cluster_scores", &cluster_scores, pybind11::arg("q"), pybind11::arg("centroids"), pybind11::arg("sizes"),
           pybind11::arg("scale"), pybind11::arg("q_bonus") = pybind11::none(), pybind11::arg("radii") = pybind11::none(),
-          pybind11::arg("bonus_scale") = 1.0,
-          "q [G, Hg, D], centroids [G, C, D], sizes f32 [G, C] (q_bonus f32 [G, Hg], radii f32 [G, C]: rank by "
-          "scores + bonus_scale * q_bonus * radii) -> (scores f32 [G, Hg, C], probs f32 [G, C])");
+          pybind11::arg("bonus_scale") = 1.0, pybind11::arg("centroid_scale") = pybind11::none(),
+          "q [G, Hg, D], centroids [G, C, D] (q's dtype, or int8 with centroid_scale f32 [G, C]), sizes f32 [G, C] "
+          "(q_bonus f32 [G, Hg], radii f32 [G, C]: rank by scores + bonus_scale * q_bonus * radii) -> "
+          "(scores f32 [G, Hg, C], probs f32 [G, C])");
     m.def("select_clusters", &select_clusters, pybind11::arg("probs"), pybind11::arg("r"), pybind11::arg("e"),
           "probs f32 [G, C] -> (ret int64 [G, r], est int64 [G, e]): the r best, the next e, each zone by ascending id");
     m.def("cluster_scores_fs", &cluster_scores_fs, pybind11::arg("q"), pybind11::arg("centroids"),
           pybind11::arg("sizes"), pybind11::arg("key_sd"), pybind11::arg("table"), pybind11::arg("slope"),
-          pybind11::arg("scale"), pybind11::arg("step"),
+          pybind11::arg("scale"), pybind11::arg("step"), pybind11::arg("centroid_scale") = pybind11::none(),
           "cluster scores with the finite-sample estimator -> (scores [G, Hg, C], probs [G, C], lse [G, Hg])");
     m.def("cluster_runs", &cluster_runs, pybind11::arg("ids"), pybind11::arg("offsets"), pybind11::arg("base"),
           pybind11::arg("head_row"), pybind11::arg("head_len"),
