@@ -203,7 +203,7 @@ def slot_state(layer: GpuWaveLayer, g: int) -> Slot:
     u = mean - head_mean
     u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)
     spherical = head_mean + rho * u
-    cen = {"bf16": layer.centroids[g].float(), "f32": mean.float(), "normalised": spherical.float()}
+    cen = {"bf16": layer.centroid_values()[g], "f32": mean.float(), "normalised": spherical.float()}
     S = max(layer.steady_len)
     # the diagonal variance as a bf16 table (what the read fraction charges), the isotropic one in fp32
     return Slot(K, V, cid, layer.steady_k[g, :S].float(), layer.steady_v[g, :S].float(), sizes,

@@ -53,8 +53,8 @@ def time_stages(layer: GpuWaveLayer, q: torch.Tensor) -> None:
     r = layer.bounds.clusters_for(bound.candidates)
     e = layer.bounds.clusters_for(bound.candidates + bound.estimation) if bound.estimation else 0
     radii = layer.radii if bound.rank_radius else None
-    scores, probs = cluster_scores(qg, layer.centroids, layer.sizes, layer.scale, radii=radii,
-                                   rank_radius=bound.rank_radius)
+    scores, probs = cluster_scores(qg, slots.centroids, layer.sizes, layer.scale, radii=radii,
+                                   rank_radius=bound.rank_radius, centroid_scale=slots.centroid_scale)
 
     def zones():
         return ext.wave_zones(probs, layer.sizes, scores, layer.offsets, layer.slot_base, None, bound.candidates,
@@ -74,8 +74,8 @@ def time_stages(layer: GpuWaveLayer, q: torch.Tensor) -> None:
     pick_part, mix_part = ext.weighted_rows_jobs([pick_w, mix_w], [pick_rows, mix_rows], [layer.kv_v, means])
     cases = {
         f"cluster scores ({layer.C} clusters a slot)":
-            lambda: cluster_scores(qg, layer.centroids, layer.sizes, layer.scale, radii=radii,
-                                   rank_radius=bound.rank_radius),
+            lambda: cluster_scores(qg, slots.centroids, layer.sizes, layer.scale, radii=radii,
+                                   rank_radius=bound.rank_radius, centroid_scale=slots.centroid_scale),
         f"zones ({r} candidate, {e} estimation clusters at most)": zones,
         f"candidate scores ({r} clusters, {width} rows a slot)":
             lambda: candidate_scores(qg, layer.kv_k, run_row, run_len, run_pos, width, layer.scale),
@@ -93,6 +93,17 @@ def time_stages(layer: GpuWaveLayer, q: torch.Tensor) -> None:
         print(f"{name:60s} {_median_ms(fn) * 1000:8.1f} us")
 
 
+def _field(item: str) -> tuple[str, object]:
+    """'candidates=0.06' -> ('candidates', 0.06); ints stay ints, other values strings."""
+    name, _, text = item.partition("=")
+    for kind in (int, float):
+        try:
+            return name, kind(text)
+        except ValueError:
+            pass
+    return name, text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=131072)
@@ -100,6 +111,8 @@ def main() -> None:
     p.add_argument("--mode", default="gpu_only", choices=["gpu_only", "offload"])
     p.add_argument("--retroinfer", action="store_true", help="the published budgets instead of the defaults")
     p.add_argument("--parts", action="store_true", help="also time the gpu_only step's stages")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="StoreConfig fields to change, e.g. candidates=0.06 centroid_dtype=kv")
     p.add_argument("--profiler-range", action="store_true",
                    help="run one step between cudaProfilerStart/Stop and exit (for ncu --profile-from-start off)")
     a = p.parse_args()
@@ -108,6 +121,10 @@ def main() -> None:
     from kvstore import StoreConfig
 
     sc = StoreConfig.retroinfer() if a.retroinfer else StoreConfig()
+    if a.set:
+        import dataclasses
+
+        sc = dataclasses.replace(sc, **dict(_field(item) for item in a.set))
     layer = GpuWaveLayer.build(k, v, WaveGpuConfig.from_store(sc, mode=a.mode, cuda_graph=False))
     for _ in range(5):
         layer.decode(q)

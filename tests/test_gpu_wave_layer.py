@@ -69,7 +69,7 @@ def _reference(layer: GpuWaveLayer, q: torch.Tensor) -> torch.Tensor:
         sv = layer.steady_v[g, :layer.steady_len[g]].cpu().double()
         parts = [attention_with_lse(qg[g], sk, sv, layer.scale)]
         if layer.C:
-            cen = layer.centroids[g].cpu().double()
+            cen = layer.centroid_values()[g].cpu().double()
             sizes = layer.sizes[g].cpu().double()
             s = (qg[g] @ cen.T) * layer.scale
             s = s.masked_fill(sizes[None] == 0, -math.inf)

@@ -131,7 +131,7 @@ def _zones_and_mix(ext, layer, qg, budget, team):
 
     slots, _ = layer._slots()
     scores, probs = cluster_scores(qg, slots.centroids, slots.sizes, layer.scale, radii=slots.radii,
-                                   rank_radius=budget.rank_radius)
+                                   rank_radius=budget.rank_radius, centroid_scale=slots.centroid_scale)
     r = layer.bounds.clusters_for(budget.candidates)
     e = layer.bounds.clusters_for(budget.candidates + budget.estimation)
     z = ext.wave_zones(probs, slots.sizes, scores, slots.offsets, slots.slot_base, None, budget.candidates,

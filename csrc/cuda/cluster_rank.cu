@@ -219,22 +219,27 @@ inline size_t fs_smem_bytes(const FsArgs& fs) {
 }
 
 // Eight int8 centroid elements (one 8-byte chunk, element 0 in the low byte) as the four words of 16-bit
-// pairs the MMA takes (integers up to 127 are exact in bf16 and fp16).
+// pairs the MMA takes. No integer-to-float conversions (a quarter-rate instruction): each byte, offset by 128,
+// becomes the mantissa of a float of a fixed exponent, and the offset is subtracted (exact for |x| <= 255).
 template <typename T>
 __device__ __forceinline__ uint4 i8x8_to_pairs(uint2 w) {
+    const unsigned u[2] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u};  // x + 128 in every byte
     unsigned out[4];
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
-        const unsigned word = p < 2 ? w.x : w.y;
-        const int sh = 16 * (p % 2);
-        const float a = static_cast<float>(static_cast<signed char>((word >> sh) & 0xffu));
-        const float b = static_cast<float>(static_cast<signed char>((word >> (sh + 8)) & 0xffu));
+        const unsigned word = u[p / 2];
+        const unsigned b0 = 2 * (p % 2), b1 = b0 + 1;                    // the pair's bytes in the word
         if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-            const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-            out[p] = *reinterpret_cast<const unsigned*>(&h);
+            // 2^23 + (x + 128) as float, minus 2^23 + 128: x; small integers are exact in bf16, which is
+            // the top half of the float
+            const float a = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7540u + b0)) - 8388736.0f;
+            const float b = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7540u + b1)) - 8388736.0f;
+            out[p] = __byte_perm(__float_as_uint(a), __float_as_uint(b), 0x7632u);
         } else {
-            const __half2 h = __floats2half2_rn(a, b);
-            out[p] = *reinterpret_cast<const unsigned*>(&h);
+            // halves 1024 + (x + 128) (exponent 10, the byte in the low mantissa bits), minus 1152
+            const unsigned h = __byte_perm(word, 0x64646464u, 0x5040u + b0 + (b1 << 8));
+            const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&h), __float2half2_rn(1152.0f));
+            out[p] = *reinterpret_cast<const unsigned*>(&v);
         }
     }
     return make_uint4(out[0], out[1], out[2], out[3]);

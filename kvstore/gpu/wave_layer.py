@@ -327,7 +327,8 @@ class GpuWaveLayer:
         """The int8 centroids' scales [G, C] (None: centroids in the KV dtype)."""
         return self.centroid_scale if self._int8_centroids() else None
 
-    def _centroids_f32(self) -> torch.Tensor:
+    def centroid_values(self) -> torch.Tensor:
+        """The centroids [G, C, D] as float32 (int8 ones dequantized)."""
         from .cluster_ops import dequantize_centroids
 
         return dequantize_centroids(self.centroids, self._centroid_scale())
@@ -863,7 +864,7 @@ class GpuWaveLayer:
                    .clamp(max=max(C - 1, 0)))                                  # rows past mid_len: masked below
         live = rows[None, :] < self.offsets[:, -1:]
         keys = self.kv_k.view(G, n, self.D).to(self.offsets.device).float()
-        cen = self._centroids_f32()
+        cen = self.centroid_values()
         if C == 0:
             return torch.zeros(G, 0, dtype=torch.float32, device=self.device)
         r = cluster_radii(torch.where(live[..., None], keys, torch.gather(cen, 1, cluster[..., None].expand(
