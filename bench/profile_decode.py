@@ -62,7 +62,8 @@ def time_stages(layer: GpuWaveLayer, q: torch.Tensor) -> None:
 
     cand, run_row, run_len, run_pos, low, est, rest_lse, low_lse = zones()
     width = layer.bounds.rows_for(bound.candidates, r)
-    s_tok, run_lse = candidate_scores(qg, layer.kv_k, run_row, run_len, run_pos, width, layer.scale)
+    s_tok, run_lse = candidate_scores(qg, slots.keys, run_row, run_len, run_pos, width, layer.scale,
+                                      key_scale=slots.key_scale)
     t = min(bound.tokens, width)
 
     def mix():
@@ -78,7 +79,8 @@ def time_stages(layer: GpuWaveLayer, q: torch.Tensor) -> None:
                                    rank_radius=bound.rank_radius, centroid_scale=slots.centroid_scale),
         f"zones ({r} candidate, {e} estimation clusters at most)": zones,
         f"candidate scores ({r} clusters, {width} rows a slot)":
-            lambda: candidate_scores(qg, layer.kv_k, run_row, run_len, run_pos, width, layer.scale),
+            lambda: candidate_scores(qg, slots.keys, run_row, run_len, run_pos, width, layer.scale,
+                                     key_scale=slots.key_scale),
         f"exact tokens and mixture ({t} tokens a slot)": mix,
         "values of the exact tokens": lambda: ext.weighted_rows_partial(pick_w, pick_rows, layer.kv_v),
         "mean values of the mixture": lambda: ext.weighted_rows_partial(mix_w, mix_rows, means),

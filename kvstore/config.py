@@ -15,7 +15,7 @@ from ._validate import INT32_MAX, MAX_COUNT, check_num_threads, check_positive_i
 
 GPU_MODES = ("gpu_only", "offload")
 GPU_ESTIMATORS = ("centroid", "fs_iso")  # kvstore.gpu.estimation
-CENTROID_DTYPES = ("int8", "kv")
+READ_DTYPES = ("int8", "kv")
 
 METHODS = ("full", "wave", "graph", "streaming", "quest", "oracle")
 
@@ -40,10 +40,12 @@ class StoreConfig:
         sink: first tokens always attended exactly.
         window: most recent tokens always attended exactly.
         candidates: wave: tokens of the best-ranked clusters whose keys are
-            read and scored exactly (float: fraction of the context; int:
+            read and scored (from their int8 copies by default, see
+            ``candidate_dtype``; float: fraction of the context; int:
             tokens); at least ``candidates_floor`` tokens.
         retrieval: wave: tokens attended exactly, the best of the candidates
-            by exact score (their values are read); at least
+            by score (their values are read, their scores are the
+            candidates'); at least
             ``retrieval_floor``. oracle: tokens attended per query head.
         estimation: wave: tokens' worth of the next clusters, estimated from
             centroid, size and mean value.
@@ -63,6 +65,13 @@ class StoreConfig:
             scale a cluster, half the bytes of 16-bit centroids: the largest
             read of a step after the candidates' keys) or ``"kv"`` (the KV
             dtype, as published).
+        candidate_dtype: wave: how the step reads the keys of its candidate
+            clusters, whose scores pick the exact tokens and give the
+            candidates' exact mass: ``"int8"`` (an int8 copy of the indexed
+            keys with a float32 scale a key, kept beside them: half the bytes
+            of the largest read of a step, scores to within the int8 rounding
+            of the keys) or ``"kv"`` (the stored keys: scores exact, and a
+            budget covering the context equals exact attention).
         tokens_per_cluster, segment_len, kmeans_iters: wave index build.
         update_interval: tokens decoded before the oldest ones leave the
             window and join the index.
@@ -96,8 +105,8 @@ class StoreConfig:
     method: str = "wave"
     sink: int = 4
     window: int = 64
-    candidates: float | int = 0.07
-    retrieval: float | int = 0.02
+    candidates: float | int = 0.1
+    retrieval: float | int = 0.03
     estimation: float | int = 0.2
     candidates_floor: int = 256
     retrieval_floor: int = 32
@@ -105,6 +114,7 @@ class StoreConfig:
     estimate_rest: bool = True
     rank_radius: float = 0.25
     centroid_dtype: str = "int8"
+    candidate_dtype: str = "int8"
     tokens_per_cluster: int = 16
     segment_len: int = 8192
     kmeans_iters: int = 10
@@ -143,8 +153,9 @@ class StoreConfig:
         if isinstance(self.cache_ratio, bool) or not (isinstance(self.cache_ratio, (int, float))
                                                       and 0 < self.cache_ratio <= 1):
             raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
-        if self.centroid_dtype not in CENTROID_DTYPES:
-            raise ValueError(f"centroid_dtype must be 'int8' or 'kv', got {self.centroid_dtype!r}")
+        for name in ("centroid_dtype", "candidate_dtype"):
+            if getattr(self, name) not in READ_DTYPES:
+                raise ValueError(f"{name} must be 'int8' or 'kv', got {getattr(self, name)!r}")
         if self.gpu_estimator not in GPU_ESTIMATORS:
             raise ValueError(f"gpu_estimator must be 'centroid' or 'fs_iso', got {self.gpu_estimator!r}")
         for name in ("check_finite", "calibrate", "estimate_rest"):
@@ -167,11 +178,11 @@ class StoreConfig:
     def retroinfer(cls, **overrides: Any) -> "StoreConfig":
         """The wave method as published (RetroInfer): 16-token clusters, the best clusters covering 1.8% of the
         context attended exactly (all their tokens), the next 23.2% estimated from their centroids, the rest
-        dropped, no calibration, no floors, clusters ranked by their centroids, read in the KV dtype. For
+        dropped, no calibration, no floors, clusters ranked by their centroids, centroids and keys read in the KV dtype. For
         comparisons; ``overrides`` replace fields."""
         base = cls(method="wave", tokens_per_cluster=16, candidates=0.018, retrieval=1.0, estimation=0.232,
                    candidates_floor=0, retrieval_floor=0, calibrate=False, estimate_rest=False, rank_radius=0.0,
-                   centroid_dtype="kv")
+                   centroid_dtype="kv", candidate_dtype="kv")
         return replace(base, **overrides)
 
     def wave_budget(self, context: int, indexed: int):

@@ -13,7 +13,7 @@ from kvstore.attention import full_attention
 
 FULL = {
     "full": {},
-    "wave": {"candidates": 1.0, "retrieval": 1.0, "estimation": 0},
+    "wave": {"candidates": 1.0, "retrieval": 1.0, "estimation": 0, "candidate_dtype": "kv"},
     "graph": {"top_k": 4096, "ef": 4096},
     "quest": {"pages": 1.0},
     "streaming": {"window": 4096},
@@ -63,6 +63,18 @@ def test_full_budgets_stay_exact_across_reindexing(method, interval):
     assert max(errs) < 1e-5, errs
 
 
+@pytest.mark.parametrize("interval", INTERVALS)
+def test_full_wave_budgets_with_int8_keys_stay_within_their_rounding(interval):
+    """The default int8 copies of the candidates' keys: a covering budget attends every token, its scores off by
+    the keys' int8 rounding only."""
+    cfg = StoreConfig(method="wave", sink=4, window=8, update_interval=interval, tokens_per_cluster=24,
+                      segment_len=64, **{**FULL["wave"], "candidate_dtype": "int8"})
+    store, errs = _flow(cfg, steps=200)
+    _, _, access = store.attend_with_lse(0, torch.randn(2, 4, 1, 16))
+    assert all(a.exact_positions.numel() == 400 for row in access for a in row)
+    assert max(errs) < 0.03, errs
+
+
 @pytest.mark.parametrize("interval", (5, 64))
 @pytest.mark.parametrize("method", ["wave", "graph", "quest"])
 def test_default_budgets_do_not_degrade_across_reindexing(method, interval):
@@ -95,10 +107,14 @@ def test_default_budgets_do_not_degrade_across_reindexing(method, interval):
     assert med < 1.5 * med_fresh + 0.02, (med, med_fresh)
 
 
-def test_wave_reads_what_its_budget_says_after_small_reindexing():
-    """Budgets count real tokens: with 1-token re-indexing chunks the wave step still scores its candidate budget."""
+@pytest.mark.parametrize("candidate_dtype", ["int8", "kv"])
+def test_wave_reads_what_its_budget_says_after_small_reindexing(candidate_dtype):
+    """Budgets count real tokens: with 1-token re-indexing chunks the wave step still scores its candidate budget
+    (read as int8 key copies, counted as index metadata, or as stored keys)."""
+    from kvstore.attention.heads import vector_elems
+
     cfg = StoreConfig(method="wave", window=8, update_interval=1, candidates=120, candidates_floor=0,
-                      retrieval=40, retrieval_floor=0, segment_len=64)
+                      retrieval=40, retrieval_floor=0, segment_len=64, candidate_dtype=candidate_dtype)
     store, _ = _flow(cfg, steps=150, N=300)
     q = torch.randn(2, 4, 1, 16)
     _, _, access = store.attend_with_lse(0, q)
@@ -106,7 +122,11 @@ def test_wave_reads_what_its_budget_says_after_small_reindexing():
         for a in row:
             exact = a.exact_positions.numel()
             assert exact >= 40 + 8 + 4 - 1           # retrieval + window + sink
-            assert a.key_vectors >= 120 + 8 + 4 - 1  # candidates + steady zone
+            if candidate_dtype == "kv":
+                assert a.key_vectors >= 120 + 8 + 4 - 1  # candidates + steady zone
+            else:
+                assert a.key_vectors == 8 + 4            # the steady zone
+                assert a.meta_elems >= 120 * vector_elems(16, "int8")
 
 
 @pytest.mark.parametrize("interval", (1, 8))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvstore.gpu.cluster_ops import (candidate_scores, cluster_order, cluster_runs, cluster_scores, cluster_store,
-                                     dequantize_centroids, quantize_centroids,
+                                     dequantize_rows, quantize_rows,
                                      copy_rows, select_clusters, weighted_rows)
 
 
@@ -94,19 +94,19 @@ def test_cluster_scores_torch_radius_matches_float64(rank_radius):
     assert torch.equal(same, plain)
 
 
-def test_quantize_centroids_round_trip():
+def test_quantize_rows_round_trip():
     gen = torch.Generator().manual_seed(3)
     c = torch.randn(3, 50, 64, generator=gen) * torch.rand(3, 50, 1, generator=gen) * 20
     c[0, 7] = 0                                                    # a zero row: scale 0, no NaN
     c[1, 3, 5] = 400.0                                             # one outlier channel sets the row's step
-    qc, sc = quantize_centroids(c)
+    qc, sc = quantize_rows(c)
     assert qc.dtype == torch.int8 and sc.dtype == torch.float32 and sc.shape == (3, 50)
     assert int(qc.abs().max()) <= 127 and bool((sc[0, 7] == 0) & (qc[0, 7] == 0).all())
-    back = dequantize_centroids(qc, sc)
+    back = dequantize_rows(qc, sc)
     # within half a step per element, and the largest element of every row exact up to float rounding
     assert bool(((back - c).abs() <= 0.5 * sc[..., None] * (1 + 1e-5) + 1e-6).all())
     assert torch.allclose(back.abs().amax(-1), c.abs().amax(-1), rtol=1e-6)
-    assert torch.equal(dequantize_centroids(c, None), c)
+    assert torch.equal(dequantize_rows(c, None), c)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -114,9 +114,9 @@ def test_cluster_scores_torch_int8_matches_float64(dtype):
     G, Hg, C, D = 3, 4, 257, 64
     q, c, sizes = ranking_inputs(G, Hg, C, D, dtype)
     radii = ranking_radii(G, C)
-    qc, sc = quantize_centroids(c)
+    qc, sc = quantize_rows(c)
     s, p = cluster_scores(q, qc, sizes, backend="torch", radii=radii, rank_radius=0.25, centroid_scale=sc)
-    s64, p64 = ranking_float64(q, dequantize_centroids(qc, sc), sizes, 1 / math.sqrt(D), radii, 0.25)
+    s64, p64 = ranking_float64(q, dequantize_rows(qc, sc), sizes, 1 / math.sqrt(D), radii, 0.25)
     fin = torch.isfinite(s64)
     assert torch.equal(torch.isfinite(s), fin)
     assert rel_l2(s[fin], s64[fin]) < 1e-5 and rel_l2(p, p64) < 1e-4
@@ -483,6 +483,35 @@ def test_candidate_scores_torch_special_runs():
         assert_candidates_close(s, lse, *candidate_float64(*case, 0.25))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G,Hg,D,r", [(3, 4, 64, 20), (2, 1, 128, 7), (1, 3, 72, 1)])
+def test_candidate_scores_torch_int8_matches_float64(dtype, G, Hg, D, r):
+    """int8 keys with a scale a row score like the dequantized keys, and those are the keys to within the int8
+    rounding."""
+    gen = torch.Generator().manual_seed(G * 10 + r)
+    q, keys, row, length, pos, width = candidate_case(G, Hg, D, r, dtype=dtype, gen=gen, empty_frac=0.2)
+    codes, kscale = quantize_rows(keys)
+    s, lse = candidate_scores(q, codes, row, length, pos, width, backend="torch", key_scale=kscale)
+    ref = candidate_float64(q, dequantize_rows(codes, kscale), row, length, pos, width, 1 / math.sqrt(D))
+    assert_candidates_close(s, lse, *ref)
+    exact = candidate_float64(q, keys, row, length, pos, width, 1 / math.sqrt(D))[0]
+    fin = exact != -math.inf
+    assert float((s[fin].double() - exact[fin]).abs().max()) < 0.05 * float(exact[fin].abs().max())
+
+
+def test_candidate_scores_rejects_bad_key_scale():
+    q, keys, row, length, pos, width = candidate_case(2, 4, 16, 5)
+    codes, kscale = quantize_rows(keys)
+    with pytest.raises(ValueError, match="int8"):
+        candidate_scores(q, keys, row, length, pos, width, key_scale=kscale)
+    with pytest.raises(ValueError, match="key_scale"):
+        candidate_scores(q, codes, row, length, pos, width, key_scale=kscale[:-1])
+    with pytest.raises(ValueError, match="key_scale"):
+        candidate_scores(q, codes, row, length, pos, width, key_scale=kscale.double())
+    with pytest.raises(ValueError, match="keys"):
+        candidate_scores(q, codes, row, length, pos, width)
+
+
 def test_candidate_scores_rejects_bad_input():
     q, keys, row, length, pos, width = candidate_case(2, 4, 16, 5)
     with pytest.raises(ValueError, match="keys"):
@@ -562,10 +591,10 @@ def test_cluster_scores_kernel_int8_matches_reference(dtype, G, Hg, C, D):
     # score dequantized copies
     q, c, sizes = ranking_inputs(G, Hg, C, D, dtype, "cuda")
     radii = ranking_radii(G, C, device="cuda")
-    qc, sc = quantize_centroids(c)
+    qc, sc = quantize_rows(c)
     poison_cuda_cache(4 * G * Hg * C + 4 * G * C)
     s, p = cluster_scores(q, qc, sizes, backend="cuda", radii=radii, rank_radius=0.25, centroid_scale=sc)
-    s64, p64 = ranking_float64(q.cpu(), dequantize_centroids(qc, sc).cpu(), sizes.cpu(), 1 / math.sqrt(D),
+    s64, p64 = ranking_float64(q.cpu(), dequantize_rows(qc, sc).cpu(), sizes.cpu(), 1 / math.sqrt(D),
                                radii.cpu(), 0.25)
     fin = torch.isfinite(s64)
     assert torch.equal(torch.isfinite(s.cpu()), fin)
@@ -584,7 +613,7 @@ def test_fs_cluster_scores_kernel_int8_matches_torch():
     q, c, sizes = ranking_inputs(G, Hg, C, D, torch.bfloat16, "cuda")
     key_sd = torch.rand(G, C, device="cuda")
     tab, slope = fs_table(64, "cuda")
-    qc, sc = quantize_centroids(c)
+    qc, sc = quantize_rows(c)
     got = fs_cluster_scores(q, qc, sizes, key_sd, tab, slope, 1 / math.sqrt(D), backend="cuda", centroid_scale=sc)
     ref = fs_cluster_scores(q, qc, sizes, key_sd, tab, slope, 1 / math.sqrt(D), backend="torch", centroid_scale=sc)
     fin = torch.isfinite(ref[0])
@@ -700,6 +729,22 @@ def check_candidate_kernel(case, scale=None):
 def test_candidate_scores_kernel_matches_reference(dtype, D, Hg):
     gen = torch.Generator().manual_seed(D + Hg)
     check_candidate_kernel(candidate_case(5, Hg, D, 60, dtype=dtype, gen=gen, empty_frac=0.2))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128, 72])
+@pytest.mark.parametrize("Hg", [1, 4, 8])
+def test_candidate_scores_kernel_int8_matches_reference(dtype, D, Hg):
+    """int8 keys (16-byte rows, and D = 72 element by element) against the torch reference."""
+    gen = torch.Generator().manual_seed(D * Hg)
+    q, keys, row, length, pos, width = candidate_case(5, Hg, D, 60, rows=5000, dtype=dtype, gen=gen, empty_frac=0.2)
+    codes, kscale = quantize_rows(keys)
+    s, lse = candidate_scores(q.cuda(), codes.cuda(), row.cuda(), length.cuda(), pos.cuda(), width, backend="cuda",
+                              key_scale=kscale.cuda())
+    assert_candidates_close(s, lse, *candidate_scores(q, codes, row, length, pos, width, backend="torch",
+                                                      key_scale=kscale), tol=1e-4)
 
 
 @pytest.mark.gpu

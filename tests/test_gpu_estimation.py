@@ -85,7 +85,8 @@ def test_fs_iso_beats_centroid_estimator_at_equal_budgets():
 @pytest.mark.parametrize("mode", ["gpu_only", "offload"])
 def test_fs_iso_full_retrieval_is_exact_and_rest_vanishes(mode):
     k, v, qs = _attention_like(3000, seed=3)
-    cfg = WaveGpuConfig(mode=mode, estimator="fs_iso", candidates=1.0, retrieval=1.0, estimation=0.0, segment_len=1024,
+    cfg = WaveGpuConfig(mode=mode, estimator="fs_iso", candidates=1.0, retrieval=1.0, estimation=0.0,
+                        candidate_dtype="kv", segment_len=1024,
                         backend="torch", cuda_graph=False, cache_ratio=0.3)
     layer = GpuWaveLayer.build(k.float(), v.float(), cfg, device="cpu")
     q = qs[0].float()

@@ -16,7 +16,7 @@ from kvstore import KVStore, StoreConfig
 from kvstore.attention.core import attention_with_lse, estimate_clusters, full_attention, merge_partials
 from kvstore.gpu.wave_layer import GpuWaveLayer, WaveGpuConfig
 
-FULL = dict(candidates=1.0, retrieval=1.0, estimation=0.0)
+FULL = dict(candidates=1.0, retrieval=1.0, estimation=0.0, candidate_dtype="kv")
 
 
 def _published(**kw) -> WaveGpuConfig:

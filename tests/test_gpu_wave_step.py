@@ -44,12 +44,13 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return both / total
 
 
-def _layer(dtype, N=30000, B=4, H=4, Hg=4, D=128, seed=11):
+def _layer(dtype, N=30000, B=4, H=4, Hg=4, D=128, seed=11, candidate_dtype="int8"):
     """A layer of B * H slots and queries whose step the kernel path takes."""
     from kvstore.attention.selection import _fused_ready
 
     k, v = _kv(B, H, N, D, dtype, seed)
-    layer = GpuWaveLayer.build(k, v, WaveGpuConfig(segment_len=8192, cuda_graph=False, backend="cuda"))
+    layer = GpuWaveLayer.build(k, v, WaveGpuConfig(segment_len=8192, cuda_graph=False, backend="cuda",
+                                                   candidate_dtype=candidate_dtype))
     q = torch.randn(B, H * Hg, D, device="cuda", dtype=dtype) * 2
     qg = q.reshape(layer.G, Hg, D)
     assert _fused_ready(qg, *layer._slots())
@@ -71,12 +72,13 @@ def _budget(layer, case):
     raise ValueError(case)
 
 
+@pytest.mark.parametrize("candidate_dtype", ["int8", "kv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["defaults", "ragged", "no_calibration_no_rest", "no_estimation"])
-def test_kernel_step_matches_torch_step(dtype, case):
+def test_kernel_step_matches_torch_step(dtype, case, candidate_dtype):
     if not _ready():
         pytest.skip("kvstore._cuda not built")
-    layer, _, _, qg = _layer(dtype)
+    layer, _, _, qg = _layer(dtype, candidate_dtype=candidate_dtype)
     slots, steady = layer._slots()
     budget = _budget(layer, case)
     o, lse, step = wave_attend(qg, slots, steady, budget, layer.bounds, layer.scale, backend="cuda")
@@ -93,7 +95,7 @@ def test_kernel_step_matches_torch_step(dtype, case):
 def test_kernel_step_with_full_budgets_is_full_attention():
     if not _ready():
         pytest.skip("kvstore._cuda not built")
-    layer, k, v, qg = _layer(torch.float32, N=12000, seed=3)
+    layer, k, v, qg = _layer(torch.float32, N=12000, seed=3, candidate_dtype="kv")
     slots, steady = layer._slots()
     n = layer.n
     o, lse, step = wave_attend(qg, slots, steady, WaveBudget(n, n, 0), layer.bounds, layer.scale, backend="cuda")
@@ -138,7 +140,8 @@ def _zones_and_mix(ext, layer, qg, budget, team):
                        budget.estimation, r, e, team)
     cand, run_row, run_len, run_pos, low, est, rest_lse, low_lse = z
     width = layer.bounds.rows_for(budget.candidates, r)
-    s_tok, run_lse = candidate_scores(qg, slots.keys, run_row, run_len, run_pos, width, layer.scale)
+    s_tok, run_lse = candidate_scores(qg, slots.keys, run_row, run_len, run_pos, width, layer.scale,
+                                      key_scale=slots.key_scale)
     t = min(budget.tokens, width)
     m = ext.wave_mix(s_tok, run_lse, run_row, run_len, run_pos, low, cand, est, scores, slots.sizes, rest_lse,
                      low_lse, slots.slot_base, None, budget.tokens, t, budget.calibrate, budget.rest, team)

@@ -13,7 +13,7 @@ from kvstore.attention import full_attention
 
 FULL_BUDGET = {
     "full": {},
-    "wave": {"candidates": 1.0, "retrieval": 1.0, "estimation": 0},
+    "wave": {"candidates": 1.0, "retrieval": 1.0, "estimation": 0, "candidate_dtype": "kv"},
     "graph": {"top_k": 4096, "ef": 4096},
     "quest": {"pages": 1.0},
     "streaming": {"window": 4096},

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 from kvstore import StoreConfig  # noqa: E402
 from kvstore.integrations.transformers import KVStoreCache, shard_path  # noqa: E402
 
-FULL = dict(method="wave", candidates=1.0, retrieval=1.0, estimation=0)   # exact: every key is attended
+FULL = dict(method="wave", candidates=1.0, retrieval=1.0, estimation=0, candidate_dtype="kv")   # exact: every key is attended
 WORLD = 2
 KINDS = ("llama", "qwen2")
 NEW = 12

@@ -15,7 +15,7 @@ from kvstore.integrations.transformers import KVStoreCache  # noqa: E402
 
 FULL = {
     "full": {},
-    "wave": {"candidates": 1.0, "retrieval": 1.0, "estimation": 0},
+    "wave": {"candidates": 1.0, "retrieval": 1.0, "estimation": 0, "candidate_dtype": "kv"},
     "graph": {"top_k": 4096, "ef": 4096},
     "quest": {"pages": 1.0},
 }
@@ -72,7 +72,8 @@ def test_sampled_generation_equals_full_attention():
     mask = torch.ones_like(ids)
     torch.manual_seed(1)
     expected = generate(ref, ids, mask, do_sample=True, top_k=20)
-    cache = KVStoreCache(cfg, StoreConfig(method="wave", candidates=1.0, retrieval=1.0, estimation=0, window=16))
+    cache = KVStoreCache(cfg, StoreConfig(method="wave", candidates=1.0, retrieval=1.0, estimation=0, window=16,
+                                          candidate_dtype="kv"))
     torch.manual_seed(1)
     got = generate(ours, ids, mask, do_sample=True, top_k=20, cache=cache)
     assert torch.equal(got, expected)
@@ -187,7 +188,8 @@ def test_saved_context_answers_three_questions_like_a_fresh_prefill(tmp_path):
     saved context (no re-prefill) and match full attention over a fresh prefill."""
     cfg, ref, ours = tiny()
     doc = torch.randint(1, 128, (1, 400))
-    cache = KVStoreCache(cfg, StoreConfig(method="wave", candidates=1.0, retrieval=1.0, estimation=0, window=16))
+    cache = KVStoreCache(cfg, StoreConfig(method="wave", candidates=1.0, retrieval=1.0, estimation=0, window=16,
+                                          candidate_dtype="kv"))
     with torch.no_grad():
         ours(doc, cache=cache)
     path = tmp_path / "doc.kvstore"

@@ -15,7 +15,7 @@ from kvstore import KVStore, StoreConfig  # noqa: E402
 from kvstore.integrations import transformers as integ  # noqa: E402
 from kvstore.integrations.transformers import KVStoreCache, KVStoreLayer, KVStoreSlidingLayer  # noqa: E402
 
-FULL = {"method": "wave", "candidates": 1.0, "retrieval": 1.0, "estimation": 0}  # exact
+FULL = {"method": "wave", "candidates": 1.0, "retrieval": 1.0, "estimation": 0, "candidate_dtype": "kv"}  # exact
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, max_position_embeddings=1024,
              bos_token_id=None, eos_token_id=None, pad_token_id=0)
 

@@ -1,4 +1,4 @@
-// Candidate scores (see candidate_scores.h). A block takes kRunsPerBlock consecutive runs of one slot (the
+// Candidate scores (see candidate_scores.h). T is q's type, TK the keys' (T, or int8 copies with a scale a row). A block takes kRunsPerBlock consecutive runs of one slot (the
 // blocks of a slot are consecutive: they share its queries in L2) and stages the slot's Hg queries in shared
 // memory as float; then each warp takes a run at a time (the next run's table entry loaded ahead). The lane groups
 // of kLpr lanes of a warp take kU rows of the run at a time (kU = 2 when the runs average 8 rows or fewer, so that
@@ -35,11 +35,13 @@ struct CandArgs {
     float* scores;
     float* run_lse;
     int runs_per_block;
+    const float* key_scale;  // int8 keys: row i scores (q . keys[i]) * key_scale[i]
 };
 
-template <typename T, int kVec, int kLpr, int kChunks, int kHb, int kU>
+template <typename T, typename TK, int kVec, int kLpr, int kChunks, int kHb, int kU>
 __global__ void __launch_bounds__(kThreads, kU == 2 ? 6 : 4) candidate_kernel(const CandArgs a) {
     static_assert(kLpr % kHb == 0, "the lanes of a group split evenly over the heads");
+    constexpr bool kInt8 = sizeof(TK) == 1;
     constexpr int kGroups = 32 / kLpr;          // lane groups of a warp
     constexpr int kLanesPerHead = kLpr / kHb;   // lanes of a group that end with one head's sums
     constexpr int kN = kU * kHb;                // sums of a lane group per step (group_reduce_scatter)
@@ -84,12 +86,13 @@ __global__ void __launch_bounds__(kThreads, kU == 2 ? 6 : 4) candidate_kernel(co
             continue;
         }
         for (int p = 0; p < passes; ++p) st[p * 32 + lane] = MaxSum{-INFINITY, 0.0f};
-        const T* kr = static_cast<const T*>(a.keys) + row0 * D;
+        const TK* kr = static_cast<const TK*>(a.keys) + row0 * D;
+        const float* ks = kInt8 ? a.key_scale + row0 : nullptr;
         float* out = a.scores + g * Hg * a.width + pos0;  // head h at out[h * width]
         for (long long base = 0; base < len; base += kGroups * kU) {
             for (int h0 = 0; h0 < Hg; h0 += kHb) {
                 float acc[kU][kHb];
-                rows_dot_heads<T, kVec, kLpr, kChunks, kU, kHb>(acc, qs, D, h0, Hg, li, [&](int u) {
+                rows_dot_heads<TK, kVec, kLpr, kChunks, kU, kHb>(acc, qs, D, h0, Hg, li, [&](int u) {
                     const long long i = base + u * kGroups + gi;
                     return i < len ? kr + i * D : nullptr;
                 });
@@ -108,7 +111,7 @@ __global__ void __launch_bounds__(kThreads, kU == 2 ? 6 : 4) candidate_kernel(co
                     for (int m = 0; m < kM; ++m) {
                         const long long i = base + (u0 + m) * kGroups + gi;
                         if (i >= len) break;
-                        const float v = part[m] * a.scale;
+                        const float v = kInt8 ? part[m] * (a.scale * ks[i]) : part[m] * a.scale;
                         out[hh * a.width + i] = v;
                         maxsum_push(s, v);
                     }
@@ -128,32 +131,32 @@ __global__ void __launch_bounds__(kThreads, kU == 2 ? 6 : 4) candidate_kernel(co
     }
 }
 
-template <typename T, int kVec, int kLpr, int kChunks, int kHb>
+template <typename T, typename TK, int kVec, int kLpr, int kChunks, int kHb>
 cudaError_t launch(const CandArgs& a, cudaStream_t stream) {
     const size_t smem = sizeof(float) * a.Hg * a.D + sizeof(MaxSum) * kThreads * ((a.Hg + kHb - 1) / kHb);
     const long long blocks = static_cast<long long>(a.G) * ((a.r + a.runs_per_block - 1) / a.runs_per_block);
     if (a.width <= 8LL * a.r)  // runs of 8 rows or fewer on average
-        candidate_kernel<T, kVec, kLpr, kChunks, kHb, 2><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
+        candidate_kernel<T, TK, kVec, kLpr, kChunks, kHb, 2><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
     else
-        candidate_kernel<T, kVec, kLpr, kChunks, kHb, 4><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
+        candidate_kernel<T, TK, kVec, kLpr, kChunks, kHb, 4><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
     return cudaGetLastError();
 }
 
 template <int N>
 using Int = std::integral_constant<int, N>;
 
-template <typename T>
+template <typename T, typename TK>
 cudaError_t dispatch(const CandArgs& a, cudaStream_t stream) {
     auto heads = [&](auto vec, auto lpr, auto chunks) {
         constexpr int kVec = decltype(vec)::value, kLpr = decltype(lpr)::value, kCh = decltype(chunks)::value;
-        if (a.Hg == 1) return launch<T, kVec, kLpr, kCh, 1>(a, stream);
-        if (a.Hg == 2) return launch<T, kVec, kLpr, kCh, 2>(a, stream);
-        if (a.Hg <= 4) return launch<T, kVec, kLpr, kCh, 4>(a, stream);
-        return launch<T, kVec, kLpr, kCh, 8>(a, stream);
+        if (a.Hg == 1) return launch<T, TK, kVec, kLpr, kCh, 1>(a, stream);
+        if (a.Hg == 2) return launch<T, TK, kVec, kLpr, kCh, 2>(a, stream);
+        if (a.Hg <= 4) return launch<T, TK, kVec, kLpr, kCh, 4>(a, stream);
+        return launch<T, TK, kVec, kLpr, kCh, 8>(a, stream);
     };
     // 16-byte chunks read by 8 lanes a row, two chunks a lane in flight when the row has them; otherwise element
     // by element, 32 lanes a row.
-    constexpr int kVec = Vec16<T>::kN;
+    constexpr int kVec = Vec16<TK>::kN;
     if (a.D % kVec != 0 || !is_aligned(a.keys, 16)) return heads(Int<1>{}, Int<32>{}, Int<1>{});
     if (a.D / kVec >= 16) return heads(Int<kVec>{}, Int<8>{}, Int<2>{});
     return heads(Int<kVec>{}, Int<8>{}, Int<1>{});
@@ -164,21 +167,22 @@ cudaError_t dispatch(const CandArgs& a, cudaStream_t stream) {
 cudaError_t candidate_scores_launch(const void* q, const void* keys, DType dtype, int G, int Hg, int D, int r,
                                     long long rows, const std::int64_t* run_row, const std::int64_t* run_len,
                                     const std::int64_t* run_pos, long long width, float scale, float* scores,
-                                    float* run_lse, cudaStream_t stream, int runs_per_block) {
+                                    float* run_lse, cudaStream_t stream, int runs_per_block, const float* key_scale) {
     if (G < 0 || Hg < 0 || Hg > kCandMaxHg || D < 1 || static_cast<long long>(Hg) * D > kCandMaxHgTimesD || r < 0 ||
         rows < 0 || width < 0 || static_cast<long long>(G) * r > 0x7fffffffLL || runs_per_block < 0 ||
         runs_per_block > 4096)
         return cudaErrorInvalidValue;
     if (static_cast<long long>(G) * r == 0 || Hg == 0) return cudaSuccess;
     const CandArgs a{q, keys, rows, run_row, run_len, run_pos, G, Hg, D, r, width, scale, scores, run_lse,
-                     runs_per_block > 0 ? runs_per_block : kRunsPerBlock};
+                     runs_per_block > 0 ? runs_per_block : kRunsPerBlock, key_scale};
     switch (dtype) {
         case DType::F32:
-            return dispatch<float>(a, stream);
+            return key_scale ? cudaErrorInvalidValue : dispatch<float, float>(a, stream);
         case DType::F16:
-            return dispatch<__half>(a, stream);
+            return key_scale ? dispatch<__half, std::int8_t>(a, stream) : dispatch<__half, __half>(a, stream);
         case DType::BF16:
-            return dispatch<__nv_bfloat16>(a, stream);
+            return key_scale ? dispatch<__nv_bfloat16, std::int8_t>(a, stream)
+                             : dispatch<__nv_bfloat16, __nv_bfloat16>(a, stream);
         default:
             return cudaErrorInvalidValue;
     }

@@ -56,7 +56,16 @@ template <typename T, int N>
 __device__ __forceinline__ void load_float(const T* __restrict__ p, float (&out)[N]) {
     if constexpr (N * sizeof(T) == 16) {
         const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-        if constexpr (sizeof(T) == 4) {
+        if constexpr (sizeof(T) == 1) {
+            // int8 bytes biased to unsigned, placed in the mantissa of 2^23 (no integer-to-float instructions)
+            const unsigned w[4] = {raw.x ^ 0x80808080u, raw.y ^ 0x80808080u, raw.z ^ 0x80808080u,
+                                   raw.w ^ 0x80808080u};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int b = 0; b < 4; ++b)
+                    out[4 * i + b] = __uint_as_float(__byte_perm(w[i], 0x4B000000u, 0x7540u + b)) - 8388736.0f;
+        } else if constexpr (sizeof(T) == 4) {
             out[0] = __uint_as_float(raw.x);
             out[1] = __uint_as_float(raw.y);
             out[2] = __uint_as_float(raw.z);

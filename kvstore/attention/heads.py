@@ -28,8 +28,8 @@ class Access:
 
     key_vectors / value_vectors: stored key / value rows read; meta_elems:
     scalars of index metadata read (centroids, value sums, sizes, page
-    bounds; an int8 centroid element counts as half a scalar, see
-    :func:`centroid_elems`); exact_positions: sequence positions attended
+    bounds, int8 key copies; an int8 element counts as half a scalar, see
+    :func:`vector_elems`); exact_positions: sequence positions attended
     exactly.
     """
 
@@ -42,10 +42,10 @@ class Access:
         return self.key_vectors * d + self.value_vectors * dv + self.meta_elems
 
 
-def centroid_elems(d: int, centroid_dtype: str) -> int:
-    """What reading one centroid of ``d`` dimensions costs, in 16-bit elements (the unit of ``Access``): ``d``, or
-    for int8 centroids ``d / 2`` and two for the float32 scale."""
-    return -(-d // 2) + 2 if centroid_dtype == "int8" else d
+def vector_elems(d: int, dtype: str) -> int:
+    """What reading one centroid or key of ``d`` dimensions costs, in 16-bit elements (the unit of ``Access``):
+    ``d``, or for int8 rows (``dtype="int8"``) ``d / 2`` and two for the float32 scale."""
+    return -(-d // 2) + 2 if dtype == "int8" else d
 
 
 class HeadCache:
@@ -189,7 +189,7 @@ class WaveHead(HeadCache):
         if self._slots is None:
             from .selection import ClusterBounds, WaveSlots
 
-            from ..gpu.cluster_ops import quantize_centroids
+            from ..gpu.cluster_ops import quantize_rows
 
             ix = self.index
             sizes = ix.sizes.float()
@@ -197,11 +197,14 @@ class WaveHead(HeadCache):
             value_mean = ix.value_sums.double().sum(0) / max(ix.ntotal, 1)
             cen, cen_scale = ix.centroids[None], None
             if self.cfg.centroid_dtype == "int8":
-                cen, cen_scale = quantize_centroids(cen)
+                cen, cen_scale = quantize_rows(cen)
+            keys, key_scale = ix.keys_sorted, None
+            if self.cfg.candidate_dtype == "int8":
+                keys, key_scale = quantize_rows(keys)
             slots = WaveSlots(cen, sizes[None], mean_values[None].float(), value_mean[None].float(),
-                              ix.offsets[None], ix.keys_sorted, ix.values_sorted,
+                              ix.offsets[None], keys, ix.values_sorted,
                               torch.zeros(1, dtype=torch.long, device=ix.offsets.device),
-                              ix.radii[None] if self.cfg.rank_radius else None, cen_scale)
+                              ix.radii[None] if self.cfg.rank_radius else None, cen_scale, key_scale)
             self._slots = (slots, ClusterBounds(slots.sizes))
         return self._slots
 
@@ -224,9 +227,11 @@ class WaveHead(HeadCache):
         n_cand = int(step.candidate_rows[0])
         C = ix.num_clusters
         zone = int((step.candidates >= 0).sum() + (step.estimation >= 0).sum())
-        acc = Access(key_vectors=k.shape[0] + n_cand, value_vectors=k.shape[0] + int(rows.numel()),
-                     meta_elems=C * (centroid_elems(self.d, self.cfg.centroid_dtype)
-                                     + (2 if self.cfg.rank_radius else 1)) + zone * self.dv + self.dv,
+        int8_keys = self.cfg.candidate_dtype == "int8"
+        acc = Access(key_vectors=k.shape[0] + (0 if int8_keys else n_cand), value_vectors=k.shape[0] + int(rows.numel()),
+                     meta_elems=C * (vector_elems(self.d, self.cfg.centroid_dtype)
+                                     + (2 if self.cfg.rank_radius else 1)) + zone * self.dv + self.dv
+                     + (n_cand * vector_elems(self.d, "int8") if int8_keys else 0),
                      exact_positions=torch.cat([pos, self.positions[ix.order[rows].cpu()]]))
         return o[0].to(q.device), lse[0].to(q.device), acc
 
@@ -235,7 +240,8 @@ class WaveHead(HeadCache):
         if ix.ntotal == 0:
             return 0
         n = ix.centroids.numel() + ix.sizes.numel() + ix.offsets.numel() * 2 + ix.order.numel() * 2
-        return 4 * (n + (ix.value_sums.numel() if ix.value_sums is not None else 0))
+        key_copies = ix.ntotal * (self.d + 4) if self.cfg.candidate_dtype == "int8" else 0  # int8 rows, f32 scales
+        return 4 * (n + (ix.value_sums.numel() if ix.value_sums is not None else 0)) + key_copies
 
 
 class GraphHead(HeadCache):

@@ -103,8 +103,9 @@ class WaveSlots(NamedTuple):
     keys ``[rows, D]`` / values ``[rows, Dv]`` (the sorted KV of every slot, slot ``g`` from row
     ``slot_base[g]``); slot_base int64 ``[G]``; radii float32 ``[G, C]`` (each cluster's largest member distance
     from its centroid, :func:`kvstore.wave.cluster_radii`; None: not ranked by radius); centroid_scale float32
-    ``[G, C]`` when the centroids are int8 (:func:`kvstore.gpu.cluster_ops.quantize_centroids`; None: centroids in
-    a float dtype)."""
+    ``[G, C]`` when the centroids are int8 (:func:`kvstore.gpu.cluster_ops.quantize_rows`; None: centroids in
+    a float dtype); key_scale float32 ``[rows]`` when ``keys`` are int8 copies of the stored keys (the
+    candidates' scores then come from ``keys * key_scale``; None: keys in q's dtype)."""
 
     centroids: torch.Tensor
     sizes: torch.Tensor
@@ -116,6 +117,7 @@ class WaveSlots(NamedTuple):
     slot_base: torch.Tensor
     radii: torch.Tensor | None = None
     centroid_scale: torch.Tensor | None = None
+    key_scale: torch.Tensor | None = None
 
 
 class SteadyZone(NamedTuple):
@@ -272,7 +274,8 @@ def _wave_attend_fused(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, bu
         probs.to(f32).contiguous(), sizes, s_cl, slots.offsets.contiguous(), slots.slot_base.contiguous(),
         slot_budget, bound.candidates, bound.estimation, r, e)
     width = bounds.rows_for(bound.candidates, r)
-    s_tok, run_lse = candidate_scores(q, slots.keys, run_row, run_len, run_pos, width, scale, backend=backend)
+    s_tok, run_lse = candidate_scores(q, slots.keys, run_row, run_len, run_pos, width, scale, backend=backend,
+                                      key_scale=slots.key_scale)
     t = min(bound.tokens, width)
     tokens = budget.tokens.reshape(G).contiguous() if per_slot else None
     (pick_rows, pick_local, pick_w, pick_d, pick_ref, n_valid, mix_rows, mix_w, rest_w, mix_lse) = ext.wave_mix(
@@ -345,7 +348,8 @@ def wave_attend(q: torch.Tensor, slots: WaveSlots, steady: SteadyZone, budget: W
     run_pos = run_end - run_len
     run_row = start + slots.slot_base[:, None]
     width = bounds.rows_for(bound.candidates, r)
-    s_tok, run_lse = candidate_scores(q, slots.keys, run_row, run_len, run_pos, width, scale, backend=backend)
+    s_tok, run_lse = candidate_scores(q, slots.keys, run_row, run_len, run_pos, width, scale, backend=backend,
+                                      key_scale=slots.key_scale)
     valid = torch.isfinite(s_tok[:, 0])                                       # [G, width]
     lse_all = torch.logsumexp(run_lse, -1, keepdim=True)                      # [G, Hg, 1] over every candidate
     ref = torch.where(torch.isfinite(lse_all), lse_all, torch.zeros_like(lse_all))   # a reference point of exp

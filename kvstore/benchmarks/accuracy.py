@@ -43,14 +43,18 @@ def default_configs() -> list[tuple[str, StoreConfig]]:
     """(label, StoreConfig): the defaults of each method, the published RetroInfer budgets, and sweeps."""
     d = StoreConfig()
     out: list[tuple[str, StoreConfig]] = [("wave (defaults)", StoreConfig(method="wave")),
-                                          ("wave centroid_dtype=kv", StoreConfig(method="wave", centroid_dtype="kv")),
-                                          ("wave candidates=0.06 estimation=0.1 centroid_dtype=kv",
-                                           StoreConfig(method="wave", candidates=0.06, estimation=0.1,
-                                                       centroid_dtype="kv")),
+                                          ("wave candidate_dtype=kv", StoreConfig(method="wave", candidate_dtype="kv")),
+                                          ("wave candidates=0.07 retrieval=0.02 candidate_dtype=kv",
+                                           StoreConfig(method="wave", candidates=0.07, retrieval=0.02,
+                                                       candidate_dtype="kv")),
+                                          ("wave candidates=0.06 retrieval=0.02 estimation=0.1 centroid_dtype=kv "
+                                           "candidate_dtype=kv",
+                                           StoreConfig(method="wave", candidates=0.06, retrieval=0.02, estimation=0.1,
+                                                       centroid_dtype="kv", candidate_dtype="kv")),
                                           ("wave RetroInfer budgets", StoreConfig.retroinfer())]
     for rr in (0.0, 0.1, 0.5):
         out.append((f"wave rank_radius={rr}", StoreConfig(method="wave", rank_radius=rr)))
-    for c, r, e in ((0.04, 0.01, 0.05), (0.12, 0.03, 0.1), (0.2, 0.05, 0.1)):
+    for c, r, e in ((0.05, 0.015, 0.1), (0.14, 0.04, 0.3), (0.2, 0.05, 0.4)):
         out.append((f"wave candidates={c} retrieval={r} estimation={e}",
                     StoreConfig(method="wave", candidates=c, retrieval=r, estimation=e)))
     out.append(("wave RetroInfer retrieval=0.05", StoreConfig.retroinfer(candidates=0.05)))

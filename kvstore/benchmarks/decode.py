@@ -398,11 +398,13 @@ class Options:
     retrieval: float | None = None
     estimation: float | None = None
     centroid_dtype: str | None = None
+    candidate_dtype: str | None = None
     distribution: str = "default"
 
     def store_config(self, mode: str = "gpu_only") -> StoreConfig:
         """The wave StoreConfig of the run: the preset, with the budget options that were given."""
-        over = {n: getattr(self, n) for n in ("candidates", "retrieval", "estimation", "centroid_dtype")
+        over = {n: getattr(self, n) for n in ("candidates", "retrieval", "estimation", "centroid_dtype",
+                                                     "candidate_dtype")
                 if getattr(self, n) is not None}
         base = PRESETS[self.preset]()
         from dataclasses import replace
@@ -856,7 +858,7 @@ def report(rows: Sequence[dict[str, Any]], env: dict[str, Any], args: dict[str, 
              f"{env.get('gpu', env['device'])}")
     budgets = ", ".join([f"{n} {args[n]:g}" for n in ("candidates", "retrieval", "estimation")
                          if args.get(n) is not None]
-                        + ([f"centroid_dtype {args['centroid_dtype']}"] if args.get("centroid_dtype") else []))
+                        + [f"{n} {args[n]}" for n in ("centroid_dtype", "candidate_dtype") if args.get(n)])
     wave = (f"wave: StoreConfig {args.get('preset', 'defaults')}"
             f"{' (' + budgets + ')' if budgets else ''}, estimator {args.get('estimator', _WAVE.estimator)}, "
             f"attention distribution {args.get('distribution', 'default')}")
@@ -917,6 +919,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimation", type=float, default=None, help="wave: override the estimation budget")
     p.add_argument("--centroid-dtype", choices=("int8", "kv"), default=None,
                    help="wave: override how the step reads the centroids (StoreConfig.centroid_dtype)")
+    p.add_argument("--candidate-dtype", choices=("int8", "kv"), default=None,
+                   help="wave: override how the step reads the candidates' keys (StoreConfig.candidate_dtype)")
     p.add_argument("--distribution", choices=sorted(DISTRIBUTIONS), default="default",
                    help="generated attention: default, or flat (the top 1%% of keys holds about a third of the mass)")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill timing (and the build / prefill ratio)")
@@ -941,7 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    graph_train_queries=a.graph_train_queries, estimator=a.estimator, prefill=not a.no_prefill,
                    preset=a.preset,
                    candidates=a.candidates, retrieval=a.retrieval, estimation=a.estimation,
-                   centroid_dtype=a.centroid_dtype, distribution=a.distribution)
+                   centroid_dtype=a.centroid_dtype, candidate_dtype=a.candidate_dtype, distribution=a.distribution)
     results = Results("decode", a.out)
     spec = DISTRIBUTIONS[a.distribution]
     points = [(c, b) for c in sorted(a.contexts) for b in sorted(a.batches)]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cluster_scores", "quantize_centroids", "dequantize_centroids", "select_clusters", "copy_rows", "cluster_order", "cluster_store", "candidate_scores", "weighted_rows"]
+__all__ = ["cluster_scores", "quantize_rows", "dequantize_rows", "select_clusters", "copy_rows", "cluster_order", "cluster_store", "candidate_scores", "weighted_rows"]
 
 BACKENDS = ("auto", "torch", "cuda")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,20 +83,20 @@ def check_count(v: Any, name: str, minimum: int = 0) -> int:
 
 # --------------------------------------------------------------------------- ranking
 
-def quantize_centroids(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centroids ``[..., C, D]`` (any float dtype) as int8 ``[..., C, D]`` and a float32 scale ``[..., C]``: each
-    row divided by its largest magnitude over 127 and rounded, so that ``int8 * scale`` is the centroid to within
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[..., D]`` (centroids or keys, any float dtype) as int8 ``[..., D]`` and a float32 scale ``[...]``:
+    each row divided by its largest magnitude over 127 and rounded, so that ``int8 * scale`` is the row to within
     half a step (a row of zeros gets scale 0)."""
-    c = centroids.float()
+    c = rows.float()
     scale = c.abs().amax(-1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(c / safe[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
-def dequantize_centroids(centroids: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """float32 centroids ``[..., C, D]`` from :func:`quantize_centroids` (``scale`` None: already floats)."""
-    return centroids.float() if scale is None else centroids.float() * scale[..., None]
+def dequantize_rows(rows: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """float32 rows ``[..., D]`` from :func:`quantize_rows` (``scale`` None: already floats)."""
+    return rows.float() if scale is None else rows.float() * scale[..., None]
 
 
 def _int8_kernel_fits(q: torch.Tensor, centroids: torch.Tensor) -> bool:
@@ -114,7 +114,7 @@ def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
 
     q ``[G, Hg, D]`` (bf16, fp16 or f32): the ``Hg`` query heads of each of the
     ``G`` KV-head slots; centroids ``[G, C, D]`` (q's dtype, or int8 with
-    ``centroid_scale`` f32 ``[G, C]``: :func:`quantize_centroids`); sizes f32
+    ``centroid_scale`` f32 ``[G, C]``: :func:`quantize_rows`); sizes f32
     ``[G, C]`` (``<= 0``: empty or padding cluster); scale: defaults to
     ``1 / sqrt(D)``. Returns
 
@@ -171,7 +171,7 @@ def cluster_scores(q: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor
     kernel = use_cuda_kernel(backend, q, centroids, sizes)
     if kernel and centroid_scale is not None and not _int8_kernel_fits(q, centroids):
         # the kernel reads int8 centroids on its tensor-core path only: other shapes score dequantized copies
-        centroids, centroid_scale = dequantize_centroids(centroids, centroid_scale).to(q.dtype), None
+        centroids, centroid_scale = dequantize_rows(centroids, centroid_scale).to(q.dtype), None
     if kernel:
         if Hg > _MAX_HG or Hg * D > _MAX_HG_TIMES_D or G > 65535 or C >= 2 ** 31:
             raise ValueError(f"q [G={G}, Hg={Hg}, D={D}] with C={C} exceeds the kernel's limits "
@@ -421,11 +421,12 @@ def copy_rows(dst_k: torch.Tensor, dst_v: torch.Tensor | None, src_k: torch.Tens
 # --------------------------------------------------------------------------- candidate scores
 
 def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor, run_len: torch.Tensor,
-                     run_pos: torch.Tensor, width: int, scale: float | None = None, backend: str = "auto"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact scores of the keys of each slot's candidate runs (the wave method's second stage).
+                     run_pos: torch.Tensor, width: int, scale: float | None = None, backend: str = "auto",
+                     key_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the keys of each slot's candidate runs (the wave method's second stage).
 
-    q ``[G, Hg, D]``; keys ``[rows, D]`` (q's dtype; the sorted KV of every slot); run_row int64 ``[G, r]``: the
+    q ``[G, Hg, D]``; keys ``[rows, D]`` (q's dtype; the sorted KV of every slot; or int8 with ``key_scale`` f32
+    ``[rows]``, :func:`quantize_rows`: row ``i`` is then ``keys[i] * key_scale[i]``); run_row int64 ``[G, r]``: the
     first row of each run in ``keys``; run_len int64 ``[G, r]``: its rows (0 allowed); run_pos int64 ``[G, r]``:
     where the run starts in the slot's padded list (the exclusive prefix sum of run_len); ``width``: the padded
     list's length (``>= run_pos + run_len`` of every run). Returns
@@ -438,13 +439,22 @@ def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor,
     in f32. Runs that leave ``keys`` or the width (``run_row < 0``, ``run_len < 0``, ``run_pos < 0``,
     ``run_row + run_len > rows``, ``run_pos + run_len > width``) are invalid input: the kernel skips them (their
     positions stay ``-inf``, their run_lse is NaN), the reference's result for them is unspecified.
-    Kernel limits: ``Hg <= 32``, ``Hg * D <= 8192``, ``D >= 1``, ``G * r < 2**31``.
+    Kernel limits: ``Hg <= 32``, ``Hg * D <= 8192``, ``D >= 1``, ``G * r < 2**31``; int8 keys with a 16-bit q
+    (a float32 q with int8 keys takes the torch path).
     """
     check_tensor(q, "q", 3, _FLOATS)
     check_tensor(keys, "keys", 2)
     G, Hg, D = q.shape
-    if keys.dtype != q.dtype or keys.shape[1] != D:
+    if key_scale is None and (keys.dtype != q.dtype or keys.shape[1] != D):
         raise ValueError(f"keys must be [rows, D={D}] of q's dtype {q.dtype}, got {keys.dtype} {tuple(keys.shape)}")
+    if key_scale is not None:
+        if keys.dtype != torch.int8 or keys.shape[1] != D:
+            raise ValueError(f"keys with a key_scale must be int8 [rows, D={D}], got {keys.dtype} "
+                             f"{tuple(keys.shape)}")
+        if key_scale.dtype != torch.float32 or tuple(key_scale.shape) != (keys.shape[0],) \
+                or key_scale.device != keys.device:
+            raise ValueError(f"key_scale must be float32 [rows={keys.shape[0]}] on the keys' device, got "
+                             f"{key_scale.dtype} {tuple(key_scale.shape)} on {key_scale.device}")
     for name, t in (("run_row", run_row), ("run_len", run_len), ("run_pos", run_pos)):
         check_tensor(t, name, 2, (torch.int64,))
         if t.shape[0] != G or t.shape != run_row.shape:
@@ -458,9 +468,10 @@ def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor,
         if Hg > _MAX_HG or Hg * D > _MAX_HG_TIMES_D or D == 0 or G * r >= 2 ** 31:
             raise ValueError(f"q [G={G}, Hg={Hg}, D={D}] with r={r} exceeds the kernel's limits (Hg <= {_MAX_HG}, "
                              f"Hg * D <= {_MAX_HG_TIMES_D}, D >= 1, G * r < 2**31); use backend='torch'")
-        if hasattr(cuda_ext(), "candidate_scores"):
+        if hasattr(cuda_ext(), "candidate_scores") and (key_scale is None or q.dtype != torch.float32):
             return cuda_ext().candidate_scores(q.contiguous(), keys.contiguous(), run_row.contiguous(),
-                                               run_len.contiguous(), run_pos.contiguous(), width, scale)
+                                               run_len.contiguous(), run_pos.contiguous(), width, scale,
+                                               key_scale=None if key_scale is None else key_scale.contiguous())
     dev = q.device
     pos = torch.arange(width, device=dev).expand(G, width).contiguous()
     end = run_pos + run_len
@@ -474,6 +485,8 @@ def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor,
     row = torch.where(inside, row, 0).clamp(0, max(keys.shape[0] - 1, 0))
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     k = keys[row.reshape(-1)].reshape(G, width, D).to(ct) if keys.shape[0] else keys.new_zeros(G, width, D).to(ct)
+    if key_scale is not None and keys.shape[0]:
+        k = k * key_scale[row].to(ct)[..., None]
     s = (torch.bmm(q.to(ct), k.transpose(1, 2)) * scale).masked_fill(~inside[:, None, :], -math.inf)
     run_of = torch.where(inside, j, r)                                          # r: a bin for padding
     m = torch.full((G, Hg, r + 1), -math.inf, device=dev, dtype=ct).scatter_reduce(

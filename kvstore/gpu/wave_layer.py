@@ -46,7 +46,9 @@ class WaveGpuConfig:
     candidates / retrieval / estimation / candidates_floor / retrieval_floor / calibrate / estimate_rest /
     rank_radius: the wave step's budgets and ranking (:mod:`kvstore.attention.selection`,
     :meth:`StoreConfig.wave_budget`); centroid_dtype: ``"int8"`` (centroids stored and read as int8 with a float32
-    scale a cluster) or ``"kv"`` (the KV dtype); estimator: the cluster
+    scale a cluster) or ``"kv"`` (the KV dtype); candidate_dtype: ``"int8"`` (gpu_only: the candidates' keys
+    scored from int8 copies of the sorted keys, a float32 scale a key, kept beside them) or ``"kv"`` (the stored
+    keys; offload always scores those); estimator: the cluster
     scores the step ranks and estimates with, ``"centroid"`` (``q.c``) or ``"fs_iso"`` (:mod:`kvstore.gpu.estimation`:
     the finite-sample correction ``q.c + g_n(sigma)`` from each cluster's isotropic key variance, ranked by estimated
     mass); cache_ratio: offload mode, share of the indexed tokens the GPU cache holds; page_tokens: cache page
@@ -69,6 +71,7 @@ class WaveGpuConfig:
     estimate_rest: bool = StoreConfig.estimate_rest
     rank_radius: float = StoreConfig.rank_radius
     centroid_dtype: str = StoreConfig.centroid_dtype
+    candidate_dtype: str = StoreConfig.candidate_dtype
     estimator: str = StoreConfig.gpu_estimator
     tokens_per_cluster: int = StoreConfig.tokens_per_cluster
     segment_len: int = StoreConfig.segment_len
@@ -98,7 +101,8 @@ class WaveGpuConfig:
         kw = dict(mode=c.gpu_mode, cache_ratio=c.cache_ratio, sink=c.sink, window=c.window, candidates=c.candidates,
                   retrieval=c.retrieval, estimation=c.estimation, candidates_floor=c.candidates_floor,
                   retrieval_floor=c.retrieval_floor, calibrate=c.calibrate, estimate_rest=c.estimate_rest,
-                  rank_radius=c.rank_radius, centroid_dtype=c.centroid_dtype, estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster,
+                  rank_radius=c.rank_radius, centroid_dtype=c.centroid_dtype,
+                  candidate_dtype=c.candidate_dtype, estimator=c.gpu_estimator, tokens_per_cluster=c.tokens_per_cluster,
                   segment_len=c.segment_len,
                   kmeans_iters=c.kmeans_iters, update_interval=c.update_interval,
                   num_threads=c.num_threads or None, seed=c.seed)
@@ -107,7 +111,7 @@ class WaveGpuConfig:
     def store_config(self) -> StoreConfig:
         """The equivalent :class:`StoreConfig` (method wave)."""
         names = ("sink", "window", "candidates", "retrieval", "estimation", "candidates_floor", "retrieval_floor",
-                 "calibrate", "estimate_rest", "rank_radius", "centroid_dtype", "tokens_per_cluster", "segment_len", "kmeans_iters",
+                 "calibrate", "estimate_rest", "rank_radius", "centroid_dtype", "candidate_dtype", "tokens_per_cluster", "segment_len", "kmeans_iters",
                  "update_interval", "seed", "cache_ratio")
         return StoreConfig(method="wave", gpu_mode=self.mode, gpu_estimator=self.estimator,
                            num_threads=self.num_threads or 0, **{n: getattr(self, n) for n in names})
@@ -329,17 +333,17 @@ class GpuWaveLayer:
 
     def centroid_values(self) -> torch.Tensor:
         """The centroids [G, C, D] as float32 (int8 ones dequantized)."""
-        from .cluster_ops import dequantize_centroids
+        from .cluster_ops import dequantize_rows
 
-        return dequantize_centroids(self.centroids, self._centroid_scale())
+        return dequantize_rows(self.centroids, self._centroid_scale())
 
     def _put_centroids(self, centroids: torch.Tensor, scales: torch.Tensor, rows: Any, cols: slice,
                        cen: torch.Tensor) -> None:
         """Write float centroids ``cen`` [S, Cb, D] into ``centroids[rows, cols]`` in the stored form."""
         if centroids.dtype == torch.int8:
-            from .cluster_ops import quantize_centroids
+            from .cluster_ops import quantize_rows
 
-            centroids[rows, cols], scales[rows, cols] = quantize_centroids(cen)
+            centroids[rows, cols], scales[rows, cols] = quantize_rows(cen)
         else:
             centroids[rows, cols] = cen.to(centroids.dtype)
 
@@ -431,6 +435,7 @@ class GpuWaveLayer:
         self.mean_values = (self.value_sums / self.sizes.clamp_min(1)[..., None]).to(self.dtype)
         self.value_mean = self.value_sums.sum(1) / self.sizes.sum(1, keepdim=True).clamp_min(1)  # [G, Dv]
         self.bounds = ClusterBounds(self.sizes)
+        self.key_codes, self.key_scale = self._key_copies() if cfg.mode == "gpu_only" else (None, None)
         if cfg.estimator == "fs_iso":
             from .estimation import fs_table
 
@@ -450,6 +455,22 @@ class GpuWaveLayer:
             self.cache_v = torch.zeros(G * pages * cfg.page_tokens, self.Dv, dtype=self.dtype, device=dev)
             self.steady_rows = torch.arange(G, dtype=torch.int64) * self.s_cap
         self._graph = None
+
+    def _key_copies(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """candidate_dtype int8: int8 copies of the sorted keys ``[G * n, D]`` and their float32 scales ``[G * n]``
+        (:func:`kvstore.gpu.cluster_ops.quantize_rows`), made a chunk of rows at a time so that the float
+        intermediate stays small; (None, None) for ``"kv"``."""
+        if self.cfg.candidate_dtype != "int8":
+            return None, None
+        from .cluster_ops import quantize_rows
+
+        rows = self.kv_k.shape[0]
+        codes = torch.empty(rows, self.D, dtype=torch.int8, device=self.kv_k.device)
+        scale = torch.empty(rows, dtype=torch.float32, device=self.kv_k.device)
+        step = max(1, (1 << 26) // max(self.D, 1))
+        for i in range(0, rows, step):
+            codes[i:i + step], scale[i:i + step] = quantize_rows(self.kv_k[i:i + step])
+        return codes, scale
 
     # ------------------------------------------------------------------ decode
     def _check_q(self, q: Any) -> torch.Tensor:
@@ -557,9 +578,11 @@ class GpuWaveLayer:
     def _slots(self):
         from ..attention.selection import SteadyZone, WaveSlots
 
-        slots = WaveSlots(self.centroids, self.sizes, self.mean_values, self.value_mean, self.offsets, self.kv_k,
-                          self.kv_v, self.slot_base, self.radii if self.cfg.rank_radius else None,
-                          self._centroid_scale())
+        int8_keys = self.key_codes is not None
+        slots = WaveSlots(self.centroids, self.sizes, self.mean_values, self.value_mean, self.offsets,
+                          self.key_codes if int8_keys else self.kv_k, self.kv_v, self.slot_base,
+                          self.radii if self.cfg.rank_radius else None, self._centroid_scale(),
+                          self.key_scale if int8_keys else None)
         return slots, SteadyZone(self.steady_k, self.steady_v, self._steady_len_dev)
 
     def _budget(self):
@@ -885,8 +908,9 @@ class GpuWaveLayer:
         """
         el = self.steady_k.element_size()
         fs = self.cfg.estimator == "fs_iso"
+        key_copies = 0 if self.key_codes is None else self.key_codes.numel() + self.key_scale.numel() * 4
         meta = (self.centroids.numel() * self.centroids.element_size() + self._int8_centroids() * self.sizes.numel() * 4
-                + self.sizes.numel() * 4
+                + self.sizes.numel() * 4 + key_copies
                 + self.value_sums.numel() * 4 + self.offsets.numel() * 8 + (self.key_var.numel() * 4 if fs else 0)
                 + (self.radii.numel() * 4 if self.cfg.rank_radius else 0))
         steady = (self.steady_k.numel() + self.steady_v.numel()) * el
@@ -904,13 +928,15 @@ class GpuWaveLayer:
         index_read = self.G * self.C * (self.D * self.centroids.element_size() + self._int8_centroids() * 4 + 4
                                         + (4 if fs else 0) + (4 if self.cfg.rank_radius else 0))
         if self._last.get("step") is not None:
-            # gpu_only: candidates' keys, the exact tokens' keys and values (the attention kernel reads both) and
-            # the steady zone, the mean values of the candidate and estimation clusters and the slot's mean value
+            # gpu_only: candidates' keys (int8 copies and their scales, or the stored keys), the exact tokens'
+            # values (their scores come from the candidates'), the steady zone's keys and values, the mean values
+            # of the candidate and estimation clusters and the slot's mean value
             step, Hg = self._last["step"], self._last["Hg"]
             exact = int((step.exact_rows >= 0).sum())
             zone = int((step.candidates >= 0).sum() + (step.estimation >= 0).sum())
-            read = (int(step.candidate_rows.sum()) * self.D * el + (exact + sum(self.steady_len))
-                    * (self.D + self.Dv) * el + index_read
+            key_row = self.D * el if self.key_codes is None else self.D + 4
+            read = (int(step.candidate_rows.sum()) * key_row + exact * self.Dv * el
+                    + sum(self.steady_len) * (self.D + self.Dv) * el + index_read
                     + (zone * self.mean_values.element_size() + self.G * 4) * self.Dv)
             out["read_fraction"] = read / full
             out["tokens_exact"] = (exact + sum(self.steady_len)) / self.G

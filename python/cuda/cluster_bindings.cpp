@@ -203,18 +203,33 @@ std::tuple<torch::Tensor, torch::Tensor> cluster_runs(const torch::Tensor& ids, 
     return {row, len};
 }
 
-// q [G, Hg, D], keys [rows, D] (q's dtype), run_row / run_len / run_pos int64 [G, r]
-//   -> (scores f32 [G, Hg, width], run_lse f32 [G, Hg, r]): see candidate_scores.h.
+// q [G, Hg, D], keys [rows, D] (q's dtype, or int8 with key_scale f32 [rows]), run_row / run_len / run_pos int64
+// [G, r] -> (scores f32 [G, Hg, width], run_lse f32 [G, Hg, r]): see candidate_scores.h.
 std::tuple<torch::Tensor, torch::Tensor> candidate_scores(const torch::Tensor& q, const torch::Tensor& keys,
                                                           const torch::Tensor& run_row, const torch::Tensor& run_len,
                                                           const torch::Tensor& run_pos, int64_t width, double scale,
-                                                          int64_t runs_per_block) {
+                                                          int64_t runs_per_block,
+                                                          const c10::optional<torch::Tensor>& key_scale) {
     check_cuda(q, "q");
     check_cuda(keys, "keys");
     TORCH_CHECK(q.dim() == 3 && keys.dim() == 2, "q must be [G, Hg, D], keys [rows, D]");
     const int64_t G = q.size(0), Hg = q.size(1), D = q.size(2);
-    TORCH_CHECK(keys.size(1) == D && keys.scalar_type() == q.scalar_type(),
-                "keys must be [rows, D] of q's D and dtype");
+    const float* kscale = nullptr;
+    if (key_scale.has_value()) {
+        const torch::Tensor& ks = *key_scale;
+        check_cuda(ks, "key_scale");
+        TORCH_CHECK(keys.size(1) == D && keys.scalar_type() == torch::kInt8,
+                    "keys with a key_scale must be int8 [rows, D] of q's D");
+        TORCH_CHECK(q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf,
+                    "int8 keys need q in bfloat16 or float16");
+        TORCH_CHECK(ks.scalar_type() == torch::kFloat32 && ks.dim() == 1 && ks.size(0) == keys.size(0),
+                    "key_scale must be float32 [rows]");
+        TORCH_CHECK(ks.device() == q.device(), "key_scale must be on q's device");
+        kscale = ks.data_ptr<float>();
+    } else {
+        TORCH_CHECK(keys.size(1) == D && keys.scalar_type() == q.scalar_type(),
+                    "keys must be [rows, D] of q's D and dtype");
+    }
     TORCH_CHECK(keys.device() == q.device(), "keys must be on q's device");
     const torch::Tensor* runs[] = {&run_row, &run_len, &run_pos};
     const char* names[] = {"run_row", "run_len", "run_pos"};
@@ -240,7 +255,8 @@ std::tuple<torch::Tensor, torch::Tensor> candidate_scores(const torch::Tensor& q
                      q.data_ptr(), keys.data_ptr(), dt, static_cast<int>(G), static_cast<int>(Hg), static_cast<int>(D),
                      static_cast<int>(r), keys.size(0), run_row.data_ptr<int64_t>(), run_len.data_ptr<int64_t>(),
                      run_pos.data_ptr<int64_t>(), width, static_cast<float>(scale), scores.data_ptr<float>(),
-                     lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(), static_cast<int>(runs_per_block)),
+                     lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(), static_cast<int>(runs_per_block),
+                     kscale),
                  "candidate_scores");
     return {scores, lse};
 }
@@ -546,7 +562,7 @@ void register_cluster_ops(pybind11::module_& m) {
           "the run table of a wave decode step: (row int64 [G, r + 1], len int32 [G, r + 1])");
     m.def("candidate_scores", &candidate_scores, pybind11::arg("q"), pybind11::arg("keys"),
           pybind11::arg("run_row"), pybind11::arg("run_len"), pybind11::arg("run_pos"), pybind11::arg("width"),
-          pybind11::arg("scale"), pybind11::arg("runs_per_block") = 0,
+          pybind11::arg("scale"), pybind11::arg("runs_per_block") = 0, pybind11::arg("key_scale") = pybind11::none(),
           "exact scores of the candidate runs: (scores f32 [G, Hg, width], run_lse f32 [G, Hg, r])");
     m.def("copy_rows", &copy_rows, pybind11::arg("dst_k"), pybind11::arg("dst_v"), pybind11::arg("src_k"),
           pybind11::arg("src_v"), pybind11::arg("src_row"), pybind11::arg("dst_row"), pybind11::arg("length"),
