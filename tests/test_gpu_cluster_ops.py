@@ -733,7 +733,7 @@ def test_candidate_scores_kernel_matches_reference(dtype, D, Hg):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("D", [64, 128, 72])
 @pytest.mark.parametrize("Hg", [1, 4, 8])
 def test_candidate_scores_kernel_int8_matches_reference(dtype, D, Hg):

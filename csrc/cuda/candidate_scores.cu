@@ -39,7 +39,7 @@ struct CandArgs {
 };
 
 template <typename T, typename TK, int kVec, int kLpr, int kChunks, int kHb, int kU>
-__global__ void __launch_bounds__(kThreads, kU == 2 ? 6 : 4) candidate_kernel(const CandArgs a) {
+__global__ void __launch_bounds__(kThreads, kU == 2 ? (sizeof(TK) == 1 ? 8 : 6) : 4) candidate_kernel(const CandArgs a) {
     static_assert(kLpr % kHb == 0, "the lanes of a group split evenly over the heads");
     constexpr bool kInt8 = sizeof(TK) == 1;
     constexpr int kGroups = 32 / kLpr;          // lane groups of a warp
@@ -90,6 +90,14 @@ __global__ void __launch_bounds__(kThreads, kU == 2 ? 6 : 4) candidate_kernel(co
         const float* ks = kInt8 ? a.key_scale + row0 : nullptr;
         float* out = a.scores + g * Hg * a.width + pos0;  // head h at out[h * width]
         for (long long base = 0; base < len; base += kGroups * kU) {
+            // int8 keys: the scales of the rows this lane ends with, loaded before the rows so that their
+            // latency overlaps the rows' instead of following the reduction
+            float ksv[kM];
+#pragma unroll
+            for (int m = 0; m < kM; ++m) {
+                const long long i = base + (u0 + m) * kGroups + gi;
+                ksv[m] = kInt8 && i < len ? __ldg(ks + i) * a.scale : a.scale;
+            }
             for (int h0 = 0; h0 < Hg; h0 += kHb) {
                 float acc[kU][kHb];
                 rows_dot_heads<TK, kVec, kLpr, kChunks, kU, kHb>(acc, qs, D, h0, Hg, li, [&](int u) {
@@ -111,7 +119,7 @@ __global__ void __launch_bounds__(kThreads, kU == 2 ? 6 : 4) candidate_kernel(co
                     for (int m = 0; m < kM; ++m) {
                         const long long i = base + (u0 + m) * kGroups + gi;
                         if (i >= len) break;
-                        const float v = kInt8 ? part[m] * (a.scale * ks[i]) : part[m] * a.scale;
+                        const float v = part[m] * ksv[m];
                         out[hh * a.width + i] = v;
                         maxsum_push(s, v);
                     }
@@ -177,7 +185,7 @@ cudaError_t candidate_scores_launch(const void* q, const void* keys, DType dtype
                      runs_per_block > 0 ? runs_per_block : kRunsPerBlock, key_scale};
     switch (dtype) {
         case DType::F32:
-            return key_scale ? cudaErrorInvalidValue : dispatch<float, float>(a, stream);
+            return key_scale ? dispatch<float, std::int8_t>(a, stream) : dispatch<float, float>(a, stream);
         case DType::F16:
             return key_scale ? dispatch<__half, std::int8_t>(a, stream) : dispatch<__half, __half>(a, stream);
         case DType::BF16:

@@ -25,7 +25,7 @@ constexpr int kCandMaxHgTimesD = 8192;  // Hg * D (the queries live in shared me
 // the caller fills scores with -inf first. One launch on `stream` (a warp per run, runs_per_block consecutive runs
 // of a slot a block, 0: the default, at most 4096); 16-byte loads when
 // D * sizeof(dtype) % 16 == 0 and keys is 16-byte aligned. Needs Hg <= kCandMaxHg, Hg * D <= kCandMaxHgTimesD,
-// G * r < 2**31. With key_scale (f32 [rows], device), keys are int8 (q f16 or bf16) and row i scores
+// G * r < 2**31. With key_scale (f32 [rows], device), keys are int8 and row i scores
 // (q . keys[i]) * key_scale[i] * scale.
 cudaError_t candidate_scores_launch(const void* q, const void* keys, DType dtype, int G, int Hg, int D, int r,
                                     long long rows, const std::int64_t* run_row, const std::int64_t* run_len,

@@ -439,8 +439,7 @@ def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor,
     in f32. Runs that leave ``keys`` or the width (``run_row < 0``, ``run_len < 0``, ``run_pos < 0``,
     ``run_row + run_len > rows``, ``run_pos + run_len > width``) are invalid input: the kernel skips them (their
     positions stay ``-inf``, their run_lse is NaN), the reference's result for them is unspecified.
-    Kernel limits: ``Hg <= 32``, ``Hg * D <= 8192``, ``D >= 1``, ``G * r < 2**31``; int8 keys with a 16-bit q
-    (a float32 q with int8 keys takes the torch path).
+    Kernel limits: ``Hg <= 32``, ``Hg * D <= 8192``, ``D >= 1``, ``G * r < 2**31``.
     """
     check_tensor(q, "q", 3, _FLOATS)
     check_tensor(keys, "keys", 2)
@@ -468,7 +467,7 @@ def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor,
         if Hg > _MAX_HG or Hg * D > _MAX_HG_TIMES_D or D == 0 or G * r >= 2 ** 31:
             raise ValueError(f"q [G={G}, Hg={Hg}, D={D}] with r={r} exceeds the kernel's limits (Hg <= {_MAX_HG}, "
                              f"Hg * D <= {_MAX_HG_TIMES_D}, D >= 1, G * r < 2**31); use backend='torch'")
-        if hasattr(cuda_ext(), "candidate_scores") and (key_scale is None or q.dtype != torch.float32):
+        if hasattr(cuda_ext(), "candidate_scores"):
             return cuda_ext().candidate_scores(q.contiguous(), keys.contiguous(), run_row.contiguous(),
                                                run_len.contiguous(), run_pos.contiguous(), width, scale,
                                                key_scale=None if key_scale is None else key_scale.contiguous())

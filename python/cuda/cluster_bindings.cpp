@@ -220,8 +220,6 @@ std::tuple<torch::Tensor, torch::Tensor> candidate_scores(const torch::Tensor& q
         check_cuda(ks, "key_scale");
         TORCH_CHECK(keys.size(1) == D && keys.scalar_type() == torch::kInt8,
                     "keys with a key_scale must be int8 [rows, D] of q's D");
-        TORCH_CHECK(q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf,
-                    "int8 keys need q in bfloat16 or float16");
         TORCH_CHECK(ks.scalar_type() == torch::kFloat32 && ks.dim() == 1 && ks.size(0) == keys.size(0),
                     "key_scale must be float32 [rows]");
         TORCH_CHECK(ks.device() == q.device(), "key_scale must be on q's device");
