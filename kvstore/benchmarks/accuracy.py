@@ -58,6 +58,9 @@ def default_configs() -> list[tuple[str, StoreConfig]]:
         out.append((f"wave candidates={c} retrieval={r} estimation={e}",
                     StoreConfig(method="wave", candidates=c, retrieval=r, estimation=e)))
     out.append(("wave RetroInfer retrieval=0.05", StoreConfig.retroinfer(candidates=0.05)))
+    full = dict(method="wave", candidates=1.0, retrieval=1.0, estimation=0)
+    out.append(("wave full budgets (int8 key copies)", StoreConfig(**full)))
+    out.append(("wave full budgets candidate_dtype=kv", StoreConfig(**full, candidate_dtype="kv")))
     out.append(("graph (defaults)", StoreConfig(method="graph")))
     for k in (50, 200):
         out.append((f"graph top_k={k}", StoreConfig(method="graph", top_k=k, ef=max(d.ef, k))))
