@@ -178,8 +178,8 @@ class StoreConfig:
     def retroinfer(cls, **overrides: Any) -> "StoreConfig":
         """The wave method as published (RetroInfer): 16-token clusters, the best clusters covering 1.8% of the
         context attended exactly (all their tokens), the next 23.2% estimated from their centroids, the rest
-        dropped, no calibration, no floors, clusters ranked by their centroids, centroids and keys read in the KV dtype. For
-        comparisons; ``overrides`` replace fields."""
+        dropped, no calibration, no floors, clusters ranked by their centroids, centroids and keys read in the KV
+        dtype. For comparisons; ``overrides`` replace fields."""
         base = cls(method="wave", tokens_per_cluster=16, candidates=0.018, retrieval=1.0, estimation=0.232,
                    candidates_floor=0, retrieval_floor=0, calibrate=False, estimate_rest=False, rank_radius=0.0,
                    centroid_dtype="kv", candidate_dtype="kv")

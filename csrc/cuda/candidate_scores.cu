@@ -1,4 +1,5 @@
-// Candidate scores (see candidate_scores.h). T is q's type, TK the keys' (T, or int8 copies with a scale a row). A block takes kRunsPerBlock consecutive runs of one slot (the
+// Candidate scores (see candidate_scores.h). T is q's type, TK the keys' (T, or int8 copies with a scale a row).
+// A block takes kRunsPerBlock consecutive runs of one slot (the
 // blocks of a slot are consecutive: they share its queries in L2) and stages the slot's Hg queries in shared
 // memory as float; then each warp takes a run at a time (the next run's table entry loaded ahead). The lane groups
 // of kLpr lanes of a warp take kU rows of the run at a time (kU = 2 when the runs average 8 rows or fewer, so that
@@ -39,7 +40,8 @@ struct CandArgs {
 };
 
 template <typename T, typename TK, int kVec, int kLpr, int kChunks, int kHb, int kU>
-__global__ void __launch_bounds__(kThreads, kU == 2 ? (sizeof(TK) == 1 ? 8 : 6) : 4) candidate_kernel(const CandArgs a) {
+__global__ void __launch_bounds__(kThreads, kU == 2 ? (sizeof(TK) == 1 ? 8 : 6) : 4)
+    candidate_kernel(const CandArgs a) {
     static_assert(kLpr % kHb == 0, "the lanes of a group split evenly over the heads");
     constexpr bool kInt8 = sizeof(TK) == 1;
     constexpr int kGroups = 32 / kLpr;          // lane groups of a warp
@@ -144,9 +146,11 @@ cudaError_t launch(const CandArgs& a, cudaStream_t stream) {
     const size_t smem = sizeof(float) * a.Hg * a.D + sizeof(MaxSum) * kThreads * ((a.Hg + kHb - 1) / kHb);
     const long long blocks = static_cast<long long>(a.G) * ((a.r + a.runs_per_block - 1) / a.runs_per_block);
     if (a.width <= 8LL * a.r)  // runs of 8 rows or fewer on average
-        candidate_kernel<T, TK, kVec, kLpr, kChunks, kHb, 2><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
+        candidate_kernel<T, TK, kVec, kLpr, kChunks, kHb, 2>
+            <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
     else
-        candidate_kernel<T, TK, kVec, kLpr, kChunks, kHb, 4><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
+        candidate_kernel<T, TK, kVec, kLpr, kChunks, kHb, 4>
+            <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a);
     return cudaGetLastError();
 }
 

@@ -228,7 +228,8 @@ class WaveHead(HeadCache):
         C = ix.num_clusters
         zone = int((step.candidates >= 0).sum() + (step.estimation >= 0).sum())
         int8_keys = self.cfg.candidate_dtype == "int8"
-        acc = Access(key_vectors=k.shape[0] + (0 if int8_keys else n_cand), value_vectors=k.shape[0] + int(rows.numel()),
+        acc = Access(key_vectors=k.shape[0] + (0 if int8_keys else n_cand),
+                     value_vectors=k.shape[0] + int(rows.numel()),
                      meta_elems=C * (vector_elems(self.d, self.cfg.centroid_dtype)
                                      + (2 if self.cfg.rank_radius else 1)) + zone * self.dv + self.dv
                      + (n_cand * vector_elems(self.d, "int8") if int8_keys else 0),

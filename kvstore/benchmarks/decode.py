@@ -403,9 +403,8 @@ class Options:
 
     def store_config(self, mode: str = "gpu_only") -> StoreConfig:
         """The wave StoreConfig of the run: the preset, with the budget options that were given."""
-        over = {n: getattr(self, n) for n in ("candidates", "retrieval", "estimation", "centroid_dtype",
-                                                     "candidate_dtype")
-                if getattr(self, n) is not None}
+        names = ("candidates", "retrieval", "estimation", "centroid_dtype", "candidate_dtype")
+        over = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         base = PRESETS[self.preset]()
         from dataclasses import replace
 

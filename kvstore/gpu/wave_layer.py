@@ -111,8 +111,8 @@ class WaveGpuConfig:
     def store_config(self) -> StoreConfig:
         """The equivalent :class:`StoreConfig` (method wave)."""
         names = ("sink", "window", "candidates", "retrieval", "estimation", "candidates_floor", "retrieval_floor",
-                 "calibrate", "estimate_rest", "rank_radius", "centroid_dtype", "candidate_dtype", "tokens_per_cluster", "segment_len", "kmeans_iters",
-                 "update_interval", "seed", "cache_ratio")
+                 "calibrate", "estimate_rest", "rank_radius", "centroid_dtype", "candidate_dtype", "tokens_per_cluster",
+                 "segment_len", "kmeans_iters", "update_interval", "seed", "cache_ratio")
         return StoreConfig(method="wave", gpu_mode=self.mode, gpu_estimator=self.estimator,
                            num_threads=self.num_threads or 0, **{n: getattr(self, n) for n in names})
 
