@@ -1,7 +1,9 @@
 """Greedy agreement with full attention of several wave configurations on multi-key needle prompts.
 
 Every prompt is prefilled exactly once (kvstore.generation.answer_methods); full attention and each
-configuration then decode greedily, and a run agrees when its answer tokens equal full attention's.
+configuration then decode greedily, and a run agrees when its output tokens equal full attention's; it agrees
+on the answer when the first lines of the two outputs are equal (the answer ends at the line break: what follows is
+the model going on past it, or stopping).
 
     python bench/needle_sweep.py --contexts 3500 7000 \\
         --config defaults= --config tpc16=tokens_per_cluster=16 --config c12=candidates=0.12,retrieval=0.015
@@ -40,6 +42,11 @@ def _value(text: str):
     return text
 
 
+def answer_line(text: str) -> str:
+    """The answer of an output: its first line, stripped."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[3500, 7000])
@@ -70,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         answers = answer_methods(model, tok, ids, [None] + [cfg for _, cfg in configs], max_new_tokens=new)
         for name, ans in zip(["full"] + [n for n, _ in configs], answers):
             rows.append(dict(context=c, depth=depth, seed=seed, config=name, output=ans.text,
-                             agree=ans.text == answers[0].text, score=score(task, ans.text), read=ans.read_fraction))
+                             agree=ans.text == answers[0].text,
+                             agree_answer=answer_line(ans.text) == answer_line(answers[0].text), score=score(task, ans.text), read=ans.read_fraction))
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "needle_sweep.json").write_text(json.dumps({"seconds": time.time() - t0, "rows": rows}, indent=1))
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ["full"] + [n for n, _ in configs]:
             rs = [r for r in rows if r["context"] == c and r["config"] == name]
             print(f"{c:6d} {name:14s} agreement {sum(r['agree'] for r in rs)}/{len(rs)}  "
+                  f"on the answer {sum(r['agree_answer'] for r in rs)}/{len(rs)}  "
                   f"score {sum(r['score'] for r in rs) / len(rs):.3f}  KV read {sum(r['read'] for r in rs) / len(rs):.2%}")
     print(f"wrote {out / 'needle_sweep.json'}")
     return 0
