@@ -44,7 +44,7 @@ def _value(text: str):
 
 def answer_line(text: str) -> str:
     """The answer of an output: its first line, stripped."""
-    return text.strip().split("\n", 1)[0].strip()
+    return text.strip().partition("\n")[0].rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, ans in zip(["full"] + [n for n, _ in configs], answers):
             rows.append(dict(context=c, depth=depth, seed=seed, config=name, output=ans.text,
                              agree=ans.text == answers[0].text,
-                             agree_answer=answer_line(ans.text) == answer_line(answers[0].text), score=score(task, ans.text), read=ans.read_fraction))
+                             agree_answer=answer_line(ans.text) == answer_line(answers[0].text),
+                             score=score(task, ans.text), read=ans.read_fraction))
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "needle_sweep.json").write_text(json.dumps({"seconds": time.time() - t0, "rows": rows}, indent=1))
