@@ -34,9 +34,10 @@ class StoreConfig:
         method: ``"wave"`` (RetroInfer tripartite attention), ``"graph"``
             (RetrievalAttention), ``"streaming"`` (StreamingLLM: sink + window
             only), ``"quest"`` (Quest-style page selection), ``"full"``, or
-            ``"oracle"`` (each query head attends its ``retrieval`` keys of
-            highest true score: the yardstick of the accuracy benchmarks; it
-            scores every key to find them).
+            ``"oracle"`` (the query heads of a KV head attend one set of
+            ``retrieval`` keys, the union of their keys of highest true score:
+            the yardstick of the accuracy benchmarks; it scores every key to
+            find them).
         sink: first tokens always attended exactly.
         window: most recent tokens always attended exactly.
         candidates: wave: tokens of the best-ranked clusters whose keys are
@@ -46,7 +47,8 @@ class StoreConfig:
         retrieval: wave: tokens attended exactly, the best of the candidates
             by score (their values are read, their scores are the
             candidates'); at least
-            ``retrieval_floor``. oracle: tokens attended per query head.
+            ``retrieval_floor``. oracle: tokens attended per KV head (shared by its
+            query heads).
         estimation: wave: tokens' worth of the next clusters, estimated from
             centroid, size and mean value.
         candidates_floor, retrieval_floor: wave: the least tokens of each, so

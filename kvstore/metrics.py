@@ -165,24 +165,27 @@ def oracle_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fraction
     N = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     s = torch.einsum("ghd,gnd->ghn", q, k) * scale
-    frac = torch.as_tensor(fraction, dtype=torch.float64).expand(G)
-    m = (frac * N).round().clamp(1, N).long()                                   # [G]
-    order = torch.argsort(s, dim=-1, descending=True)                           # [G, Hg, N]
-    if shared:
-        keep = torch.zeros(G, Hg, N, dtype=torch.bool, device=q.device)
-        for g in range(G):
-            # interleave the heads' rankings; the first m distinct keys are the union the group reads
-            seq = order[g].T.reshape(-1)
-            first = torch.zeros(N, dtype=torch.bool, device=q.device)
-            uniq = seq[_first_seen(seq, N)][: int(m[g])]
-            first[uniq] = True
-            keep[g] = first
-    else:
-        rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(N, device=q.device).expand_as(order).contiguous())
-        keep = rank < m[:, None, None]
-    p = torch.softmax(s.masked_fill(~keep, -math.inf), dim=-1)
+    m = (torch.as_tensor(fraction, dtype=torch.float64).expand(G) * N).round().clamp(1, N).long()   # [G]
+    p = torch.softmax(s.masked_fill(~oracle_keep(s, m, shared), -math.inf), dim=-1)
     return p @ v
+
+
+def oracle_keep(s: torch.Tensor, m: torch.Tensor, shared: bool) -> torch.Tensor:
+    """The keys the oracle attends: s ``[G, Hg, N]`` true scores, m int64 ``[G]`` keys a KV head may read (1..N).
+    ``shared=False``: each query head's own ``m`` best; ``shared=True``: one set of ``m`` keys for the group, the
+    union of the heads' best keys grown head by head in rank order. Returns bool ``[G, Hg, N]``."""
+    G, Hg, N = s.shape
+    order = torch.argsort(s, dim=-1, descending=True)                           # [G, Hg, N]
+    if not shared:
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(N, device=s.device).expand_as(order).contiguous())
+        return rank < m[:, None, None]
+    keep = torch.zeros(G, Hg, N, dtype=torch.bool, device=s.device)
+    for g in range(G):
+        # interleave the heads' rankings; the first m distinct keys are the union the group reads
+        seq = order[g].T.reshape(-1)
+        keep[g, :, seq[_first_seen(seq, N)][: int(m[g])]] = True
+    return keep
 
 
 def _first_seen(seq: torch.Tensor, n: int) -> torch.Tensor:

@@ -336,17 +336,21 @@ class QuestHead(HeadCache):
 
 
 class OracleHead(FullHead):
-    """The oracle at a budget: every query head attends exactly its ``retrieval`` keys of highest true score (and
-    the steady zone), the rest dropped. It scores every key to find them, so it is a yardstick for what a sparse
-    method could reach reading that many tokens, not a fast method; ``Access`` counts the tokens attended."""
+    """The oracle at a budget: the query heads of this KV head attend exactly one set of ``retrieval`` keys, the
+    union of their keys of highest true score (:func:`kvstore.metrics.oracle_keep`, reads shared by the GQA group
+    as the wave and graph methods share theirs), and the steady zone; the rest dropped. It scores every key to find
+    them, so it is a yardstick for what a sparse method could reach reading that many tokens, not a fast method;
+    ``Access`` counts the tokens attended."""
 
     def decode(self, q):
+        from ..metrics import oracle_keep
+
         k, v, pos = self.steady()
         n = k.shape[0]
         m = min(n, max(1, self.cfg._tokens(self.cfg.retrieval, self.length)))
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         s = (q.to(dt) @ k.to(dt).T) * self.scale                           # [G, n]
-        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, torch.topk(s, m, dim=1).indices, True)
+        keep = oracle_keep(s[None], torch.tensor([m]), shared=True)[0]
         s = s.masked_fill(~keep, -math.inf)
         o = torch.softmax(s, -1) @ v.to(dt)
         read = keep.any(0)

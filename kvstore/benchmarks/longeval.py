@@ -19,8 +19,9 @@ fraction of the KV a decode step may read, metadata included):
 * quest: sink 4 + window 64 + pages of ``--quest-page-size`` (default 32)
   tokens; the best pages get ``budget * N - 68 - N / page_size`` tokens (the
   per-page min/max keys cost ``N / page_size`` tokens' worth of reads);
-* oracle: each query head attends exactly its ``budget * N`` keys of highest
-  true score (the yardstick: what a selection reading that much could reach).
+* oracle: the query heads of each KV head attend exactly one set of
+  ``budget * N`` keys, the union of their keys of highest true score (the
+  yardstick: what a selection reading that much could reach).
 
 Beside the score, every method gets its **agreement** with full attention: the
 share of runs whose greedy output equals full attention's (a finer measure of
