@@ -309,16 +309,19 @@ scores_mma_kernel(const T* __restrict__ q, const void* __restrict__ cen, const f
 
     constexpr int kStep = 8 * kMmaU;
     for (int cw = c0 + warp * kStep; cw < c1; cw += (kThreads / 32) * kStep) {
-        uint4 x[kMmaU][NJ];
+        // int8: the raw 8-byte chunks are held until their MMA (converted there), so that every load of the
+        // step is in flight at once within the register budget
+        using Raw = typename std::conditional<kI8, uint2, uint4>::type;
+        Raw x[kMmaU][NJ];
 #pragma unroll
         for (int u = 0; u < kMmaU; ++u) {
             const int c = cw + 8 * u + gr;
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
                 if constexpr (kI8)
-                    x[u][j] = c < c1 ? i8x8_to_pairs<T>(__ldg(reinterpret_cast<const uint2*>(
-                                           cg8 + static_cast<long long>(c) * D + (4 * j + t) * 8)))
-                                     : make_uint4(0u, 0u, 0u, 0u);
+                    x[u][j] = c < c1 ? __ldg(reinterpret_cast<const uint2*>(cg8 + static_cast<long long>(c) * D +
+                                                                           (4 * j + t) * 8))
+                                     : make_uint2(0u, 0u);
                 else
                     x[u][j] = c < c1 ? __ldg(reinterpret_cast<const uint4*>(cg + static_cast<long long>(c) * D +
                                                                            (4 * j + t) * 8))
@@ -344,10 +347,15 @@ scores_mma_kernel(const T* __restrict__ q, const void* __restrict__ cen, const f
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
+                uint4 b;
+                if constexpr (kI8)
+                    b = i8x8_to_pairs<T>(x[u][j]);
+                else
+                    b = x[u][j];
                 const unsigned a0[4] = {qa[j].x, qb[j].x, qa[j].y, qb[j].y};
-                mma_16816<T>(acc, a0, x[u][j].x, x[u][j].y);
+                mma_16816<T>(acc, a0, b.x, b.y);
                 const unsigned a1[4] = {qa[j].z, qb[j].z, qa[j].w, qb[j].w};
-                mma_16816<T>(acc, a1, x[u][j].z, x[u][j].w);
+                mma_16816<T>(acc, a1, b.z, b.w);
             }
             const int c = cw + 8 * u + 2 * t;
 #pragma unroll
