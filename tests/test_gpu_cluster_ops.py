@@ -712,13 +712,20 @@ def candidate_cuda(case):
     return [t.cuda() if isinstance(t, torch.Tensor) else t for t in case]
 
 
-def check_candidate_kernel(case, scale=None):
-    """The kernel on case (moved to the GPU) against the torch reference on the CPU (exact f32 products)."""
+def check_candidate_kernel(case, scale=None, int8=False):
+    """The kernel on case (moved to the GPU) against the torch reference on the CPU (exact f32 products); int8:
+    with the keys as int8 copies and a scale a row."""
     q, keys, row, length, pos, width = case
+    kw = {}
+    if int8:
+        codes, kscale = quantize_rows(keys)
+        case = (q, codes, row, length, pos, width)
+        kw = {"key_scale": kscale}
     poison_cuda_cache(4 * q.shape[0] * q.shape[1] * (width + row.shape[1]))
-    s, lse = candidate_scores(*candidate_cuda(case), scale=scale, backend="cuda")
+    s, lse = candidate_scores(*candidate_cuda(case), scale=scale, backend="cuda",
+                              **{k: v.cuda() for k, v in kw.items()})
     assert s.is_cuda and lse.is_cuda
-    assert_candidates_close(s, lse, *candidate_scores(*case, scale=scale, backend="torch"), tol=1e-4)
+    assert_candidates_close(s, lse, *candidate_scores(*case, scale=scale, backend="torch", **kw), tol=1e-4)
 
 
 @pytest.mark.gpu
@@ -756,9 +763,11 @@ def test_candidate_scores_kernel_int8_matches_reference(dtype, D, Hg):
                                               (64, 4, 128, 1251, 12), (8, 1, 64, 500, 10), (4, 8, 128, 300, 14),
                                               (3, 2, 64, 200, 16)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_candidate_scores_kernel_shapes(G, Hg, D, r, max_len, dtype):
+@pytest.mark.parametrize("int8", [False, True])
+def test_candidate_scores_kernel_shapes(G, Hg, D, r, max_len, dtype, int8):
     gen = torch.Generator().manual_seed(G + r)
-    check_candidate_kernel(candidate_case(G, Hg, D, r, rows=20_000, max_len=max_len, dtype=dtype, gen=gen))
+    check_candidate_kernel(candidate_case(G, Hg, D, r, rows=20_000, max_len=max_len, dtype=dtype, gen=gen),
+                           int8=int8)
 
 
 @pytest.mark.gpu
@@ -767,9 +776,12 @@ def test_candidate_scores_kernel_shapes(G, Hg, D, r, max_len, dtype):
 def test_candidate_scores_kernel_special_runs(dtype):
     gen = torch.Generator().manual_seed(6)
     lens = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 1], [500, 0, 3, 250], [0, 2, 0, 0], [1000, 1, 499, 64]])
-    check_candidate_kernel(candidate_case(5, 4, 128, 4, rows=3000, pad=300, dtype=dtype, gen=gen, run_len=lens), 0.3)
-    for r, pad in [(0, 5), (1, 0), (1, 1)]:                                         # no runs; a single run
-        check_candidate_kernel(candidate_case(3, 4, 64, r, pad=pad, dtype=dtype, gen=gen, empty_frac=0.0))
+    for int8 in (False, True):
+        check_candidate_kernel(candidate_case(5, 4, 128, 4, rows=3000, pad=300, dtype=dtype, gen=gen, run_len=lens),
+                               0.3, int8=int8)
+        for r, pad in [(0, 5), (1, 0), (1, 1)]:                                     # no runs; a single run
+            check_candidate_kernel(candidate_case(3, 4, 64, r, pad=pad, dtype=dtype, gen=gen, empty_frac=0.0),
+                                   int8=int8)
     # unaligned keys (2- or 4-byte aligned: the element-wise path)
     q, keys, row, length, pos, width = candidate_case(4, 4, 128, 30, dtype=dtype, gen=gen)
     buf = torch.empty(keys.numel() + 1, dtype=dtype, device="cuda")
@@ -781,12 +793,17 @@ def test_candidate_scores_kernel_special_runs(dtype):
 
 @pytest.mark.gpu
 @gpu
-def test_candidate_scores_kernel_skips_out_of_range_runs():
+@pytest.mark.parametrize("int8", [False, True])
+def test_candidate_scores_kernel_skips_out_of_range_runs(int8):
     gen = torch.Generator().manual_seed(8)
     lens = torch.randint(1, 41, (3, 12), generator=gen)
     q, keys, row, length, pos, width = candidate_case(3, 4, 128, 12, rows=1000, pad=20, dtype=torch.bfloat16,
                                                       gen=gen, run_len=lens)
-    s_ref, lse_ref = candidate_scores(q, keys, row, length, pos, width, backend="torch")
+    kw = {}
+    if int8:
+        keys, kscale = quantize_rows(keys)
+        kw = {"key_scale": kscale}
+    s_ref, lse_ref = candidate_scores(q, keys, row, length, pos, width, backend="torch", **kw)
     for g, j in [(0, 2), (0, 5), (1, 0), (1, 7), (2, 11), (2, 3)]:                  # skipped: nothing written
         s_ref[g, :, pos[g, j]:pos[g, j] + length[g, j]] = -math.inf
         lse_ref[g, :, j] = math.nan
@@ -797,7 +814,8 @@ def test_candidate_scores_kernel_skips_out_of_range_runs():
     pos[2, 11] = width - 2                                                          # writes past the width
     length[2, 11] = 3
     length[2, 3] = 1 << 62                                                          # overflows row + len
-    s, lse = candidate_scores(q.cuda(), keys.cuda(), row.cuda(), length.cuda(), pos.cuda(), width, backend="cuda")
+    s, lse = candidate_scores(q.cuda(), keys.cuda(), row.cuda(), length.cuda(), pos.cuda(), width, backend="cuda",
+                              **{k: v.cuda() for k, v in kw.items()})
     s, lse = s.cpu(), lse.cpu()
     nan = lse_ref.isnan()
     assert torch.equal(lse.isnan(), nan)

@@ -12,6 +12,7 @@
 // once.
 #include "candidate_scores.h"
 
+#include <atomic>
 #include <type_traits>
 
 namespace kvstore {
@@ -141,6 +142,182 @@ __global__ void __launch_bounds__(kThreads, kU == 2 ? (sizeof(TK) == 1 ? 8 : 6) 
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Tensor-core variant for int8 keys and bf16 / fp16 queries, D in {64, 128, 256}, Hg <= 16 (sm_80+). A block
+// takes kFlatRuns consecutive runs of a slot and lays their rows end to end ("local rows", in run order), so that
+// short runs (the best clusters are the small ones) leave no lanes idle. Each warp step scores kU groups of 8
+// local rows with one mma.m16n8k16 per 16 channels as the centroid-score kernel does (A: the group's queries, heads
+// >= Hg zero; B: 8 rows converted from int8 without integer-to-float instructions), held raw until their MMA so
+// that every load of the step is in flight at once. Lane (g, t) loads local row 8 u + g (its run found by a binary
+// search of the block's run prefix in shared memory) and ends with the scores of head g (and g + 8) for local rows
+// 8 u + 2 t and 8 u + 2 t + 1, whose scale and position it takes from the lanes that loaded them. Scores go to
+// their positions and, a tile of kFlatTile local rows at a time, to shared memory, from which each (run, head)
+// pair's online softmax statistics are updated. Every key row is read once.
+constexpr int kFlatThreads = 256;
+constexpr int kFlatRuns = 32;  // runs a block (one per lane of warp 0 for the prefix)
+
+template <typename T, int D, bool kTwoRows>
+__global__ void __launch_bounds__(kFlatThreads, 2) candidate_mma_kernel(const CandArgs a) {
+    constexpr int NJ = D / 32;                 // chunk steps: 4 lanes x 8 elements each
+    constexpr int kU = D >= 256 ? 2 : 4;       // groups of 8 local rows a warp step
+    constexpr int kWarpRows = 8 * kU;
+    constexpr int kTile = (kFlatThreads / 32) * kWarpRows;
+    constexpr int kPad = kTile + 8;            // row pitch of the tile scores (heads g and g + 4 share banks only)
+    __shared__ long long s_row[kFlatRuns], s_pos[kFlatRuns];
+    __shared__ int s_lp[kFlatRuns + 1];       // local rows of the valid runs before run j
+    __shared__ MaxSum s_st[kFlatRuns][16];
+    __shared__ float s_sc[16][kPad];
+    const int Hg = a.Hg, r = a.r;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gr = lane / 4, t = lane % 4;
+    const int blocks_per_slot = (r + kFlatRuns - 1) / kFlatRuns;
+    const long long g = blockIdx.x / blocks_per_slot;
+    const int j0 = static_cast<int>(blockIdx.x % blocks_per_slot) * kFlatRuns;
+    const int nr = min(kFlatRuns, r - j0);
+    float* lse = a.run_lse + g * Hg * r + j0;  // head h, run j at lse[h * r + j]
+
+    // 1. the block's runs: valid ones get their rows in local order; the others their log-sum-exp now
+    if (warp == 0) {
+        long long row0 = 0, len = 0, pos0 = 0;
+        if (lane < nr) {
+            row0 = a.run_row[g * r + j0 + lane];
+            len = a.run_len[g * r + j0 + lane];
+            pos0 = a.run_pos[g * r + j0 + lane];
+            if (len <= 0 || row0 < 0 || pos0 < 0 || row0 > a.rows - len || pos0 > a.width - len) {
+                const float v = len == 0 ? neg_inf() : quiet_nan();  // empty, or outside keys / the width
+                for (int h = 0; h < Hg; ++h) lse[static_cast<long long>(h) * r + lane] = v;
+                len = 0;
+            }
+        }
+        s_row[lane] = row0;
+        s_pos[lane] = pos0;
+        int incl = static_cast<int>(len);  // a run is shorter than its cluster bound: below 2^31 / kFlatRuns
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int x = __shfl_up_sync(kFullMask, incl, o);
+            if (lane >= o) incl += x;
+        }
+        s_lp[lane + 1] = incl;
+        if (lane == 0) s_lp[0] = 0;
+    }
+    for (int i = threadIdx.x; i < kFlatRuns * 16; i += kFlatThreads) s_st[i / 16][i % 16] = MaxSum{-INFINITY, 0.0f};
+    // A fragments: chunk 4 j + t of heads gr and gr + 8 (zero past Hg)
+    uint4 qa[NJ], qb[NJ];
+    {
+        const T* qg = static_cast<const T*>(a.q) + g * Hg * D;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            qa[j] = gr < Hg ? __ldg(reinterpret_cast<const uint4*>(qg + gr * D + (4 * j + t) * 8))
+                            : make_uint4(0u, 0u, 0u, 0u);
+            qb[j] = (kTwoRows && gr + 8 < Hg)
+                        ? __ldg(reinterpret_cast<const uint4*>(qg + (gr + 8) * D + (4 * j + t) * 8))
+                        : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+    __syncthreads();
+    const int total = s_lp[kFlatRuns];
+    const signed char* keys = static_cast<const signed char*>(a.keys);
+    float* out_a = a.scores + (g * Hg + gr) * a.width;
+    float* out_b = a.scores + (g * Hg + gr + 8) * a.width;
+
+    // 2. tiles of local rows: scores, then the statistics of the runs that meet the tile
+    for (int T0 = 0; T0 < total; T0 += kTile) {
+        const int wb = T0 + warp * kWarpRows;
+        uint2 x[kU][NJ];
+        float ks[kU];
+        long long op[kU];  // output position of the loaded row, -1: none
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int L = wb + 8 * u + gr;
+            ks[u] = 0.0f;
+            op[u] = -1;
+            long long row = -1;
+            if (L < total) {
+                int lo = 0, hi = kFlatRuns - 1;  // the last run whose prefix is <= L (it holds L: its length > 0)
+                while (lo < hi) {
+                    const int mid = (lo + hi + 1) / 2;
+                    if (s_lp[mid] <= L) lo = mid; else hi = mid - 1;
+                }
+                row = s_row[lo] + (L - s_lp[lo]);
+                op[u] = s_pos[lo] + (L - s_lp[lo]);
+                ks[u] = __ldg(a.key_scale + row) * a.scale;
+            }
+#pragma unroll
+            for (int j = 0; j < NJ; ++j)
+                x[u][j] = row >= 0 ? __ldg(reinterpret_cast<const uint2*>(keys + row * D + (4 * j + t) * 8))
+                                   : make_uint2(0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                const uint4 b = i8x8_to_pairs<T>(x[u][j]);
+                const unsigned a0[4] = {qa[j].x, qb[j].x, qa[j].y, qb[j].y};
+                mma_16816<T>(acc, a0, b.x, b.y);
+                const unsigned a1[4] = {qa[j].z, qb[j].z, qa[j].w, qb[j].w};
+                mma_16816<T>(acc, a1, b.z, b.w);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {  // local row 8 u + 2 t + i was loaded by lane 4 (2 t + i)
+                const float sc = __shfl_sync(kFullMask, ks[u], 4 * (2 * t + i));
+                const long long pos = __shfl_sync(kFullMask, op[u], 4 * (2 * t + i));
+                const int c = 8 * u + 2 * t + i + warp * kWarpRows;
+                if (pos < 0) continue;
+                if (gr < Hg) {
+                    const float v = acc[i] * sc;
+                    out_a[pos] = v;
+                    s_sc[gr][c] = v;
+                }
+                if (kTwoRows && gr + 8 < Hg) {
+                    const float v = acc[2 + i] * sc;
+                    out_b[pos] = v;
+                    s_sc[gr + 8][c] = v;
+                }
+            }
+        }
+        __syncthreads();
+        for (int p = threadIdx.x; p < nr * Hg; p += kFlatThreads) {
+            const int j = p / Hg, h = p % Hg;
+            const int lo = max(s_lp[j], T0), hi = min(s_lp[j + 1], T0 + kTile);
+            if (lo >= hi) continue;
+            MaxSum st = s_st[j][h];
+            for (int L = lo; L < hi; ++L) maxsum_push(st, s_sc[h][L - T0]);
+            s_st[j][h] = st;
+        }
+        __syncthreads();
+    }
+    // 3. the valid runs' log-sum-exp
+    for (int p = threadIdx.x; p < nr * Hg; p += kFlatThreads) {
+        const int j = p / Hg, h = p % Hg;
+        if (s_lp[j + 1] == s_lp[j]) continue;  // empty or skipped: written in step 1
+        const MaxSum st = s_st[j][h];
+        lse[static_cast<long long>(h) * r + j] = st.l > 0.0f ? st.m + __logf(st.l) : -INFINITY;
+    }
+}
+
+// Whether the tensor-core variant takes these arguments on the current device (and launches it).
+template <typename T>
+bool try_candidate_mma(const CandArgs& a, cudaStream_t stream) {
+    static std::atomic<int> cache[64] = {};
+    if ((a.D != 64 && a.D != 128 && a.D != 256) || a.Hg > 16 || a.key_scale == nullptr ||
+        !is_aligned(a.keys, 8) || !is_aligned(a.q, 16) ||
+        device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8 ||
+        ptx_version(candidate_mma_kernel<T, 128, false>, cache) < 80)
+        return false;
+    const unsigned blocks = static_cast<unsigned>(static_cast<long long>(a.G) * ((a.r + kFlatRuns - 1) / kFlatRuns));
+    const bool two = a.Hg > 8;
+    if (a.D == 64)
+        two ? candidate_mma_kernel<T, 64, true><<<blocks, kFlatThreads, 0, stream>>>(a)
+            : candidate_mma_kernel<T, 64, false><<<blocks, kFlatThreads, 0, stream>>>(a);
+    else if (a.D == 128)
+        two ? candidate_mma_kernel<T, 128, true><<<blocks, kFlatThreads, 0, stream>>>(a)
+            : candidate_mma_kernel<T, 128, false><<<blocks, kFlatThreads, 0, stream>>>(a);
+    else
+        two ? candidate_mma_kernel<T, 256, true><<<blocks, kFlatThreads, 0, stream>>>(a)
+            : candidate_mma_kernel<T, 256, false><<<blocks, kFlatThreads, 0, stream>>>(a);
+    return true;
+}
+
 template <typename T, typename TK, int kVec, int kLpr, int kChunks, int kHb>
 cudaError_t launch(const CandArgs& a, cudaStream_t stream) {
     const size_t smem = sizeof(float) * a.Hg * a.D + sizeof(MaxSum) * kThreads * ((a.Hg + kHb - 1) / kHb);
@@ -191,8 +368,10 @@ cudaError_t candidate_scores_launch(const void* q, const void* keys, DType dtype
         case DType::F32:
             return key_scale ? dispatch<float, std::int8_t>(a, stream) : dispatch<float, float>(a, stream);
         case DType::F16:
+            if (key_scale && try_candidate_mma<__half>(a, stream)) return cudaGetLastError();
             return key_scale ? dispatch<__half, std::int8_t>(a, stream) : dispatch<__half, __half>(a, stream);
         case DType::BF16:
+            if (key_scale && try_candidate_mma<__nv_bfloat16>(a, stream)) return cudaGetLastError();
             return key_scale ? dispatch<__nv_bfloat16, std::int8_t>(a, stream)
                              : dispatch<__nv_bfloat16, __nv_bfloat16>(a, stream);
         default:

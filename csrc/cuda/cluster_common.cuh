@@ -10,9 +10,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 
@@ -231,6 +233,61 @@ __device__ __forceinline__ MaxSum maxsum_merge_strided(const MaxSum* st, int n, 
     MaxSum s{-INFINITY, 0.0f};
     for (int i = 0; i < n; ++i) s = maxsum_merge(s, st[i * stride]);
     return s;
+}
+
+// Eight int8 elements of a centroid or key row (one 8-byte chunk, element 0 in the low byte) as the four words of
+// 16-bit pairs the MMA takes. No integer-to-float conversions (a quarter-rate instruction): each byte, offset by 128,
+// becomes the mantissa of a float of a fixed exponent, and the offset is subtracted (exact for |x| <= 255).
+template <typename T>
+__device__ __forceinline__ uint4 i8x8_to_pairs(uint2 w) {
+    const unsigned u[2] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u};  // x + 128 in every byte
+    unsigned out[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const unsigned word = u[p / 2];
+        const unsigned b0 = 2 * (p % 2), b1 = b0 + 1;                    // the pair's bytes in the word
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+            // 2^23 + (x + 128) as float, minus 2^23 + 128: x; small integers are exact in bf16, which is
+            // the top half of the float
+            const float a = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7540u + b0)) - 8388736.0f;
+            const float b = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7540u + b1)) - 8388736.0f;
+            out[p] = __byte_perm(__float_as_uint(a), __float_as_uint(b), 0x7632u);
+        } else {
+            // halves 1024 + (x + 128) (exponent 10, the byte in the low mantissa bits), minus 1152
+            const unsigned h = __byte_perm(word, 0x64646464u, 0x5040u + b0 + (b1 << 8));
+            const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&h), __float2half2_rn(1152.0f));
+            out[p] = *reinterpret_cast<const unsigned*>(&v);
+        }
+    }
+    return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// A device attribute of the current device, cached per device (0 on error).
+template <cudaDeviceAttr kAttr>
+int device_attribute() {
+    constexpr int kMaxDevices = 64;
+    static std::atomic<int> cached[kMaxDevices] = {};  // 0: not known yet
+    int dev = 0, value = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    if (dev >= 0 && dev < kMaxDevices && cached[dev].load() != 0) return cached[dev].load();
+    if (cudaDeviceGetAttribute(&value, kAttr, dev) != cudaSuccess) return 0;
+    if (dev >= 0 && dev < kMaxDevices) cached[dev].store(value);
+    return value;
+}
+
+// The PTX architecture (e.g. 90) that `kernel` runs from on the current device, cached per device in `cache`
+// (0 on error). A body guarded by __CUDA_ARCH__ is empty when the device runs the kernel from older PTX (an
+// extension built for 8.0+PTX on an H100), so the launchers check this, not only the compute capability.
+template <typename Kernel>
+int ptx_version(Kernel kernel, std::atomic<int>* cache) {
+    constexpr int kMaxDevices = 64;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    if (dev >= 0 && dev < kMaxDevices && cache[dev].load() != 0) return cache[dev].load();
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return 0;
+    if (dev >= 0 && dev < kMaxDevices) cache[dev].store(attr.ptxVersion);
+    return attr.ptxVersion;
 }
 
 #endif  // __CUDACC__
