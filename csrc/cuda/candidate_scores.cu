@@ -154,7 +154,8 @@ __global__ void __launch_bounds__(kThreads, kU == 2 ? (sizeof(TK) == 1 ? 8 : 6) 
 // their positions and, a tile of kFlatTile local rows at a time, to shared memory, from which each (run, head)
 // pair's online softmax statistics are updated. Every key row is read once.
 constexpr int kFlatThreads = 256;
-constexpr int kFlatRuns = 32;  // runs a block (one per lane of warp 0 for the prefix)
+constexpr int kFlatMaxRuns = 128;  // runs a block at most (a thread each for the prefix)
+constexpr int kFlatRuns = 64;      // runs a block (the fastest of 16 to 128 on the H200)
 
 template <typename T, int D, bool kTwoRows>
 __global__ void __launch_bounds__(kFlatThreads, 2) candidate_mma_kernel(const CandArgs a) {
@@ -163,43 +164,53 @@ __global__ void __launch_bounds__(kFlatThreads, 2) candidate_mma_kernel(const Ca
     constexpr int kWarpRows = 8 * kU;
     constexpr int kTile = (kFlatThreads / 32) * kWarpRows;
     constexpr int kPad = kTile + 8;            // row pitch of the tile scores (heads g and g + 4 share banks only)
-    __shared__ long long s_row[kFlatRuns], s_pos[kFlatRuns];
-    __shared__ int s_lp[kFlatRuns + 1];       // local rows of the valid runs before run j
-    __shared__ MaxSum s_st[kFlatRuns][16];
+    __shared__ long long s_row[kFlatMaxRuns], s_pos[kFlatMaxRuns];
+    __shared__ long long s_lp[kFlatMaxRuns + 1];  // local rows of the valid runs before run j
+    __shared__ long long s_wsum[kFlatMaxRuns / 32];
+    __shared__ MaxSum s_st[kFlatMaxRuns][16];
     __shared__ float s_sc[16][kPad];
-    const int Hg = a.Hg, r = a.r;
+    const int Hg = a.Hg, r = a.r, R = a.runs_per_block;  // R: runs a block, 1 .. kFlatMaxRuns
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gr = lane / 4, t = lane % 4;
-    const int blocks_per_slot = (r + kFlatRuns - 1) / kFlatRuns;
+    const int blocks_per_slot = (r + R - 1) / R;
     const long long g = blockIdx.x / blocks_per_slot;
-    const int j0 = static_cast<int>(blockIdx.x % blocks_per_slot) * kFlatRuns;
-    const int nr = min(kFlatRuns, r - j0);
+    const int j0 = static_cast<int>(blockIdx.x % blocks_per_slot) * R;
+    const int nr = min(R, r - j0);
     float* lse = a.run_lse + g * Hg * r + j0;  // head h, run j at lse[h * r + j]
 
-    // 1. the block's runs: valid ones get their rows in local order; the others their log-sum-exp now
-    if (warp == 0) {
+    // 1. the block's runs (thread j: run j0 + j): valid ones get their rows in local order, the others their
+    // log-sum-exp now
+    long long incl = 0;
+    if (threadIdx.x < kFlatMaxRuns) {
+        const int j = threadIdx.x;
         long long row0 = 0, len = 0, pos0 = 0;
-        if (lane < nr) {
-            row0 = a.run_row[g * r + j0 + lane];
-            len = a.run_len[g * r + j0 + lane];
-            pos0 = a.run_pos[g * r + j0 + lane];
+        if (j < nr) {
+            row0 = a.run_row[g * r + j0 + j];
+            len = a.run_len[g * r + j0 + j];
+            pos0 = a.run_pos[g * r + j0 + j];
             if (len <= 0 || row0 < 0 || pos0 < 0 || row0 > a.rows - len || pos0 > a.width - len) {
                 const float v = len == 0 ? neg_inf() : quiet_nan();  // empty, or outside keys / the width
-                for (int h = 0; h < Hg; ++h) lse[static_cast<long long>(h) * r + lane] = v;
+                for (int h = 0; h < Hg; ++h) lse[static_cast<long long>(h) * r + j] = v;
                 len = 0;
             }
         }
-        s_row[lane] = row0;
-        s_pos[lane] = pos0;
-        int incl = static_cast<int>(len);  // a run is shorter than its cluster bound: below 2^31 / kFlatRuns
+        s_row[j] = row0;
+        s_pos[j] = pos0;
+        incl = len;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
-            const int x = __shfl_up_sync(kFullMask, incl, o);
+            const long long x = __shfl_up_sync(kFullMask, incl, o);
             if (lane >= o) incl += x;
         }
-        s_lp[lane + 1] = incl;
-        if (lane == 0) s_lp[0] = 0;
+        if (lane == 31) s_wsum[warp] = incl;
     }
-    for (int i = threadIdx.x; i < kFlatRuns * 16; i += kFlatThreads) s_st[i / 16][i % 16] = MaxSum{-INFINITY, 0.0f};
+    for (int i = threadIdx.x; i < kFlatMaxRuns * 16; i += kFlatThreads)
+        s_st[i / 16][i % 16] = MaxSum{-INFINITY, 0.0f};
+    __syncthreads();
+    if (threadIdx.x < kFlatMaxRuns) {
+        for (int w = 0; w < warp; ++w) incl += s_wsum[w];
+        s_lp[threadIdx.x + 1] = incl;
+        if (threadIdx.x == 0) s_lp[0] = 0;
+    }
     // A fragments: chunk 4 j + t of heads gr and gr + 8 (zero past Hg)
     uint4 qa[NJ], qb[NJ];
     {
@@ -214,25 +225,25 @@ __global__ void __launch_bounds__(kFlatThreads, 2) candidate_mma_kernel(const Ca
         }
     }
     __syncthreads();
-    const int total = s_lp[kFlatRuns];
+    const long long total = s_lp[kFlatMaxRuns];
     const signed char* keys = static_cast<const signed char*>(a.keys);
     float* out_a = a.scores + (g * Hg + gr) * a.width;
     float* out_b = a.scores + (g * Hg + gr + 8) * a.width;
 
     // 2. tiles of local rows: scores, then the statistics of the runs that meet the tile
-    for (int T0 = 0; T0 < total; T0 += kTile) {
-        const int wb = T0 + warp * kWarpRows;
+    for (long long T0 = 0; T0 < total; T0 += kTile) {
+        const long long wb = T0 + warp * kWarpRows;
         uint2 x[kU][NJ];
         float ks[kU];
         long long op[kU];  // output position of the loaded row, -1: none
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-            const int L = wb + 8 * u + gr;
+            const long long L = wb + 8 * u + gr;
             ks[u] = 0.0f;
             op[u] = -1;
             long long row = -1;
             if (L < total) {
-                int lo = 0, hi = kFlatRuns - 1;  // the last run whose prefix is <= L (it holds L: its length > 0)
+                int lo = 0, hi = kFlatMaxRuns - 1;  // the last run whose prefix is <= L (it holds L: length > 0)
                 while (lo < hi) {
                     const int mid = (lo + hi + 1) / 2;
                     if (s_lp[mid] <= L) lo = mid; else hi = mid - 1;
@@ -278,10 +289,10 @@ __global__ void __launch_bounds__(kFlatThreads, 2) candidate_mma_kernel(const Ca
         __syncthreads();
         for (int p = threadIdx.x; p < nr * Hg; p += kFlatThreads) {
             const int j = p / Hg, h = p % Hg;
-            const int lo = max(s_lp[j], T0), hi = min(s_lp[j + 1], T0 + kTile);
+            const long long lo = max(s_lp[j], T0), hi = min(s_lp[j + 1], T0 + kTile);
             if (lo >= hi) continue;
             MaxSum st = s_st[j][h];
-            for (int L = lo; L < hi; ++L) maxsum_push(st, s_sc[h][L - T0]);
+            for (long long L = lo; L < hi; ++L) maxsum_push(st, s_sc[h][L - T0]);
             s_st[j][h] = st;
         }
         __syncthreads();
@@ -304,17 +315,20 @@ bool try_candidate_mma(const CandArgs& a, cudaStream_t stream) {
         device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8 ||
         ptx_version(candidate_mma_kernel<T, 128, false>, cache) < 80)
         return false;
-    const unsigned blocks = static_cast<unsigned>(static_cast<long long>(a.G) * ((a.r + kFlatRuns - 1) / kFlatRuns));
+    CandArgs b = a;
+    b.runs_per_block = kFlatRuns;
+    const unsigned blocks =
+        static_cast<unsigned>(static_cast<long long>(a.G) * ((a.r + b.runs_per_block - 1) / b.runs_per_block));
     const bool two = a.Hg > 8;
     if (a.D == 64)
-        two ? candidate_mma_kernel<T, 64, true><<<blocks, kFlatThreads, 0, stream>>>(a)
-            : candidate_mma_kernel<T, 64, false><<<blocks, kFlatThreads, 0, stream>>>(a);
+        two ? candidate_mma_kernel<T, 64, true><<<blocks, kFlatThreads, 0, stream>>>(b)
+            : candidate_mma_kernel<T, 64, false><<<blocks, kFlatThreads, 0, stream>>>(b);
     else if (a.D == 128)
-        two ? candidate_mma_kernel<T, 128, true><<<blocks, kFlatThreads, 0, stream>>>(a)
-            : candidate_mma_kernel<T, 128, false><<<blocks, kFlatThreads, 0, stream>>>(a);
+        two ? candidate_mma_kernel<T, 128, true><<<blocks, kFlatThreads, 0, stream>>>(b)
+            : candidate_mma_kernel<T, 128, false><<<blocks, kFlatThreads, 0, stream>>>(b);
     else
-        two ? candidate_mma_kernel<T, 256, true><<<blocks, kFlatThreads, 0, stream>>>(a)
-            : candidate_mma_kernel<T, 256, false><<<blocks, kFlatThreads, 0, stream>>>(a);
+        two ? candidate_mma_kernel<T, 256, true><<<blocks, kFlatThreads, 0, stream>>>(b)
+            : candidate_mma_kernel<T, 256, false><<<blocks, kFlatThreads, 0, stream>>>(b);
     return true;
 }
 
