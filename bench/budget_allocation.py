@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     doc["table"] = analyse(doc)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "budget_allocation.json").write_text(json.dumps(doc))
+    for sl in doc["slots"]:  # five significant digits: the file stays small
+        sl["read"] = {c: float(f"{x:.5g}") for c, x in sl["read"].items()}
+        sl["errors"] = {c: [float(f"{e:.5g}") for e in x] for c, x in sl["errors"].items()}
+        sl["predictors"] = {c: float(f"{x:.5g}") for c, x in sl["predictors"].items()}
+    (out / "budget_allocation.json").write_text(json.dumps(doc, separators=(",", ":")))
     print("| allocation | KV read | error median | error p99 |\n|---|---|---|---|")
     for name, r, m, p99 in doc["table"]:
         print(f"| {name} | {r:.2%} | {m:.4f} | {p99:.4f} |")
