@@ -1,4 +1,5 @@
 // Candidate scores (see candidate_scores.h). T is q's type, TK the keys' (T, or int8 copies with a scale a row).
+// Int8 keys with 16-bit queries take the tensor-core kernel further down; the others this one.
 // A block takes kRunsPerBlock consecutive runs of one slot (the
 // blocks of a slot are consecutive: they share its queries in L2) and stages the slot's Hg queries in shared
 // memory as float; then each warp takes a run at a time (the next run's table entry loaded ahead). The lane groups

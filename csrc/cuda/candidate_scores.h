@@ -22,8 +22,9 @@ constexpr int kCandMaxHgTimesD = 8192;  // Hg * D (the queries live in shared me
 //   run_lse f32 [G, Hg, r]:     log sum_i exp(those scores), -inf for an empty run.
 // A run with run_len < 0, run_row < 0, run_pos < 0, run_row + run_len > rows or run_pos + run_len > width is
 // skipped (nothing read or written for it) and gets run_lse NaN. Positions no run writes are left as they are:
-// the caller fills scores with -inf first. One launch on `stream` (a warp per run, runs_per_block consecutive runs
-// of a slot a block, 0: the default, at most 4096); 16-byte loads when
+// the caller fills scores with -inf first. One launch on `stream`: for int8 keys with bf16 / fp16 queries, D in
+// {64, 128, 256} and Hg <= 16 on sm_80+, a tensor-core kernel over the rows of 64 runs a block; otherwise a warp per
+// run, runs_per_block consecutive runs of a slot a block (0: the default, at most 4096), with 16-byte loads when
 // D * sizeof(dtype) % 16 == 0 and keys is 16-byte aligned. Needs Hg <= kCandMaxHg, Hg * D <= kCandMaxHgTimesD,
 // G * r < 2**31. With key_scale (f32 [rows], device), keys are int8 and row i scores
 // (q . keys[i]) * key_scale[i] * scale.

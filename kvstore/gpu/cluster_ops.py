@@ -435,7 +435,8 @@ def candidate_scores(q: torch.Tensor, keys: torch.Tensor, run_row: torch.Tensor,
       * scale``; positions no run covers hold ``-inf``;
     * run_lse float32 ``[G, Hg, r]``: the log-sum-exp of each run's scores (``-inf`` for an empty run).
 
-    The kernel (a warp per run) reads each key row once; the torch reference gathers the rows. Both accumulate
+    The kernel (a tensor-core kernel over the rows of 64 runs a block for int8 keys with 16-bit queries, else a
+    warp per run) reads each key row once; the torch reference gathers the rows. Both accumulate
     in f32. Runs that leave ``keys`` or the width (``run_row < 0``, ``run_len < 0``, ``run_pos < 0``,
     ``run_row + run_len > rows``, ``run_pos + run_len > width``) are invalid input: the kernel skips them (their
     positions stay ``-inf``, their run_lse is NaN), the reference's result for them is unspecified.
