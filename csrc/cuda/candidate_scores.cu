@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, kU == 2 ? (sizeof(TK) == 1 ? 8 : 6) 
 // that every load of the step is in flight at once. Lane (g, t) loads local row 8 u + g (its run found by a binary
 // search of the block's run prefix in shared memory) and ends with the scores of head g (and g + 8) for local rows
 // 8 u + 2 t and 8 u + 2 t + 1, whose scale and position it takes from the lanes that loaded them. Scores go to
-// their positions and, a tile of kFlatTile local rows at a time, to shared memory, from which each (run, head)
+// their positions and, a tile of kTile local rows at a time, to shared memory, from which each (run, head)
 // pair's online softmax statistics are updated. Every key row is read once.
 constexpr int kFlatThreads = 256;
 constexpr int kFlatMaxRuns = 128;  // runs a block at most (a thread each for the prefix)
