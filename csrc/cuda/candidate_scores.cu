@@ -214,17 +214,7 @@ __global__ void __launch_bounds__(kFlatThreads, 2) candidate_mma_kernel(const Ca
     }
     // A fragments: chunk 4 j + t of heads gr and gr + 8 (zero past Hg)
     uint4 qa[NJ], qb[NJ];
-    {
-        const T* qg = static_cast<const T*>(a.q) + g * Hg * D;
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-            qa[j] = gr < Hg ? __ldg(reinterpret_cast<const uint4*>(qg + gr * D + (4 * j + t) * 8))
-                            : make_uint4(0u, 0u, 0u, 0u);
-            qb[j] = (kTwoRows && gr + 8 < Hg)
-                        ? __ldg(reinterpret_cast<const uint4*>(qg + (gr + 8) * D + (4 * j + t) * 8))
-                        : make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
+    load_query_fragments<T, NJ, kTwoRows>(static_cast<const T*>(a.q) + g * Hg * D, Hg, D, gr, t, qa, qb);
     __syncthreads();
     const long long total = s_lp[kFlatMaxRuns];
     const signed char* keys = static_cast<const signed char*>(a.keys);
@@ -264,10 +254,7 @@ __global__ void __launch_bounds__(kFlatThreads, 2) candidate_mma_kernel(const Ca
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
                 const uint4 b = i8x8_to_pairs<T>(x[u][j]);
-                const unsigned a0[4] = {qa[j].x, qb[j].x, qa[j].y, qb[j].y};
-                mma_16816<T>(acc, a0, b.x, b.y);
-                const unsigned a1[4] = {qa[j].z, qb[j].z, qa[j].w, qb[j].w};
-                mma_16816<T>(acc, a1, b.z, b.w);
+                mma_chunk<T>(acc, qa[j], qb[j], b);
             }
 #pragma unroll
             for (int i = 0; i < 2; ++i) {  // local row 8 u + 2 t + i was loaded by lane 4 (2 t + i)

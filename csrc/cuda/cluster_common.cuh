@@ -46,6 +46,30 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4],
 #endif
 }
 
+// The A fragments of the group's query rows for mma_16816 over D = 32 NJ channels: qa[j] (qb[j]) is chunk
+// 4 j + t (8 elements) of head gr (gr + 8) of qg [Hg, D], zero past Hg (qb only when kTwoRows), lane (gr, t).
+template <typename T, int NJ, bool kTwoRows>
+__device__ __forceinline__ void load_query_fragments(const T* qg, int Hg, int D, int gr, int t, uint4 (&qa)[NJ],
+                                                     uint4 (&qb)[NJ]) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        qa[j] = gr < Hg ? __ldg(reinterpret_cast<const uint4*>(qg + gr * D + (4 * j + t) * 8))
+                        : make_uint4(0u, 0u, 0u, 0u);
+        qb[j] = (kTwoRows && gr + 8 < Hg) ? __ldg(reinterpret_cast<const uint4*>(qg + (gr + 8) * D + (4 * j + t) * 8))
+                                          : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// acc += the query fragments (qa, qb) of one 16-byte chunk times the 8 16-bit values b of the same chunk of a row:
+// two mma_16816 (words 0, 1 and words 2, 3).
+template <typename T>
+__device__ __forceinline__ void mma_chunk(float (&acc)[4], const uint4& qa, const uint4& qb, const uint4& b) {
+    const unsigned a0[4] = {qa.x, qb.x, qa.y, qb.y};
+    mma_16816<T>(acc, a0, b.x, b.y);
+    const unsigned a1[4] = {qa.z, qb.z, qa.w, qb.w};
+    mma_16816<T>(acc, a1, b.z, b.w);
+}
+
 // Elements of T in one 16-byte vector.
 template <typename T>
 struct Vec16 {

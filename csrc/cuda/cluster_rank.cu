@@ -241,17 +241,7 @@ scores_mma_kernel(const T* __restrict__ q, const void* __restrict__ cen, const f
 
     // A fragments: chunk 4 j + t of heads gr and gr + 8 (zero past Hg).
     uint4 qa[NJ], qb[NJ];
-    {
-        const T* qg = q + static_cast<long long>(g) * Hg * D;
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-            qa[j] = gr < Hg ? __ldg(reinterpret_cast<const uint4*>(qg + gr * D + (4 * j + t) * 8))
-                            : make_uint4(0u, 0u, 0u, 0u);
-            qb[j] = (kTwoRows && gr + 8 < Hg)
-                        ? __ldg(reinterpret_cast<const uint4*>(qg + (gr + 8) * D + (4 * j + t) * 8))
-                        : make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
+    load_query_fragments<T, NJ, kTwoRows>(q + static_cast<long long>(g) * Hg * D, Hg, D, gr, t, qa, qb);
     // fs: |q| of heads gr and gr + 8 (each lane holds a quarter of the row: sum over the quad)
     float qn_a = 0.0f, qn_b = 0.0f;
     if (fs.key_sd != nullptr) {
@@ -325,10 +315,7 @@ scores_mma_kernel(const T* __restrict__ q, const void* __restrict__ cen, const f
                     b = i8x8_to_pairs<T>(x[u][j]);
                 else
                     b = x[u][j];
-                const unsigned a0[4] = {qa[j].x, qb[j].x, qa[j].y, qb[j].y};
-                mma_16816<T>(acc, a0, b.x, b.y);
-                const unsigned a1[4] = {qa[j].z, qb[j].z, qa[j].w, qb[j].w};
-                mma_16816<T>(acc, a1, b.z, b.w);
+                mma_chunk<T>(acc, qa[j], qb[j], b);
             }
             const int c = cw + 8 * u + 2 * t;
 #pragma unroll
