@@ -4,8 +4,8 @@ Every prompt is prefilled exactly once (kvstore.generation.answer_methods); full
 configuration then decode greedily, and a run agrees when its output tokens equal full attention's; it agrees
 on the answer when the first lines of the two outputs are equal (the answer ends at the line break: what follows is
 the model going on past it, or stopping). Beside each configuration NAME, the row ``oracle@NAME`` is the oracle at
-the same bytes: every query head attends exactly its keys of highest true score, as many as NAME read of the
-context on that prompt (``--no-oracle``: left out).
+the same bytes: the query heads of each KV head attend exactly one set of the keys of highest true score, as many
+as NAME read of the context on that prompt (``--no-oracle``: left out).
 
     python bench/needle_sweep.py --contexts 3500 7000 \\
         --config defaults= --config tpc16=tokens_per_cluster=16 --config c12=candidates=0.12,retrieval=0.015
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         new = min(64, len(tok(", ".join(task.answers), add_special_tokens=False)["input_ids"]) + 12)
         answers = answer_methods(model, tok, ids, [None] + [cfg for _, cfg in configs], max_new_tokens=new)
         if not a.no_oracle:  # the same prompt again: the oracles' budgets are the reads just measured
-            oracles = [StoreConfig(method="oracle", retrieval=min(1.0, ans.read_fraction or 1.0)) for ans in answers[1:]]
+            oracles = [StoreConfig(method="oracle", retrieval=min(1.0, ans.read_fraction or 1.0))
+                       for ans in answers[1:]]
             answers += answer_methods(model, tok, ids, oracles, max_new_tokens=new)
         for name, ans in zip(names, answers):
             rows.append(dict(context=c, depth=depth, seed=seed, config=name, output=ans.text,
